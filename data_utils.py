@@ -59,7 +59,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max()
         arr = arr / (65535.0 if hi > 255 and im.mode.startswith("I;16") else max(hi, 1.0)) * 255.0
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):

@@ -52,7 +52,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, desc: str | No
 
     model.eval()
     logits, labels, indices = [], [], []
-    for x, y, idx in tqdm(loader, desc=desc, disable=desc is None, leave=False):
+    for x, y, idx in tqdm(loader, desc=desc, disable=True if desc is None else None, leave=False):
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -46,7 +46,10 @@ def build_model(arch: str = "resnet50", num_classes: int = 10, weights: str | No
     if weights is not None:
         state = load_state_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError:
+            raise UserError(f"{weights} does not hold {arch} weights (tensor shapes differ)") from None
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
             raise UserError(f"{weights} does not hold {arch} weights (missing {len(missing)}, unexpected {len(unexpected)} keys)")
     model.fc = nn.Linear(model.fc.in_features, num_classes)

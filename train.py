@@ -192,7 +192,7 @@ def train(args) -> dict:
             sampler.set_epoch(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0.0
-        for x, y, _ in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not d.main):
+        for x, y, _ in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=True if not d.main else None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
