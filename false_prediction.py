@@ -1,0 +1,84 @@
+"""Mispredicted images of the best model on train and test, as a CSV and a captioned grid.
+
+    $ python false_prediction.py                      # best model in models/
+    $ python false_prediction.py --model models/checkpoints/finetune_epoch_4.pth --max_images 48
+
+Writes false_predictions/false_predictions.csv (split, index, path, true_label, pred_label,
+confidence, true_class_prob) and false_predictions/combined_mispredictions.png
+(true -> predicted under each image). On the training split, "true" is the given label,
+which may itself be wrong: that is what the mislabel analysis looks for.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from common import cli, nonneg_int, positive_int, save_csv, save_figure
+from data_utils import load_rgb
+from evaluate import evaluate_model, predictions_frame, resolve_device
+from model_architecture import find_best_model
+
+log = logging.getLogger(__name__)
+COLUMNS = ["split", "index", "path", "true_label", "pred_label", "confidence", "true_class_prob"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: the best model in --models_dir)")
+    p.add_argument("--models_dir", default="models", help="where train.py put the best model (default models)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--out_dir", default="false_predictions", help="output folder (default false_predictions)")
+    p.add_argument("--max_images", type=positive_int, default=40, help="images in the grid, test first (default 40)")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    return p.parse_args(argv)
+
+
+def plot_grid(rows: pd.DataFrame, title: str, cols: int = 8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(rows), 1)
+    r = -(-n // cols)
+    fig, axes = plt.subplots(r, cols, figsize=(cols * 1.6, r * 1.9 + 0.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.ravel(), rows.iterrows()):
+        ax.imshow(load_rgb(row.path))
+        ax.set_title(f"{row.split} #{row['index']}\n{row.true_label} -> {row.pred_label}\n({row.confidence:.2f})", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model_path = args.model or find_best_model(args.models_dir)
+    frames, lines = [], []
+    for split in ("test", "train"):
+        listing, _, preds, m = evaluate_model(model_path, args.data_dir, split, args.batch_size, args.num_workers, device)
+        f = predictions_frame(listing, preds, split)
+        wrong = f[~f.correct]
+        frames.append(wrong[COLUMNS])
+        lines.append(f"{split}: {len(wrong)} of {len(f)} mispredicted (error rate {len(wrong) / len(f):.2%})")
+    table = pd.concat(frames, ignore_index=True)
+    out = Path(args.out_dir)
+    save_csv(out / "false_predictions.csv", table)
+    shown = table.sort_values(["split", "confidence"], ascending=[True, False]).head(args.max_images)
+    save_figure(out / "combined_mispredictions.png",
+                plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
+    for line in lines:
+        log.info(line)
+    log.info(f"outputs: {out}/false_predictions.csv, {out}/combined_mispredictions.png")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,140 @@
+"""efficient_tracin end to end: parity with Captum's TracInCP, resume, subsets, bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_utils import ImageListDataset, build_transform, list_split
+from model_architecture import load_checkpoint, model_from_checkpoint
+from TracIn import efficient_tracin as et
+from tests.conftest import make_random_checkpoints
+
+
+@pytest.fixture(scope="module")
+def ckpts(prepared, tmp_path_factory):
+    names = list_split(prepared, "train").class_names
+    return make_random_checkpoints(tmp_path_factory.mktemp("ckpt"), names, n=3)
+
+
+def run(prepared, ckpts, out, *extra):
+    argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(out),
+            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", *extra]
+    return et.run(et.parse_args(argv))
+
+
+def load_outputs(out):
+    names = ["top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
+             "top_k_opponents_indices", "self_influence", "test_indices"]
+    return {n: np.load(out / f"{n}.npy") for n in names}
+
+
+def test_matches_captum_tracincp(prepared, ckpts, tmp_path):
+    from captum.influence import TracInCP
+
+    run(prepared, ckpts, tmp_path / "out")
+    ours = load_outputs(tmp_path / "out")
+    train_list, test_list = list_split(prepared, "train"), list_split(prepared, "test")
+    tf = build_transform(32, train=False)
+    stack = lambda ds: (torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))]))
+    x_tr, y_tr = stack(ImageListDataset(train_list, tf))
+    x_te, y_te = stack(ImageListDataset(test_list, tf))
+    model = model_from_checkpoint(load_checkpoint(ckpts[0])).eval()
+
+    def load(m, path):
+        c = load_checkpoint(path)
+        m.load_state_dict(c["model_state"])
+        m.eval()
+        return c["lr"]
+
+    tracin = TracInCP(model, torch.utils.data.TensorDataset(x_tr, y_tr), [str(p) for p in ckpts], load,
+                      layers=["fc"], loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), batch_size=5)
+    full = tracin.influence((x_te, y_te), k=None)  # (n_test, n_train)
+    assert full.shape == (6, 18)
+    want_v, want_i = torch.topk(full, 5, dim=1)
+    np.testing.assert_array_equal(ours["top_k_influences_indices"], want_i.numpy())
+    np.testing.assert_allclose(ours["top_k_influences_values"], want_v.numpy(), rtol=1e-4, atol=1e-7)
+    want_v, want_i = torch.topk(-full, 5, dim=1)
+    np.testing.assert_array_equal(ours["top_k_opponents_indices"], want_i.numpy())
+    np.testing.assert_allclose(ours["top_k_opponents_values"], -want_v.numpy(), rtol=1e-4, atol=1e-7)
+    self_inf = tracin.self_influence(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_tr, y_tr), batch_size=5))
+    np.testing.assert_allclose(ours["self_influence"], self_inf.numpy(), rtol=1e-4)
+
+
+def test_outputs_shapes_dtypes_csv_and_run_json(prepared, ckpts, tmp_path):
+    summary = run(prepared, ckpts, tmp_path / "out")
+    o = load_outputs(tmp_path / "out")
+    assert o["top_k_influences_values"].shape == (6, 5) and o["top_k_influences_values"].dtype == np.float32
+    assert o["top_k_influences_indices"].dtype == np.int64 and o["self_influence"].shape == (18,)
+    assert (np.diff(o["top_k_influences_values"], axis=1) <= 0).all()
+    assert (np.diff(o["top_k_opponents_values"], axis=1) >= 0).all()
+    csv = pd.read_csv(tmp_path / "out" / "top_k_influences.csv")
+    assert len(csv) == 6 * 5 * 2 and set(csv.kind) == {"proponent", "opponent"}
+    man = pd.read_csv(prepared / "manifest.csv")
+    train_paths = man[man.split == "train"].set_index("index").path
+    assert (csv.train_path.values == train_paths.loc[csv.train_idx].values).all()
+    meta = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [c["lr"] for c in meta["checkpoints"]] == [0.01, 0.004, 0.002]
+    assert summary["pairs_scored"] == 6 * 18
+
+
+def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_path):
+    run(prepared, ckpts, tmp_path / "clean")
+    cfg = et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir",
+                         str(tmp_path / "resumed"), "--top_k", "5", "--batch_size", "4", "--num_workers", "0",
+                         "--train_block", "7", "--test_block", "4"])
+    with pytest.raises(KeyboardInterrupt):
+        et.run(cfg, _stop_after_batches=2)
+    assert not (tmp_path / "resumed" / "top_k_influences_values.npy").exists()
+    summary = et.run(cfg)
+    assert summary["batches_computed"] == {"train": 3, "test": 2}  # 5 train batches, 2 were done
+    a, b = load_outputs(tmp_path / "clean"), load_outputs(tmp_path / "resumed")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
+    run(prepared, ckpts, tmp_path / "full", "--top_k", "18")
+    run(prepared, ckpts, tmp_path / "sub", "--train_subset", "10", "--test_subset", "3", "--top_k", "10")
+    sub, full = load_outputs(tmp_path / "sub"), load_outputs(tmp_path / "full")
+    train_ids = np.load(tmp_path / "sub" / "train_indices.npy")
+    assert len(train_ids) == 10 and set(sub["top_k_influences_indices"].ravel()) == set(train_ids)
+    for row, test_idx in enumerate(sub["test_indices"]):
+        # the subset's scores are the full run's scores restricted to the subset's columns
+        full_row = dict(zip(full["top_k_influences_indices"][test_idx], full["top_k_influences_values"][test_idx]))
+        for j, v in zip(sub["top_k_influences_indices"][row], sub["top_k_influences_values"][row]):
+            assert full_row[j] == pytest.approx(v, rel=1e-5)
+
+
+def test_refuses_to_mix_runs_without_overwrite(prepared, ckpts, tmp_path):
+    run(prepared, ckpts, tmp_path / "out")
+    with pytest.raises(et.UserError, match="--overwrite"):
+        run(prepared, ckpts, tmp_path / "out", "--layers", "fc", "--lr_weights", "1", "1", "1")
+    run(prepared, ckpts, tmp_path / "out", "--lr_weights", "1", "1", "1", "--overwrite")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoints"][0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--top_k", "19"], "larger than the 18 training images"),
+    (["--checkpoint_dir", "/nonexistent"], "no checkpoints"),
+    (["--layers", "layer4"], "not linear layers"),
+    (["--lr_weights", "1", "2"], "has 2 values for 3 checkpoints"),
+    (["--top_k", "0"], "out of range"),
+])
+def test_bad_input_is_one_line_exit_2(prepared, ckpts, tmp_path, extra, message):
+    argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(tmp_path / "o"),
+            "--top_k", "5", "--num_workers", "0", *extra]
+    out = subprocess.run([sys.executable, "TracIn/efficient_tracin.py", *argv], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o" / "top_k_influences_values.npy").exists()
+
+
+def test_checkpoint_with_other_classes_is_refused(prepared, tmp_path):
+    make_random_checkpoints(tmp_path / "c", ["a", "b", "c"], n=1)
+    with pytest.raises(et.UserError, match="trained on classes"):
+        et.run(et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(tmp_path / "c"),
+                              "--output_dir", str(tmp_path / "o"), "--top_k", "2"]))
