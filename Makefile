@@ -29,6 +29,10 @@ demo: $(STAMP)
 	$(PY) evaluate.py && \
 	$(PY) -m TracIn.efficient_tracin --overwrite && \
 	$(PY) -m TracIn.mislabel_detection && \
+	$(PY) false_prediction.py && \
+	$(PY) -m TracIn.analyze_topk_results && \
+	$(PY) -m TracIn.analyze_misprediction_influences && \
+	$(PY) gradCAM_evaluation.py && \
 	$(PY) demo_report.py --seconds $$(( $$(date +%s) - start ))
 
 test: $(STAMP)

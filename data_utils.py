@@ -130,7 +130,8 @@ class ImageListDataset:
         return self.transform(image), int(self.listing.labels[idx]), idx
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: str = "cpu", sampler=None, seed: int = 0):
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: str = "cpu", sampler=None, seed: int = 0,
+                drop_last: bool = False):
     import torch
 
     generator = torch.Generator()
@@ -144,6 +145,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         pin_memory=str(device).startswith("cuda"),
         persistent_workers=False,
         generator=generator,
+        drop_last=drop_last,
     )
 
 

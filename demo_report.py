@@ -32,6 +32,8 @@ def main(argv=None):
     run = read_json(Path(args.results_dir) / "run.json")["summary"]
     det = read_json(Path(args.results_dir) / "mislabel_detection.json")
     si, lo = det["self_influence"], det["loss"]
+    mis = read_json(Path(args.results_dir) / "misprediction_summary.json")
+    top = read_json(Path(args.results_dir) / "analysis" / "summary.json")
     n_bad = det["n_mislabeled"]
     lines = [
         "=" * 72,
@@ -39,12 +41,21 @@ def main(argv=None):
         f"  test accuracy (clean labels): {ev['accuracy']:.4f} on {ev['n']} images   model: {ev['model']}",
         f"  TracIn: {run['pairs_scored']:,} pairs ({run['n_test']} test x {run['n_train']} train, {run['n_checkpoints']} checkpoints) "
         f"in {run['seconds_total']:.1f}s; negative share among opponents {run['opponent_negative_share']:.1%}",
+        f"  mispredictions: {mis['mispredicted_test']} test, {mis['mispredicted_train']} train (given labels, noise included); "
+        f"top confusions: {'; '.join(mis['top_confusions'][:3])}",
+        f"  negative scores: {top['proponent_negative_share']:.1%} of proponents, {top['opponent_negative_share']:.1%} of opponents; "
+        f"proponents share the test image's class {top['same_class_proponent_share']:.1%}",
+        f"  error propagation: {mis['error_propagation_rate']:.1%} of mispredicted training images repeat a test error pattern; "
+        f"{mis['same_error_pairs']} (test, proponent) pairs share the same error",
         f"  injected mislabeled training images in the top 10% by self-influence: "
         f"{round(si['recall_at_10pct'] * n_bad)}/{n_bad} (recall {si['recall_at_10pct']:.3f}, ROC AUC {si['roc_auc']:.3f})",
         f"  loss baseline, top 10% by last-checkpoint training loss:        "
         f"{round(lo['recall_at_10pct'] * n_bad)}/{n_bad} (recall {lo['recall_at_10pct']:.3f}, ROC AUC {lo['roc_auc']:.3f})",
-        f"  outputs: {args.eval_dir}/ (metrics, confusion matrix), {args.results_dir}/ (top-k .npy/.csv, self_influence.npy, "
-        "mislabel_candidates.csv, mislabel_detection.png), models/checkpoints/",
+        f"  figures: {args.results_dir}/analysis/dashboard.png, {args.results_dir}/analysis/panels/, "
+        f"{args.results_dir}/mislabel_detection.png, false_predictions/combined_mispredictions.png, "
+        f"false_predictions/gradcam_mispredictions.png, {args.eval_dir}/confusion_matrix_test.png",
+        f"  tables: {args.results_dir}/top_k_influences.csv, mislabel_candidates.csv, misprediction_cross_analysis.csv, "
+        f"misprediction_influence_analysis.csv, analysis/most_influential.csv, false_predictions/false_predictions.csv",
     ]
     if args.seconds is not None:
         lines.append(f"  total time: {args.seconds / 60:.1f} min")

@@ -203,6 +203,7 @@ def prepare(args) -> dict:
                 (tmp / s / name).mkdir(parents=True, exist_ok=True)
                 for src in split[s][name]:
                     dst = tmp / s / name / staged[src].name
+                    taken.add(dst)  # so a noisy move into this folder never overwrites it
                     os.replace(staged[src], dst)
                     kept.append((s, name, src, dst))
         shutil.rmtree(tmp / "staging")

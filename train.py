@@ -169,7 +169,10 @@ def train(args) -> dict:
     sampler = None
     if d.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, d.world, d.rank, shuffle=True, seed=args.seed)
-    train_loader = make_loader(train_ds, args.batch_size, True, args.num_workers, str(device), sampler=sampler, seed=args.seed + start_epoch)
+    # drop the ragged last batch: a batch of one breaks batch norm in training mode
+    per_rank = len(train_ds) // d.world
+    train_loader = make_loader(train_ds, args.batch_size, True, args.num_workers, str(device), sampler=sampler,
+                               seed=args.seed + start_epoch, drop_last=per_rank > args.batch_size)
     # Each rank evaluates a strided share of the test split; predictions are gathered.
     test_ds = ImageListDataset(test_list, build_transform(args.image_size, train=False), indices=np.arange(len(test_list.paths))[d.rank::d.world])
     test_loader = make_loader(test_ds, max(64, args.batch_size), False, args.num_workers, str(device))

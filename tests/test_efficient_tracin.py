@@ -138,3 +138,28 @@ def test_checkpoint_with_other_classes_is_refused(prepared, tmp_path):
     with pytest.raises(et.UserError, match="trained on classes"):
         et.run(et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(tmp_path / "c"),
                               "--output_dir", str(tmp_path / "o"), "--top_k", "2"]))
+
+
+def test_sharded_runs_merge_to_the_unsharded_result(prepared, ckpts, tmp_path):
+    run(prepared, ckpts, tmp_path / "one", "--train_block", "4")
+    sizes = []
+    for i in range(3):  # 18 images = 5 units of 4: shards of 2, 2 and 1 units
+        sizes.append(run(prepared, ckpts, tmp_path / "sharded", "--num_shards", "3", "--shard_index", str(i), "--train_block", "4")["n_train"])
+    assert sizes == [8, 8, 2]
+    assert not (tmp_path / "sharded" / "top_k_influences_values.npy").exists()
+    run(prepared, ckpts, tmp_path / "sharded", "--num_shards", "3", "--merge", "--train_block", "4")
+    a, b = load_outputs(tmp_path / "one"), load_outputs(tmp_path / "sharded")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "top_k_influences.csv"),
+                                  pd.read_csv(tmp_path / "sharded" / "top_k_influences.csv"))
+
+
+def test_merge_refuses_unfinished_shards(prepared, ckpts, tmp_path):
+    run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--shard_index", "1", "--train_block", "4")
+    with pytest.raises(et.UserError, match="shard_000"):
+        run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--merge", "--train_block", "4")
+    with pytest.raises(et.UserError, match="--shard_index"):
+        run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--shard_index", "2")
+    with pytest.raises(et.UserError, match="shard unit"):  # lcm(4, 7) = 28 > 18 images: one unit
+        run(prepared, ckpts, tmp_path / "o2", "--num_shards", "2", "--shard_index", "0")

@@ -1,5 +1,6 @@
 """prepare_data -> train -> evaluate on a tiny generated image tree, and their error paths."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -151,3 +152,13 @@ def test_metrics_from_logits():
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["confusion"].tolist() == [[1, 1], [1, 0]]
     assert m["per_class_accuracy"][0] == 0.5 and m["per_class_accuracy"][1] == 0.0
+
+
+def test_label_noise_never_overwrites_a_file_with_the_same_name(tmp_path):
+    # every class holds img_00..img_19: noisy moves land in folders holding the same names
+    make_raw_tree(tmp_path / "raw", per_class=20)
+    prepare_data.main(["--raw_dir", str(tmp_path / "raw"), "--out_dir", str(tmp_path / "out"), "--image_size", "8",
+                       "--label_noise", "0.5", "--num_workers", "0"])
+    man = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert len(man) == 60 and man.path.is_unique and man.source_path.is_unique
+    assert all(Path(p).exists() for p in man.path)

@@ -1,0 +1,200 @@
+"""Dashboards of TracIn results: score distributions, class structure, most influential images, panels.
+
+    $ python -m TracIn.analyze_topk_results --results_dir TracIn/results --out_dir TracIn/results/analysis
+
+Writes to --out_dir: score_distribution.png, class_proponent_share.{csv,png} (row: a test
+image's true class, column: its proponents' class, share of proponents), most_influential.csv
+and most_influential.png (how often each training image appears in the top-k lists),
+panels/test_<idx>.png (a test image beside its top proponents and opponents) for a few
+correctly and all (up to --max_panels) mispredicted test images, and dashboard.png.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import cli, positive_int, save_csv, save_figure, save_json
+from data_utils import list_split, load_rgb
+from TracIn.influence_utils import load_tracin_results
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--out_dir", default="TracIn/results/analysis", help="output folder (default TracIn/results/analysis)")
+    p.add_argument("--num_correct", type=positive_int, default=3, help="correctly predicted test images given a panel (default 3)")
+    p.add_argument("--max_panels", type=positive_int, default=12, help="most mispredicted test images given a panel (default 12)")
+    p.add_argument("--panel_k", type=positive_int, default=5, help="proponents and opponents per panel (default 5)")
+    p.add_argument("--top_n", type=positive_int, default=20, help="training images in the most-influential chart (default 20)")
+    return p.parse_args(argv)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def score_distribution(r, ax=None):
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+    prop, opp = np.asarray(r["top_k_influences_values"]).ravel(), np.asarray(r["top_k_opponents_values"]).ravel()
+    lo, hi = min(prop.min(), opp.min()), max(prop.max(), opp.max())
+    bins = np.linspace(lo, hi, 60)
+    ax.hist(prop, bins=bins, alpha=0.6, label=f"proponents ({(prop < 0).mean():.1%} negative)", color="tab:green")
+    ax.hist(opp, bins=bins, alpha=0.6, label=f"opponents ({(opp < 0).mean():.1%} negative)", color="tab:red")
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("TracIn influence")
+    ax.set_ylabel("count")
+    ax.set_yscale("log")
+    ax.set_title("Top-k influence scores")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def class_share(r, train_list, test_list) -> pd.DataFrame:
+    names = train_list.class_names
+    test_cls = test_list.labels[np.asarray(r["test_indices"])]
+    prop_cls = train_list.labels[np.asarray(r["top_k_influences_indices"])]  # (n_test, k)
+    counts = np.zeros((len(names), len(names)))
+    for c in range(len(names)):
+        rows = prop_cls[test_cls == c]
+        if rows.size:
+            counts[c] = np.bincount(rows.ravel(), minlength=len(names)) / rows.size
+    return pd.DataFrame(counts, index=pd.Index(names, name="test_class"), columns=names)
+
+
+def heatmap(share: pd.DataFrame, ax=None):
+    import seaborn as sns
+
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(share), 1.0 + 0.5 * len(share)))
+    sns.heatmap(share, annot=len(share) <= 12, fmt=".2f", cmap="viridis", vmin=0, vmax=1, ax=ax, cbar=fig is not None,
+                annot_kws={"fontsize": 7})
+    ax.set_xlabel("class of proponent")
+    ax.set_ylabel("class of test image")
+    ax.set_title(f"Proponents sharing the test image's class: {np.mean(np.diag(share.to_numpy())):.1%} (class mean)")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    return fig
+
+
+def most_influential(r, train_list) -> pd.DataFrame:
+    n = len(train_list.paths)
+    prop = np.bincount(np.asarray(r["top_k_influences_indices"]).ravel(), minlength=n)
+    opp = np.bincount(np.asarray(r["top_k_opponents_indices"]).ravel(), minlength=n)
+    ids = np.asarray(r["train_indices"])
+    names = np.asarray(train_list.class_names)
+    t = pd.DataFrame({"train_idx": ids, "path": np.asarray(train_list.paths)[ids], "class_name": names[train_list.labels[ids]],
+                      "proponent_count": prop[ids], "opponent_count": opp[ids]})
+    t["total_count"] = t.proponent_count + t.opponent_count
+    if "self_influence" in r:
+        t["self_influence"] = r["self_influence"]
+    return t.sort_values(["total_count", "proponent_count"], ascending=False, kind="stable")
+
+
+def bar_chart(table: pd.DataFrame, top_n: int, ax=None):
+    plt = _plt()
+    fig = None
+    top = table.head(top_n)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 0.25 * len(top) + 1.2))
+    labels = [f"#{i} {c}" for i, c in zip(top.train_idx, top.class_name)]
+    y = np.arange(len(top))
+    ax.barh(y, top.proponent_count, color="tab:green", label="as proponent")
+    ax.barh(y, top.opponent_count, left=top.proponent_count, color="tab:red", label="as opponent")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("appearances in top-k lists")
+    ax.set_title(f"Most influential training images (top {len(top)})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
+    plt = _plt()
+    t = int(r["test_indices"][row])
+    names = train_list.class_names
+    fig, axes = plt.subplots(2, k + 1, figsize=((k + 1) * 1.75, 4.3))
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.imshow(load_rgb(test_list.paths[t]))
+    title = f"test #{t}\ntrue {names[test_list.labels[t]]}" + (f"\npred {pred_name}" if pred_name else "")
+    axes[0, 0].set_title(title, fontsize=8)
+    for line, (kind, vals, idx, color) in enumerate((("proponent", r["top_k_influences_values"], r["top_k_influences_indices"], "green"),
+                                                     ("opponent", r["top_k_opponents_values"], r["top_k_opponents_indices"], "red"))):
+        for j in range(min(k, idx.shape[1])):
+            ax = axes[line, j + 1]
+            tr = int(idx[row, j])
+            ax.imshow(load_rgb(train_list.paths[tr]))
+            ax.set_title(f"{kind} {j + 1}\n#{tr} {names[train_list.labels[tr]]}\n{float(vals[row, j]):.3g}", fontsize=7, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def analyze(args) -> dict:
+    plt = _plt()
+    r = load_tracin_results(args.results_dir)
+    train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
+    out = Path(args.out_dir)
+    save_figure(out / "score_distribution.png", score_distribution(r))
+    share = class_share(r, train_list, test_list)
+    save_csv(out / "class_proponent_share.csv", share.reset_index())
+    save_figure(out / "class_proponent_share.png", heatmap(share))
+    table = most_influential(r, train_list)
+    save_csv(out / "most_influential.csv", table)
+    save_figure(out / "most_influential.png", bar_chart(table, args.top_n))
+
+    # test predictions come from the CSV efficient_tracin wrote (prediction at the last checkpoint)
+    csv = pd.read_csv(Path(args.results_dir) / "top_k_influences.csv", usecols=["test_idx", "test_label", "test_pred"]).drop_duplicates("test_idx")
+    pred = dict(zip(csv.test_idx, csv.test_pred))
+    test_ids = np.asarray(r["test_indices"])
+    wrong = [i for i, t in enumerate(test_ids) if pred.get(t) != test_list.class_names[test_list.labels[t]]]
+    right = [i for i, t in enumerate(test_ids) if pred.get(t) == test_list.class_names[test_list.labels[t]]]
+    chosen = right[: args.num_correct] + wrong[: args.max_panels]
+    for row in chosen:
+        save_figure(out / "panels" / f"test_{int(test_ids[row])}.png", panel(row, r, train_list, test_list, args.panel_k, pred.get(int(test_ids[row]))))
+
+    fig = plt.figure(figsize=(13, 8.5))
+    gs = fig.add_gridspec(2, 2, width_ratios=[1.1, 1])
+    score_distribution(r, fig.add_subplot(gs[0, 0]))
+    heatmap(share, fig.add_subplot(gs[:, 1]))
+    bar_chart(table, min(args.top_n, 12), fig.add_subplot(gs[1, 0]))
+    prop, opp = np.asarray(r["top_k_influences_values"]), np.asarray(r["top_k_opponents_values"])
+    fig.suptitle(f"TracIn: {len(test_ids)} test x {len(r['train_indices'])} train, top-{prop.shape[1]}; "
+                 f"{len(wrong)} mispredicted test images; negative scores: {(prop < 0).mean():.1%} of proponents, "
+                 f"{(opp < 0).mean():.1%} of opponents", fontsize=10)
+    fig.tight_layout()
+    save_figure(out / "dashboard.png", fig)
+    summary = {"proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
+               "same_class_proponent_share": float(np.mean(np.diag(share.to_numpy()))), "panels": len(chosen),
+               "mispredicted_test": len(wrong)}
+    save_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s = analyze(args)
+    log.info(f"top-k analysis: negative scores {s['proponent_negative_share']:.1%} of proponents, {s['opponent_negative_share']:.1%} "
+             f"of opponents; proponents share the test image's class {s['same_class_proponent_share']:.1%} of the time; "
+             f"{s['panels']} panels; outputs in {args.out_dir} (dashboard.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,175 @@
+"""Grad-CAM maps (Selvaraju et al. 2017) on layer4 for mispredicted images and for a test image's proponents.
+
+    $ python gradCAM_evaluation.py                              # best model, false_predictions.csv, TracIn results
+    $ python gradCAM_evaluation.py --test_idx 100 --num_proponents 6
+
+Writes false_predictions/gradcam_mispredictions.png (map of the predicted class over each
+mispredicted test image) and TracIn/results/gradcam_test_{idx}_proponents.png (the test
+image beside its top proponents, each with the map of its own given class).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from common import UserError, cli, nonneg_int, positive_int, save_figure
+from data_utils import build_transform, list_split, load_rgb
+from evaluate import resolve_device
+from model_architecture import find_best_model, load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class GradCAM:
+    """Grad-CAM on one layer. A context manager that owns its hook handles.
+
+        with GradCAM(model, model.layer4) as cam:
+            maps = cam(x)            # (n, H, W) in [0, 1], for the predicted classes
+            maps = cam(x, targets)   # for given classes
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module):
+        self.model, self.layer = model, layer
+        self._handles = []
+        self._act = None
+        self._grad = None
+
+    def __enter__(self):
+        self._handles.append(self.layer.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._act = self._grad = None
+
+    def _forward_hook(self, module, inputs, output):
+        self._act = output.detach()
+
+        def save(g):
+            self._grad = g.detach()
+
+        if output.requires_grad:
+            output.register_hook(save)
+
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        self.model.eval()
+        self._act = self._grad = None
+        x = x.detach().requires_grad_(True)  # a graph even when the model's parameters are frozen
+        with torch.enable_grad():
+            logits = self.model(x)
+            if targets is None:
+                targets = logits.argmax(1)
+            score = logits.gather(1, targets.view(-1, 1).to(logits.device)).sum()
+            torch.autograd.grad(score, x)  # fires the tensor hook; leaves parameters' .grad alone
+        weights = self._grad.mean(dim=(2, 3), keepdim=True)  # (n, C, 1, 1): pooled gradients
+        cam = torch.relu((weights * self._act).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        peak = cam.flatten(1).max(1).values.view(-1, 1, 1)
+        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+        self._act = self._grad = None
+        return cam.clamp_(0, 1)
+
+
+def overlay(ax, path: str, cam: np.ndarray, title: str):
+    img = np.asarray(load_rgb(path).resize(cam.shape[::-1]))
+    ax.imshow(img)
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def cams_for(model, layer, paths, targets, tf, device) -> np.ndarray:
+    x = torch.stack([tf(load_rgb(p)) for p in paths]).to(device)
+    with GradCAM(model, layer) as cam:
+        return cam(x, torch.as_tensor(targets, device=device)).cpu().numpy()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: the best model in --models_dir)")
+    p.add_argument("--models_dir", default="models", help="where the best model is (default models)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--false_predictions", default="false_predictions/false_predictions.csv", help="from false_prediction.py")
+    p.add_argument("--results_dir", default="TracIn/results", help="TracIn results (default TracIn/results)")
+    p.add_argument("--out_dir", default="false_predictions", help="for the mispredictions grid (default false_predictions)")
+    p.add_argument("--max_images", type=positive_int, default=16, help="mispredicted test images shown (default 16)")
+    p.add_argument("--test_idx", type=nonneg_int, default=None, help="test image for the proponent panel (default: the first mispredicted one)")
+    p.add_argument("--num_proponents", type=positive_int, default=5, help="proponents shown (default 5)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model_path = args.model or find_best_model(args.models_dir)
+    test_list, train_list = list_split(args.data_dir, "test"), list_split(args.data_dir, "train")
+    ckpt = load_checkpoint(model_path, class_names=test_list.class_names)
+    model = model_from_checkpoint(ckpt).to(device)
+    if not hasattr(model, "layer4"):
+        raise UserError(f"{model_path}: the model has no layer4 for Grad-CAM")
+    tf = build_transform(ckpt["image_size"], train=False, mean=ckpt["mean"], std=ckpt["std"])
+    names = test_list.class_names
+    fp_path = Path(args.false_predictions)
+    if not fp_path.exists():
+        raise UserError(f"{fp_path} is missing; run false_prediction.py first")
+    wrong = pd.read_csv(fp_path)
+    wrong = wrong[wrong.split == "test"].head(args.max_images)
+    outputs = []
+    if len(wrong):
+        cams = cams_for(model, model.layer4, list(wrong.path), [names.index(c) for c in wrong.pred_label], tf, device)
+        cols = min(8, len(wrong))
+        rows = -(-len(wrong) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 2.0 + 0.4), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, (_, r), c in zip(axes.ravel(), wrong.iterrows(), cams):
+            overlay(ax, r.path, c, f"#{r['index']} {r.true_label} -> {r.pred_label}")
+        fig.suptitle("Grad-CAM (layer4) of the predicted class on mispredicted test images", fontsize=9)
+        fig.tight_layout()
+        outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")
+        save_figure(outputs[-1], fig)
+
+    res = Path(args.results_dir)
+    if (res / "top_k_influences_indices.npy").exists():
+        test_ids = np.load(res / "test_indices.npy")
+        idx = np.load(res / "top_k_influences_indices.npy")
+        vals = np.load(res / "top_k_influences_values.npy")
+        t = args.test_idx if args.test_idx is not None else (int(wrong["index"].iloc[0]) if len(wrong) else int(test_ids[0]))
+        rows = np.where(test_ids == t)[0]
+        if not len(rows):
+            raise UserError(f"--test_idx {t} is not among the test images TracIn scored ({res}/test_indices.npy)")
+        row = rows[0]
+        k = min(args.num_proponents, idx.shape[1])
+        paths = [test_list.paths[t]] + [train_list.paths[j] for j in idx[row, :k]]
+        targets = [int(test_list.labels[t])] + [int(train_list.labels[j]) for j in idx[row, :k]]
+        cams = cams_for(model, model.layer4, paths, targets, tf, device)
+        fig, axes = plt.subplots(1, k + 1, figsize=((k + 1) * 1.9, 2.4), squeeze=False)
+        overlay(axes[0, 0], paths[0], cams[0], f"test #{t}\n{names[targets[0]]}")
+        for j in range(k):
+            overlay(axes[0, j + 1], paths[j + 1], cams[j + 1], f"proponent {j + 1}: #{idx[row, j]}\n{names[targets[j + 1]]} ({vals[row, j]:.3g})")
+        fig.tight_layout()
+        outputs.append(res / f"gradcam_test_{t}_proponents.png")
+        save_figure(outputs[-1], fig)
+    log.info("Grad-CAM: " + (", ".join(map(str, outputs)) if outputs else "nothing to show (no mispredictions, no TracIn results)"))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
