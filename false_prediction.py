@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--models_dir", default="models", help="where train.py put the best model (default models)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
     p.add_argument("--out_dir", default="false_predictions", help="output folder (default false_predictions)")
-    p.add_argument("--max_images", type=positive_int, default=40, help="images in the grid, test first (default 40)")
+    p.add_argument("--max_images", type=positive_int, default=40, help="images in the grid, half from each split (default 40)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -71,7 +71,12 @@ def main(argv=None):
     table = pd.concat(frames, ignore_index=True)
     out = Path(args.out_dir)
     save_csv(out / "false_predictions.csv", table)
-    shown = table.sort_values(["split", "confidence"], ascending=[True, False]).head(args.max_images)
+    # the most confident mistakes, half from each split (test first), the rest filled from either
+    ranked = table.sort_values("confidence", ascending=False)
+    half = args.max_images // 2
+    picks = pd.concat([ranked[ranked.split == "test"].head(args.max_images - half), ranked[ranked.split == "train"].head(half)])
+    picks = pd.concat([picks, ranked.drop(picks.index)]).head(args.max_images)
+    shown = picks.sort_values(["split", "confidence"], ascending=[True, False])
     save_figure(out / "combined_mispredictions.png",
                 plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
     for line in lines:

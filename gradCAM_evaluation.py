@@ -1,5 +1,8 @@
 """Grad-CAM maps (Selvaraju et al. 2017) on layer4 for mispredicted images and for a test image's proponents.
 
+At small image sizes where layer4 is 1x1 (32 px), the deepest block with at least a 4x4 map
+is used instead, and the figure title says which.
+
     $ python gradCAM_evaluation.py                              # best model, false_predictions.csv, TracIn results
     $ python gradCAM_evaluation.py --test_idx 100 --num_proponents 6
 
@@ -89,6 +92,28 @@ def overlay(ax, path: str, cam: np.ndarray, title: str):
     ax.axis("off")
 
 
+def pick_layer(model, name: str, image_size: int, device, min_side: int = 4) -> str:
+    """`name`, unless its output is smaller than min_side x min_side at this image size (layer4 of
+    a ResNet is 1x1 at 32 px, where Grad-CAM is a constant): then the deepest block that is not."""
+    shapes, handles = {}, []
+    blocks = [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+    for n in blocks:
+        handles.append(getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape[-2:])))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    for h in handles:
+        h.remove()
+    if name not in shapes:
+        raise UserError(f"--layer {name}: the model has no such block (choose from {', '.join(blocks)})")
+    if min(shapes[name]) >= min_side:
+        return name
+    usable = [n for n in blocks if min(shapes[n]) >= min_side]
+    chosen = usable[-1] if usable else blocks[0]
+    log.info(f"Grad-CAM: {name} is {tuple(shapes[name])} at {image_size} px, too coarse for a map; using {chosen} "
+             f"{tuple(shapes[chosen])} instead")
+    return chosen
+
+
 def cams_for(model, layer, paths, targets, tf, device) -> np.ndarray:
     x = torch.stack([tf(load_rgb(p)) for p in paths]).to(device)
     with GradCAM(model, layer) as cam:
@@ -106,6 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--max_images", type=positive_int, default=16, help="mispredicted test images shown (default 16)")
     p.add_argument("--test_idx", type=nonneg_int, default=None, help="test image for the proponent panel (default: the first mispredicted one)")
     p.add_argument("--num_proponents", type=positive_int, default=5, help="proponents shown (default 5)")
+    p.add_argument("--layer", default="layer4", help="ResNet block for the maps (default layer4; a deeper-than-useful "
+                   "block at small image sizes falls back to the deepest one at least 4x4)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     return p.parse_args(argv)
 
@@ -122,8 +149,8 @@ def main(argv=None):
     test_list, train_list = list_split(args.data_dir, "test"), list_split(args.data_dir, "train")
     ckpt = load_checkpoint(model_path, class_names=test_list.class_names)
     model = model_from_checkpoint(ckpt).to(device)
-    if not hasattr(model, "layer4"):
-        raise UserError(f"{model_path}: the model has no layer4 for Grad-CAM")
+    layer_name = pick_layer(model, args.layer, ckpt["image_size"], device)
+    layer = getattr(model, layer_name)
     tf = build_transform(ckpt["image_size"], train=False, mean=ckpt["mean"], std=ckpt["std"])
     names = test_list.class_names
     fp_path = Path(args.false_predictions)
@@ -133,7 +160,7 @@ def main(argv=None):
     wrong = wrong[wrong.split == "test"].head(args.max_images)
     outputs = []
     if len(wrong):
-        cams = cams_for(model, model.layer4, list(wrong.path), [names.index(c) for c in wrong.pred_label], tf, device)
+        cams = cams_for(model, layer, list(wrong.path), [names.index(c) for c in wrong.pred_label], tf, device)
         cols = min(8, len(wrong))
         rows = -(-len(wrong) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 2.0 + 0.4), squeeze=False)
@@ -141,7 +168,7 @@ def main(argv=None):
             ax.axis("off")
         for ax, (_, r), c in zip(axes.ravel(), wrong.iterrows(), cams):
             overlay(ax, r.path, c, f"#{r['index']} {r.true_label} -> {r.pred_label}")
-        fig.suptitle("Grad-CAM (layer4) of the predicted class on mispredicted test images", fontsize=9)
+        fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images", fontsize=9)
         fig.tight_layout()
         outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")
         save_figure(outputs[-1], fig)
@@ -159,11 +186,12 @@ def main(argv=None):
         k = min(args.num_proponents, idx.shape[1])
         paths = [test_list.paths[t]] + [train_list.paths[j] for j in idx[row, :k]]
         targets = [int(test_list.labels[t])] + [int(train_list.labels[j]) for j in idx[row, :k]]
-        cams = cams_for(model, model.layer4, paths, targets, tf, device)
+        cams = cams_for(model, layer, paths, targets, tf, device)
         fig, axes = plt.subplots(1, k + 1, figsize=((k + 1) * 1.9, 2.4), squeeze=False)
         overlay(axes[0, 0], paths[0], cams[0], f"test #{t}\n{names[targets[0]]}")
         for j in range(k):
             overlay(axes[0, j + 1], paths[j + 1], cams[j + 1], f"proponent {j + 1}: #{idx[row, j]}\n{names[targets[j + 1]]} ({vals[row, j]:.3g})")
+        fig.suptitle(f"Grad-CAM ({layer_name}) of each image's own label", fontsize=9)
         fig.tight_layout()
         outputs.append(res / f"gradcam_test_{t}_proponents.png")
         save_figure(outputs[-1], fig)
