@@ -30,9 +30,17 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def _sigterm(signum, frame):
+    # SLURM sends SIGTERM at the time limit: unwind like Ctrl-C so finally-blocks save progress.
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def cli(main: Callable[[list[str] | None], int | None]) -> None:
     """Run a script's main(), mapping UserError to one stderr line and exit 2."""
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         code = main(None)
     except UserError as e:

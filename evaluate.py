@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -147,8 +148,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from pathlib import Path
-
     model_path = args.model or find_best_model(args.models_dir)
     listing, ckpt, preds, m = evaluate_model(model_path, args.data_dir, args.split, args.batch_size, args.num_workers, resolve_device(args.device))
     out = Path(args.out_dir)

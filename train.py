@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, cli, git_commit, nonneg_int, positive_float, positive_int, save_json, set_seed
+from common import UserError, atomic_path, cli, git_commit, nonneg_int, positive_float, positive_int, save_json, set_seed
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader
 from evaluate import autocast, metrics_from_logits, predict, resolve_device
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
@@ -233,7 +233,8 @@ def train(args) -> dict:
                 if best["path"] and Path(best["path"]) != path:
                     Path(best["path"]).unlink(missing_ok=True)
                 best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
-                (models_dir / "best_model.txt").write_text(str(path) + "\n")
+                with atomic_path(models_dir / "best_model.txt") as tmp:
+                    tmp.write_text(str(path) + "\n")
             save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
                                             extra={"lr_history": lr_history, "best": best}), ckpt_dir / "last.pth")
     if d.main:

@@ -228,9 +228,10 @@ def extract_factors(store: FactorStore, models, layers, dataset, batch_size, num
     batches = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in todo]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    hooks = [InfluenceHook(m, layers).__enter__() for m in models]
     done_now = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        hooks = [stack.enter_context(InfluenceHook(m, layers)) for m in models]
+        stack.callback(store.sync)  # persist progress on any exit, Ctrl-C included
         for b, (x, y, _) in zip(todo, tqdm(loader, desc=desc, total=len(todo), disable=None)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -246,10 +247,6 @@ def extract_factors(store: FactorStore, models, layers, dataset, batch_size, num
             store.mark_done(b, force=stopping or b == todo[-1])
             if stopping:
                 raise KeyboardInterrupt("stopped on request (test hook)")
-    finally:
-        store.sync()  # persist progress on any exit, Ctrl-C and SIGTERM-turned-exception included
-        for h in hooks:
-            h.release()
     return done_now
 
 
