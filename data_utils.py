@@ -147,11 +147,3 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         generator=generator,
         drop_last=drop_last,
     )
-
-
-def read_manifest(data_dir: str | os.PathLike):
-    """The manifest written by prepare_data.py, or None when there is none."""
-    import pandas as pd
-
-    path = Path(data_dir) / "manifest.csv"
-    return pd.read_csv(path) if path.exists() else None

@@ -119,7 +119,8 @@ def parse_args(argv=None) -> TracInConfig:
 
 
 # ---------------------------------------------------------------- setup
-def choose_subset(n: int, size: int, seed: int, what: str) -> np.ndarray:
+def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """A sorted seeded random subset of range(n) of `size` (0: all of it)."""
     if size == 0 or size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
@@ -287,8 +288,8 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     if train_list.class_names != test_list.class_names:
         raise UserError(f"train and test class folders differ in {cfg.data_dir}")
     paths, ckpts, lrs = load_checkpoints(cfg, train_list.class_names)
-    train_ids = choose_subset(len(train_list.paths), cfg.train_subset, cfg.seed, "train")
-    test_ids = choose_subset(len(test_list.paths), cfg.test_subset, cfg.seed + 1, "test")
+    train_ids = choose_subset(len(train_list.paths), cfg.train_subset, cfg.seed)
+    test_ids = choose_subset(len(test_list.paths), cfg.test_subset, cfg.seed + 1)
     if cfg.top_k > len(train_ids):
         raise UserError(f"--top_k {cfg.top_k} is larger than the {len(train_ids)} training images scored; lower --top_k")
     # Shards are whole units of lcm(batch_size, train_block) images, so every forward batch and

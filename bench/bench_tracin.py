@@ -71,8 +71,8 @@ def part1(args):
     ckpts = [load_checkpoint(p) for p in paths]
     models = [model_from_checkpoint(c) for c in ckpts]
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
-    train_ids = et.choose_subset(len(train_list.paths), args.n_train, 0, "train")
-    test_ids = et.choose_subset(len(test_list.paths), args.n_test, 1, "test")
+    train_ids = et.choose_subset(len(train_list.paths), args.n_train, 0)
+    test_ids = et.choose_subset(len(test_list.paths), args.n_test, 1)
     tf = build_transform(ckpts[0]["image_size"], train=False)
     train_ds, test_ds = ImageListDataset(train_list, tf, train_ids), ImageListDataset(test_list, tf, test_ids)
     rows = []
