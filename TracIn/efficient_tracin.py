@@ -45,7 +45,8 @@ from common import UserError, check_run_args, cli, git_commit, nonneg_int, posit
 from data_utils import ImageListDataset, build_transform, list_split
 from evaluate import autocast, resolve_device
 from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint
-from TracIn.influence_utils import InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, linear_layers
+from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, linear_layers,
+                                    self_influence)
 
 log = logging.getLogger(__name__)
 
@@ -269,13 +270,12 @@ def score_topk(test_store: FactorStore, train_store: FactorStore, n_test: int, n
 
 
 def self_influence_from_store(store: FactorStore, n: int, layers, lrs, block: int, device) -> np.ndarray:
+    """influence_utils.self_influence over row blocks of a factor store, accumulated in float64."""
     out = np.zeros(n, dtype=np.float64)
     for c0 in range(0, n, block):
         rows = slice(c0, min(c0 + block, n))
-        for t, lr in enumerate(lrs):
-            for l in layers:
-                a, d = store.load(t, l, rows, device)
-                out[rows] += lr * ((a.double() ** 2).sum(1) * (d.double() ** 2).sum(1)).cpu().numpy()
+        factors = [{l: tuple(x.double() for x in store.load(t, l, rows, device)) for l in layers} for t in range(len(lrs))]
+        out[rows] = self_influence(factors, lrs).cpu().numpy()
     return out.astype(np.float32)
 
 

@@ -52,7 +52,7 @@ def timed(fn, device, steps, warmup=3):
 def main():
     from model_architecture import build_model
     from TracIn.efficient_tracin import ResidentFactors, score_topk
-    from TracIn.influence_utils import InfluenceHook
+    from TracIn.influence_utils import InfluenceHook, self_influence
 
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +117,7 @@ def main():
     sync(device)
     t0 = time.time()
     tracker = score_topk(te, tr, args.n_test, args.n_train, ["fc"], lrs, args.top_k, 2048, 32768, np.arange(args.n_train), device)
-    self_inf = sum(lr * (tr.tensors[(t, "fc", "A")] ** 2).sum(1) * (tr.tensors[(t, "fc", "D")] ** 2).sum(1) for t, lr in enumerate(lrs))
+    self_inf = self_influence([{"fc": (tr.tensors[(t, "fc", "A")], tr.tensors[(t, "fc", "D")])} for t in range(len(lrs))], lrs)
     _ = tracker.proponents()[0].cpu(), tracker.opponents()[0].cpu(), self_inf.cpu()
     sync(device)
     t_score = time.time() - t0
