@@ -342,6 +342,14 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
                          paths, ckpts, lrs, device, t_start, summary_extra)
 
 
+def fits_on_device(stores: dict, device) -> bool:
+    """GPU fast path: hold every factor on the device when they take under half its free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(s.nbytes() for s in stores.values()) < 0.5 * free
+
+
 def compute(cfg, device, ckpts, lrs, train_list, test_list, train_ids, test_ids, work_dir: Path, stop_after=None):
     """Stages 1 and 2 for the given training ids; factors cached under work_dir/factors."""
     models = [model_from_checkpoint(c).to(device) for c in ckpts]  # every checkpoint resident at once
@@ -363,11 +371,7 @@ def compute(cfg, device, ckpts, lrs, train_list, test_list, train_ids, test_ids,
                                           amp=cfg.amp and device.type == "cuda")
     t_factors = time.time() - t0
     t0 = time.time()
-    scoring = stores
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if stores["train"].nbytes() + stores["test"].nbytes() < 0.5 * free:
-            scoring = {k: v.resident(device) for k, v in stores.items()}
+    scoring = {k: v.resident(device) for k, v in stores.items()} if fits_on_device(stores, device) else stores
     tracker = score_topk(scoring["test"], scoring["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
                          cfg.test_block, cfg.train_block, train_ids, device)
     self_inf = self_influence_from_store(scoring["train"], len(train_ids), cfg.layers, lrs, cfg.train_block, device) if cfg.self_influence else None

@@ -163,3 +163,15 @@ def test_merge_refuses_unfinished_shards(prepared, ckpts, tmp_path):
         run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--shard_index", "2")
     with pytest.raises(et.UserError, match="shard unit"):  # lcm(4, 7) = 28 > 18 images: one unit
         run(prepared, ckpts, tmp_path / "o2", "--num_shards", "2", "--shard_index", "0")
+
+
+def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path, monkeypatch):
+    """The GPU path (all factors copied to the device once) is exercised here on the CPU."""
+    run(prepared, ckpts, tmp_path / "memmap")
+    calls = []
+    monkeypatch.setattr(et, "fits_on_device", lambda stores, device: calls.append(device) or True)
+    run(prepared, ckpts, tmp_path / "resident")
+    assert calls, "the resident path was not taken"
+    a, b = load_outputs(tmp_path / "memmap"), load_outputs(tmp_path / "resident")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
