@@ -1,5 +1,6 @@
 """Scale-out for real: torchrun training with 2 CPU processes, and the SLURM scripts on a
 one-node Slurm cluster started on localhost (skipped, with the reason, where it cannot start)."""
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,22 @@ def test_torchrun_two_cpu_processes(prepared, tmp_path):
     assert not any(k.startswith("module.") for k in c["model_state"])  # the unwrapped model is saved
     # metrics cover the whole split, reduced across ranks: val accuracy is a multiple of 1/6 (6 test images)
     assert abs(c["metrics"]["val_acc"] * 6 - round(c["metrics"]["val_acc"] * 6)) < 1e-9
+
+
+def test_bench_gpu_runs_in_smoke_mode(tmp_path):
+    """The GPU benchmark gets one short run on a lent GPU: it must not die there of plumbing."""
+    cmd = [sys.executable, "-m", "bench.bench_gpu", "--smoke", "--work_dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["agree"] and report["e2e_seconds_total"] > 0
+    labels = [label.split(",")[0].split(" (")[0] for label, _, _ in report["rows"]]
+    assert labels == ["training step", "factor pass alone", "scoring + top-k both ways + self-influence", "loader alone: decode + resize",
+                      "efficient_tracin end to end: factors", "efficient_tracin end to end: scores"], labels
+    assert all(rate > 0 for _, rate, _ in report["rows"])
+    assert (tmp_path / "e2e" / "top_k_influences.csv").exists()  # the end-to-end run wrote real outputs
+    assert len(np.load(tmp_path / "e2e" / "self_influence.npy")) == 120
 
 
 @pytest.fixture(scope="module")
