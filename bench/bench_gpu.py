@@ -121,11 +121,6 @@ def tracin(data, ckpts, out, device, *extra, bs=64, workers=2, top_k=10):
     return et.run(et.parse_args(argv))
 
 
-def load_results(out):
-    return {k: np.load(out / f"{k}.npy") for k in ("top_k_influences_values", "top_k_influences_indices",
-                                                  "top_k_opponents_values", "top_k_opponents_indices", "self_influence")}
-
-
 def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
@@ -138,7 +133,9 @@ def part0_agreement(work, data, ckpts, device, args):
     tracin(data, ckpts[:2], work / "agree_cpu", "cpu", *sub, workers=args.workers)
     tracin(data, ckpts[:2], work / "agree_dev", device.type, *sub, workers=args.workers)
     set_tf32(True)
-    c, g = load_results(work / "agree_cpu"), load_results(work / "agree_dev")
+    from TracIn.influence_utils import load_tracin_results
+
+    c, g = load_tracin_results(work / "agree_cpu"), load_tracin_results(work / "agree_dev")
     idx = np.mean([np.mean(g[k] == c[k]) for k in ("top_k_influences_indices", "top_k_opponents_indices")])
     res = {"top-k values, max rel diff": max(rel(g[k], c[k]) for k in ("top_k_influences_values", "top_k_opponents_values")),
            "self-influence, max rel diff": rel(g["self_influence"], c["self_influence"]),
@@ -147,12 +144,16 @@ def part0_agreement(work, data, ckpts, device, args):
     return res, ok
 
 
+def random_batch(device, args):
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (args.batch_size,), device=device)
+
+
 def part1_training(device, args, amp):
     from model_architecture import build_model
 
-    bs, size = args.batch_size, args.image_size
-    x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (bs,), device=device)
+    bs = args.batch_size
+    x, y = random_batch(device, args)
     model = build_model("resnet50", 10).to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), 1e-4)
 
@@ -172,9 +173,8 @@ def part2_factor_pass(device, args, amp):
     from model_architecture import build_model
     from TracIn.influence_utils import InfluenceHook
 
-    bs, size = args.batch_size, args.image_size
-    x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (bs,), device=device)
+    bs = args.batch_size
+    x, y = random_batch(device, args)
     models = [build_model("resnet50", 10).to(device).to(memory_format=torch.channels_last).eval() for _ in range(args.checkpoints)]
     hooks = [InfluenceHook(m, ["fc"]).__enter__() for m in models]
     rows, rates = [], {}
@@ -218,11 +218,11 @@ def part3_scoring(device, args):
 
 
 def part4_end_to_end(work, data, ckpts, device, args):
-    from data_utils import ImageListDataset, build_transform, list_split
+    from data_utils import ImageListDataset, build_transform, list_split, make_loader
 
     listing = list_split(data, "train")
-    loader = torch.utils.data.DataLoader(ImageListDataset(listing, build_transform(args.image_size, train=False)),
-                                         batch_size=args.batch_size, num_workers=args.workers)
+    loader = make_loader(ImageListDataset(listing, build_transform(args.image_size, train=False)), args.batch_size,
+                         shuffle=False, num_workers=args.workers)
     t0 = time.time()
     for _ in loader:
         pass
