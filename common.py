@@ -30,21 +30,72 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+_MAIN_PID: int | None = None
+
+
 def _sigterm(signum, frame):
     # SLURM sends SIGTERM at the time limit: unwind like Ctrl-C so finally-blocks save progress.
+    # Only the process that installed the handler unwinds; a forked worker (multiprocessing
+    # pool, DataLoader) that inherited it just exits quietly, as it would without the handler.
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt("SIGTERM")
 
 
-def cli(main: Callable[[list[str] | None], int | None]) -> None:
-    """Run a script's main(), mapping UserError to one stderr line and exit 2."""
+def quiet_worker(*_args) -> None:
+    """Initializer for worker processes: default SIGTERM, ignore Ctrl-C (the parent handles both)."""
     import signal
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def user_message(e: BaseException) -> str:
+    """One line for a UserError, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception as the same type with the message "Caught UserError in
+    DataLoader worker process N. Original Traceback ... common.UserError: <message>"; the user
+    needs only <message>.
+    """
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: what failed, where, and for a full disk how much is free."""
+    import errno
+    import shutil
+
+    where = e.filename or ""
+    if e.errno == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e):
+        folder = Path(where).parent if where else Path.cwd()
+        try:
+            free = shutil.disk_usage(folder if folder.exists() else Path.cwd()).free
+            free_text = f"{free / 2**20:.1f} MiB free"
+        except OSError:
+            free_text = "free space unknown"
+        return f"no space left on device writing {where or 'output'} ({free_text}); free space in {folder} and rerun (finished work is kept)"
+    return f"{e.strerror or e}: {where}" if where else (e.strerror or str(e))
+
+
+def cli(main: Callable[[list[str] | None], int | None]) -> None:
+    """Run a script's main(): a UserError or an OSError becomes one stderr line and exit 2."""
+    import signal
+
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         code = main(None)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -127,6 +178,88 @@ def save_figure(path: str | os.PathLike, fig) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- folders: checked early, cleared only when ours
+OWNER_MARKER = ".written_by"
+
+
+def ensure_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create `path` if needed and check that files can be written there, before any work.
+
+    Raises UserError naming the flag for a path that is a file, is not writable, or cannot exist.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written to ({e.strerror or e}); pass another folder") from None
+    return path
+
+
+def mark_owned(folder: str | os.PathLike, tool: str) -> None:
+    """Mark `folder` as written by `tool`, so that only `tool` ever clears it."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / OWNER_MARKER).write_text(tool + "\n")
+
+
+def owned_by(folder: str | os.PathLike, tool: str) -> bool:
+    marker = Path(folder) / OWNER_MARKER
+    return marker.is_file() and marker.read_text().strip() == tool
+
+
+def remove_owned(folder: str | os.PathLike, tool: str) -> bool:
+    """Delete `folder` only if `tool` marked it as its own; returns whether it was deleted."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.exists():
+        return False
+    if not owned_by(folder, tool):
+        raise UserError(f"{folder} was not written by {tool} (no {OWNER_MARKER} marker); "
+                        "it is left untouched: move it away yourself or pick another folder")
+    shutil.rmtree(folder)
+    return True
+
+
+def is_relative_to(a: Path, b: Path) -> bool:
+    """Whether resolved path a equals or lies inside resolved path b."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents
+
+
+# ---------------------------------------------------------------- devices
+def resolve_device(name: str = "auto"):
+    """auto, cpu, cuda or cuda:N -> torch.device; anything else is a UserError naming --device."""
+    import re
+
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if not m or (m.group(1) == "cpu" and m.group(2)):
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available here")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- run metadata

@@ -109,6 +109,11 @@ def build_transform(image_size: int, train: bool, hflip: bool = True, mean=IMAGE
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def eval_transform(ckpt: dict):
+    """The evaluation transform a checkpoint was trained for (its image size and normalisation)."""
+    return build_transform(ckpt["image_size"], train=False, mean=ckpt["mean"], std=ckpt["std"])
+
+
 class ImageListDataset:
     """(image tensor, label, index) for a list of paths; index is the split position."""
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import cli, nonneg_int, positive_int, save_csv, save_figure
+from common import cli, nonneg_int, positive_int, resolve_device, save_csv, save_figure
 from data_utils import load_rgb
-from evaluate import evaluate_model, predictions_frame, resolve_device
-from model_architecture import find_best_model
+from model_architecture import evaluate_model, find_best_model, predictions_frame
 
 log = logging.getLogger(__name__)
 COLUMNS = ["split", "index", "path", "true_label", "pred_label", "confidence", "true_class_prob"]

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import UserError, cli, nonneg_int, positive_int, save_figure
+from common import UserError, cli, nonneg_int, positive_int, resolve_device, save_figure
 from data_utils import build_transform, list_split, load_rgb
-from evaluate import resolve_device
 from model_architecture import find_best_model, load_checkpoint, model_from_checkpoint
+from TracIn.results import RECORD, load_results
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,11 @@ def main(argv=None):
         save_figure(outputs[-1], fig)
 
     res = Path(args.results_dir)
-    if (res / "top_k_influences_indices.npy").exists():
-        test_ids = np.load(res / "test_indices.npy")
-        idx = np.load(res / "top_k_influences_indices.npy")
-        vals = np.load(res / "top_k_influences_values.npy")
-        t = args.test_idx if args.test_idx is not None else (int(wrong["index"].iloc[0]) if len(wrong) else int(test_ids[0]))
-        rows = np.where(test_ids == t)[0]
-        if not len(rows):
-            raise UserError(f"--test_idx {t} is not among the test images TracIn scored ({res}/test_indices.npy)")
-        row = rows[0]
+    if (res / RECORD).exists():
+        r = load_results(res, data_dir=args.data_dir)
+        idx, vals = r["top_k_influences_indices"], r["top_k_influences_values"]
+        t = args.test_idx if args.test_idx is not None else (int(wrong["index"].iloc[0]) if len(wrong) else int(r["test_indices"][0]))
+        row = r.test_row(t)
         k = min(args.num_proponents, idx.shape[1])
         paths = [test_list.paths[t]] + [train_list.paths[j] for j in idx[row, :k]]
         targets = [int(test_list.labels[t])] + [int(train_list.labels[j]) for j in idx[row, :k]]

@@ -3,6 +3,9 @@
     from model_architecture import build_model, save_checkpoint, load_checkpoint
     model = build_model("resnet50", num_classes=10, weights="models/pretrained/resnet50-11ad3fa6.pth")
 
+It also runs models: `model_to_device`, `predict` (every script's inference loop),
+`metrics_from_logits` and `evaluate_model`.
+
 A checkpoint is a self-describing dict (see `make_checkpoint`), loaded with
 `torch.load(..., weights_only=True)`.
 """
@@ -13,11 +16,15 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
-from common import UserError, atomic_path
+from common import UserError, atomic_path, autocast
+from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PRETRAINED_DIR = Path("models/pretrained")
@@ -98,8 +105,16 @@ def make_checkpoint(model: nn.Module, *, arch: str, class_names: list[str], imag
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """torch.save to a temporary name, renamed on success; a full disk is an OSError(ENOSPC)."""
+    import errno
+
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if "write" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise
 
 
 REQUIRED_KEYS = ("model_state", "arch", "num_classes", "class_names", "image_size", "mean", "std", "epoch", "lr")
@@ -168,3 +183,84 @@ def find_best_model(models_dir: str | os.PathLike = "models") -> Path:
         return float(f"{m.group(1)}.{m.group(2)}") if m else -1.0
 
     return Path(max(files, key=acc))
+
+
+# ---------------------------------------------------------------- running a model
+def model_to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to `device`; channels_last on CUDA (the one place that decides it)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def batch_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, desc: str | None = None) -> dict:
+    """Run `model` over a loader of (image, label, index) batches.
+
+    Returns: dict of numpy arrays logits (n, C) float32, labels (n,), indices (n,).
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    logits, labels, indices = [], [], []
+    for x, y, idx in tqdm(loader, desc=desc, disable=True if desc is None else None, leave=False):
+        x = batch_to_device(x, device)
+        with autocast(device):
+            out = model(x)
+        logits.append(out.float().cpu())
+        labels.append(y)
+        indices.append(idx)
+    return {
+        "logits": torch.cat(logits).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "indices": torch.cat(indices).numpy(),
+    }
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true)."""
+    logits_t, labels_t = torch.from_numpy(np.asarray(logits, dtype=np.float32)), torch.from_numpy(np.asarray(labels))
+    loss = F.cross_entropy(logits_t, labels_t).item() if len(labels) else float("nan")
+    pred = logits_t.argmax(1).numpy()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = np.divide(np.diag(confusion), confusion.sum(1), out=np.full(num_classes, np.nan), where=confusion.sum(1) > 0)
+    return {
+        "accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "loss": float(loss),
+        "per_class_accuracy": per_class,
+        "confusion": confusion,
+        "pred": pred,
+    }
+
+
+def evaluate_model(model_path, data_dir: str, split: str, batch_size: int, num_workers: int, device: torch.device):
+    """Load a checkpoint, predict a split, return (listing, ckpt, predictions, metrics)."""
+    listing = list_split(data_dir, split)
+    ckpt = load_checkpoint(model_path, class_names=listing.class_names)
+    model = model_to_device(model_from_checkpoint(ckpt), device)
+    tf = eval_transform(ckpt)
+    loader = make_loader(ImageListDataset(listing, tf), batch_size, False, num_workers, str(device))
+    preds = predict(model, loader, device, desc=f"predict {split}")
+    return listing, ckpt, preds, metrics_from_logits(preds["logits"], preds["labels"], len(listing.class_names))
+
+
+def predictions_frame(listing, preds: dict, split: str) -> pd.DataFrame:
+    probs = torch.softmax(torch.from_numpy(preds["logits"]), 1).numpy()
+    pred = probs.argmax(1)
+    names = np.asarray(listing.class_names)
+    idx = preds["indices"]
+    return pd.DataFrame({
+        "split": split,
+        "index": idx,
+        "path": [listing.paths[i] for i in idx],
+        "true_label": names[preds["labels"]],
+        "pred_label": names[pred],
+        "correct": pred == preds["labels"],
+        "confidence": probs.max(1),
+        "true_class_prob": probs[np.arange(len(pred)), preds["labels"]],
+    })

@@ -33,11 +33,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import UserError, cli, fraction, positive_int, nonneg_int, save_json
+from common import (OWNER_MARKER, UserError, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
+                    owned_by, positive_int, quiet_worker, save_json)
 from data_utils import SPLITS, english_class_name, list_split, load_rgb
 
 log = logging.getLogger(__name__)
 
+TOOL = "prepare_data.py"
 DEMO_RAW_DIR = "data/demo-raw"
 DEMO_MARKER = ".demo_source"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -152,6 +154,29 @@ def _unique_name(folder: Path, stem: str, ext: str, taken: set) -> str:
 
 
 # ---------------------------------------------------------------- main
+def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse, before any work, every out_dir whose replacement could lose data we did not write.
+
+    out_dir must not be, contain or lie inside raw_dir; an existing, non-empty out_dir is replaced
+    only when prepare_data.py marked it as its own (and then only with --overwrite when the
+    arguments differ); its parent must be writable.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder path")
+    if raw_dir.exists() and (is_relative_to(out_dir, raw_dir) or is_relative_to(raw_dir, out_dir)):
+        raise UserError(f"--out_dir {out_dir} and --raw_dir {raw_dir} overlap (one is inside the other); "
+                        "pass an --out_dir outside the raw data, e.g. data/processed")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not owned_by(out_dir, TOOL):
+            raise UserError(f"--out_dir {out_dir} exists and was not written by prepare_data.py (no {OWNER_MARKER} marker); "
+                            "it is left untouched, --overwrite or not: pass a new or empty --out_dir")
+        saved = out_dir / "prepare_args.json"
+        same = saved.exists() and json.loads(saved.read_text()) == settings
+        if not same and not overwrite:
+            raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
+    ensure_output_dir(out_dir.parent, "--out_dir's parent")
+
+
 def prepare(args) -> dict:
     raw_dir, out_dir = Path(args.raw_dir), Path(args.out_dir)
     if args.demo:
@@ -160,15 +185,11 @@ def prepare(args) -> dict:
             log.info(f"wrote the demo data set: {n} MNIST digits into {raw_dir}")
     settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
     settings["raw_dir"] = str(raw_dir.resolve())
+    check_out_dir(raw_dir, out_dir, settings, args.overwrite)
     saved = out_dir / "prepare_args.json"
-    if saved.exists():
-        if json.loads(saved.read_text()) == settings:
-            log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
-            return {"skipped_run": True}
-        if not args.overwrite:
-            raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
-    elif out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise UserError(f"{out_dir} exists and was not written by prepare_data.py; pass --overwrite or another --out_dir")
+    if saved.exists() and json.loads(saved.read_text()) == settings:
+        log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
+        return {"skipped_run": True}
 
     class_names, files = discover(raw_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +204,7 @@ def prepare(args) -> dict:
                 jobs.append((str(src), str(dst), args.image_size, args.format))
                 meta.append((name, src, dst))
         if args.num_workers > 1:
-            with mp.get_context("fork").Pool(args.num_workers) as pool:
+            with mp.get_context("fork").Pool(args.num_workers, initializer=quiet_worker) as pool:
                 errors = pool.map(_convert_one, jobs, chunksize=64)
         else:
             errors = [_convert_one(j) for j in jobs]
@@ -244,6 +265,7 @@ def prepare(args) -> dict:
             ).sort_values("train_index")
             gt.to_csv(tmp / "mislabeled_ground_truth.csv", index=False)
         save_json(tmp / "prepare_args.json", settings)
+        mark_owned(tmp, TOOL)
 
         # Swap into place: old folder aside, new one in, old one removed.
         old = None

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -25,11 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, atomic_path, cli, git_commit, nonneg_int, positive_float, positive_int, save_json, set_seed
+from common import OWNER_MARKER, UserError, atomic_path, mark_owned, owned_by, autocast, cli, ensure_output_dir, git_commit, nonneg_int, positive_float, positive_int, resolve_device, save_json, set_seed
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader
-from evaluate import autocast, metrics_from_logits, predict, resolve_device
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
-                                find_checkpoints, load_checkpoint, make_checkpoint, save_checkpoint)
+                                find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
+                                batch_to_device, model_to_device, predict, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ class Dist:
 def train(args) -> dict:
     d = Dist(args.device)
     device = d.device
+    if d.main:  # checked before any work: a folder we cannot write fails now, not after an epoch
+        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir")
+        ensure_output_dir(args.models_dir, "--models_dir")
     set_seed(args.seed + d.rank)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     if train_list.class_names != test_list.class_names:
@@ -146,18 +150,19 @@ def train(args) -> dict:
         if best.get("path") in ("", None):
             best["path"] = None
     elif find_checkpoints(ckpt_dir) or (ckpt_dir / "last.pth").exists():
+        if not owned_by(ckpt_dir, "train.py"):
+            raise UserError(f"{ckpt_dir} holds checkpoints that train.py did not write there (no {OWNER_MARKER} marker); "
+                            "they are left untouched: pass another --checkpoint_dir")
         if not args.overwrite:
             raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
-        if d.main:
+        if d.main:  # only the files train.py writes; anything else in the folder stays
             for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
                 p.unlink(missing_ok=True)
 
     model = build_model(args.arch, len(class_names), None if resume else resolve_weights(args.arch, args.weights))
     if resume:
         model.load_state_dict(resume["model_state"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model_to_device(model, device)
     module = model
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -178,7 +183,7 @@ def train(args) -> dict:
     test_loader = make_loader(test_ds, max(64, args.batch_size), False, args.num_workers, str(device))
 
     if d.main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        mark_owned(ckpt_dir, "train.py")
         save_json(ckpt_dir / "train_args.json", {**vars(args), "git_commit": git_commit(), "world_size": d.world,
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths)})
         log.info(f"training {args.arch} on {len(train_list.paths)} train / {len(test_list.paths)} test images, "
@@ -186,6 +191,7 @@ def train(args) -> dict:
     from tqdm import tqdm
 
     last_metrics = {}
+    steps, kill_after = 0, int(os.environ.get("TRAIN_KILL_AFTER_STEPS", "0"))
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         lr = lr_at(epoch, args)
@@ -193,18 +199,24 @@ def train(args) -> dict:
             group["lr"] = lr
         if sampler is not None:
             sampler.set_epoch(epoch)
+        # Every epoch's randomness (shuffle order, worker seeds, augmentation) depends only on
+        # (seed, epoch, rank), so an epoch redone after --resume is the very same epoch.
+        epoch_seed = int(np.random.SeedSequence([args.seed, epoch, d.rank]).generate_state(1)[0])
+        set_seed(epoch_seed)
+        train_loader.generator.manual_seed(epoch_seed)
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0.0
         for x, y, _ in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=True if not d.main else None):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = batch_to_device(x, device), y.to(device, non_blocking=True)
             with autocast(device):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
+            if steps == kill_after:  # fault injection for the resume tests: die like a pre-empted job
+                os.kill(os.getpid(), signal.SIGKILL)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)

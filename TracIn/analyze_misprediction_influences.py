@@ -24,7 +24,7 @@ import pandas as pd
 
 from common import UserError, cli, nonneg_int, save_csv, save_json
 from data_utils import list_split
-from TracIn.influence_utils import load_tracin_results
+from TracIn.results import load_results
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 
 def analyze(args) -> dict:
-    r = load_tracin_results(args.results_dir)
+    r = load_results(args.results_dir, data_dir=args.data_dir)
     fp_path = Path(args.false_predictions)
     if not fp_path.exists():
         raise UserError(f"{fp_path} is missing; run false_prediction.py first")
@@ -85,7 +85,7 @@ def analyze(args) -> dict:
             "max_influence_as_proponent": float(vals.max()) if len(vals) else np.nan,
             "mispredicted_tests_supported": len(pushed),
             "pushes_toward": pd.Series(pushed).mode().iloc[0] if pushed else "",
-            "self_influence": float(r["self_influence"][np.searchsorted(r["train_indices"], j)]) if "self_influence" in r else np.nan,
+            "self_influence": float(r.train_values("self_influence", j)[0]) if "self_influence" in r else np.nan,
         })
     per = pd.DataFrame(per, columns=["train_idx", "path", "true_label", "pred_label", "confidence", "proponent_count",
                                      "opponent_count", "mean_influence_as_proponent", "max_influence_as_proponent",

@@ -19,7 +19,7 @@ import pandas as pd
 
 from common import cli, positive_int, save_csv, save_figure, save_json
 from data_utils import list_split, load_rgb
-from TracIn.influence_utils import load_tracin_results
+from TracIn.results import load_results
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
 
 def analyze(args) -> dict:
     plt = _plt()
-    r = load_tracin_results(args.results_dir)
+    r = load_results(args.results_dir, data_dir=args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     out = Path(args.out_dir)
     save_figure(out / "score_distribution.png", score_distribution(r))
@@ -159,10 +159,9 @@ def analyze(args) -> dict:
     save_csv(out / "most_influential.csv", table)
     save_figure(out / "most_influential.png", bar_chart(table, args.top_n))
 
-    # test predictions come from the CSV efficient_tracin wrote (prediction at the last checkpoint)
-    csv = pd.read_csv(Path(args.results_dir) / "top_k_influences.csv", usecols=["test_idx", "test_label", "test_pred"]).drop_duplicates("test_idx")
-    pred = dict(zip(csv.test_idx, csv.test_pred))
+    # test predictions at the last checkpoint, as efficient_tracin recorded them
     test_ids = np.asarray(r["test_indices"])
+    pred = dict(zip(test_ids.tolist(), np.asarray(test_list.class_names)[np.asarray(r["test_pred"])]))
     wrong = [i for i, t in enumerate(test_ids) if pred.get(t) != test_list.class_names[test_list.labels[t]]]
     right = [i for i, t in enumerate(test_ids) if pred.get(t) == test_list.class_names[test_list.labels[t]]]
     chosen = right[: args.num_correct] + wrong[: args.max_panels]

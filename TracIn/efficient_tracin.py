@@ -2,36 +2,44 @@
 
     $ python -m TracIn.efficient_tracin --data_dir data/processed --checkpoint_dir models/checkpoints \
         --output_dir TracIn/results --top_k 100
-    $ python TracIn/efficient_tracin.py --train_subset 2000 --test_subset 500 --layers fc fc1
+    $ python -m TracIn.efficient_tracin --top_k 20 --test_subset 200    # re-scores from the cache: no forward pass
 
-Two stages:
-1. factors: every image is read and decoded once; each batch passes through every
-   checkpoint's model, and the per-example factors (a, d) of the target linear layers are
-   written to memory-mapped .npy files under output_dir/factors/ with per-batch done flags,
-   so a killed run resumes where it stopped and gives the same result.
+Two stages, each with its own identity:
+1. factors: each image is decoded once per run and passed through every checkpoint's model;
+   the per-example factors (a, d) of the target linear layers and the logits are cached in
+   output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<layers key>/ as
+   memory-mapped .npy over the *whole* split with per-row done flags. The image list key
+   hashes every file's path, label, size and mtime; the checkpoint key is a hash of the file's
+   bytes. So any subset reuses rows already computed, a new checkpoint costs only its own
+   forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale
+   cache. A killed run resumes where it stopped and gives the same result.
 2. scores: blocks of (test x train) TracIn scores, summed over checkpoints *before* the
    top-k (exact TracIn), feed a streaming top-k of proponents and opponents; the full
-   n_test x n_train matrix never exists.
+   n_test x n_train matrix never exists. Changing --top_k, --lr_weights, --checkpoints or a
+   subset re-scores from the cache; no --overwrite is needed.
 
 Sharding (SLURM arrays, see slurm_tracin.sh): `--num_shards N --shard_index i` scores the
-i-th contiguous share of the training set into output_dir/shards/shard_<i>/ (the test
-factors are recomputed per shard); `--num_shards N --merge` merges the finished shards
-exactly (top-k lists merge, per-image arrays concatenate) into the outputs below.
-Do not pass --overwrite to concurrent shard jobs.
+i-th contiguous share of the training set into output_dir/shards/shard_<i>/ (with its own
+factor cache; the test factors are computed per shard); `--num_shards N --merge` merges
+the finished shards exactly (top-k lists merge, per-image arrays concatenate).
 
-Outputs in output_dir: top_k_influences_{values,indices}.npy (proponents, descending),
-top_k_opponents_{values,indices}.npy (most negative first), self_influence.npy,
-test_indices.npy, train_indices.npy, top_k_influences.csv, run.json. Every index refers
-to the full split's order in data/processed/manifest.csv.
+Outputs in output_dir are written through TracIn/results.py (one run at a time, run.json
+last): top_k_influences_{values,indices}.npy, top_k_opponents_{values,indices}.npy,
+test_indices.npy, train_indices.npy, test_pred.npy, self_influence.npy, train_loss_last.npy,
+train_pred_last.npy, train_{loss,margin}_per_ckpt.npy, top_k_influences.csv, run.json. Every
+index refers to the full split's order in data/processed/manifest.csv.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,14 +49,16 @@ import pandas as pd
 import torch
 from numpy.lib.format import open_memmap
 
-from common import UserError, check_run_args, cli, git_commit, nonneg_int, positive_float, positive_int, save_csv, save_json, save_npy
-from data_utils import ImageListDataset, build_transform, list_split
-from evaluate import autocast, resolve_device
-from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint
+from common import (OWNER_MARKER, UserError, autocast, cli, ensure_output_dir, git_commit, mark_owned, nonneg_int, owned_by,
+                    positive_float, positive_int, remove_owned, resolve_device, save_json, save_npy)
+from data_utils import ImageListDataset, eval_transform, list_split
+from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
 from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, linear_layers,
                                     self_influence)
+from TracIn.results import write_run
 
 log = logging.getLogger(__name__)
+TOOL = "efficient_tracin"
 
 
 @dataclass
@@ -110,7 +120,7 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="data loader workers (default 2)")
     p.add_argument("--no_self_influence", action="store_true", help="skip self_influence.npy")
-    p.add_argument("--overwrite", action="store_true", help="reuse output_dir even if it holds a run with other arguments")
+    p.add_argument("--overwrite", action="store_true", help="delete the cached factors (output_dir/factors) and recompute them")
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")
@@ -127,6 +137,14 @@ def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_checkpoints(cfg: TracInConfig, class_names: list[str]):
     paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
     if not paths:
@@ -139,72 +157,188 @@ def load_checkpoints(cfg: TracInConfig, class_names: list[str]):
     if cfg.lr_weights and len(cfg.lr_weights) != len(paths):
         raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
     lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
-    return paths, ckpts, lrs
+    shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
+    return paths, ckpts, lrs, shas
+
+
+def image_list_key(listing) -> str:
+    """Hash of every file's path, label, size and mtime: re-prepared or edited data gets a new key."""
+    h = hashlib.sha256()
+    for path, label in zip(listing.paths, listing.labels):
+        st = os.stat(path)
+        h.update(f"{path}\0{int(label)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_images(listing, ids: np.ndarray) -> None:
+    """Cheap check of every image a run will read, before hours of forward passes.
+
+    Decoding every file would cost minutes on Animals-10; instead each file's header is parsed
+    (PIL.Image.open reads a few bytes) and a JPEG must end with its EOI marker, which is what a
+    truncated file lacks. A file that passes but still fails to decode stops the run with one line.
+    """
+    from PIL import Image
+
+    for i in ids:
+        path = listing.paths[int(i)]
+        try:
+            with Image.open(path) as im:
+                im.size  # header parsed
+                is_jpeg = im.format == "JPEG"
+            if is_jpeg:
+                with open(path, "rb") as f:
+                    f.seek(-2, os.SEEK_END)
+                    if f.read(2) != b"\xff\xd9":
+                        raise OSError("truncated JPEG (no end-of-image marker)")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}; re-run prepare_data.py "
+                            "or remove the file") from None
 
 
 # ---------------------------------------------------------------- stage 1: factors
-class FactorStore:
-    """Memory-mapped per-example factors of one split: A/D per (checkpoint, layer), plus done flags."""
+class CheckpointFactors:
+    """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the
+    whole split, memory-mapped, with per-row done flags."""
 
-    def __init__(self, root: Path, split: str, n: int, dims: dict[str, tuple[int, int]], n_ckpt: int, n_batches: int):
-        self.root, self.split = root, split
+    def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict):
+        self.root, self.n = root, n
         root.mkdir(parents=True, exist_ok=True)
-        self.arrays = {}
-        for t in range(n_ckpt):
-            for layer, (da, dd) in dims.items():
-                for kind, width in (("A", da), ("D", dd)):
-                    self.arrays[(t, layer, kind)] = self._open(f"{split}_ckpt{t}_{layer}_{kind}.npy", (n, width), np.float32)
-        self.loss_last = self._open(f"{split}_loss_last.npy", (n,), np.float32)
-        self.pred_last = self._open(f"{split}_pred_last.npy", (n,), np.int64)
+        meta_path = root / "meta.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()) != json.loads(json.dumps(meta)):
+            raise UserError(f"factor cache {root} belongs to another setting; pass --overwrite to recompute it")
+        if not meta_path.exists():
+            save_json(meta_path, meta)
+        shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
+        self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
+        self.logits = self._open("logits.npy", (n, n_classes))
+        self.done_path = root / "done.npy"
+        self.done = np.load(self.done_path) if self.done_path.exists() else np.zeros(n, dtype=bool)
+        if self.done.shape != (n,):
+            raise UserError(f"factor cache {root} does not match the split; pass --overwrite to recompute it")
         self._last_sync = time.time()
-        self.done_path = root / f"{split}_done.npy"
-        self.done = np.load(self.done_path) if self.done_path.exists() else np.zeros(n_batches, dtype=bool)
-        if len(self.done) != n_batches:
-            raise UserError(f"factor cache in {root} does not match this run; pass --overwrite")
 
-    def _open(self, name, shape, dtype):
+    @staticmethod
+    def new_bytes(root: Path, n: int, dims: dict, n_classes: int) -> int:
+        """Disk space a not yet existing cache folder will take."""
+        return 0 if (root / "meta.json").exists() else 4 * n * (sum(a + d for a, d in dims.values()) + n_classes) + n
+
+    def _open(self, name, shape):
         path = self.root / name
         if path.exists():
             arr = np.load(path, mmap_mode="r+")
-            if arr.shape != shape or arr.dtype != dtype:
-                raise UserError(f"factor cache {path} has the wrong shape; pass --overwrite to recompute")
+            if arr.shape != shape or arr.dtype != np.float32:
+                raise UserError(f"factor cache {path} has the wrong shape; pass --overwrite to recompute it")
             return arr
-        return open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        arr = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        # Reserve the blocks now: a full disk is then an ENOSPC here, never a SIGBUS mid-run.
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        return arr
 
-    def write(self, rows: slice, t: int, factors: dict, loss=None, pred=None):
+    def write(self, rows: np.ndarray, factors: dict, logits: torch.Tensor):
         for layer, (a, d) in factors.items():
-            self.arrays[(t, layer, "A")][rows] = a.float().cpu().numpy()
-            self.arrays[(t, layer, "D")][rows] = d.float().cpu().numpy()
-        if loss is not None:
-            self.loss_last[rows] = loss.float().cpu().numpy()
-            self.pred_last[rows] = pred.cpu().numpy()
+            self.arrays[(layer, "A")][rows] = a.float().cpu().numpy()
+            self.arrays[(layer, "D")][rows] = d.float().cpu().numpy()
+        self.logits[rows] = logits.float().cpu().numpy()
+        self.done[rows] = True
 
-    def mark_done(self, b: int, force: bool = False, every_s: float = 10.0):
-        """Record batch b as done; flags reach disk (after the factors) at most every `every_s` seconds."""
-        self.done[b] = True
-        if force or time.time() - self._last_sync >= every_s:
-            self.sync()
-
-    def sync(self):
+    def sync(self, force: bool = True, every_s: float = 10.0):
         """Flush the factors, then the done flags: a flag on disk never claims unwritten rows."""
-        for arr in list(self.arrays.values()) + [self.loss_last, self.pred_last]:
+        if not force and time.time() - self._last_sync < every_s:
+            return
+        for arr in list(self.arrays.values()) + [self.logits]:
             arr.flush()
         save_npy(self.done_path, self.done)
         self._last_sync = time.time()
 
+
+def layer_dims(model, layers) -> dict[str, tuple[int, int]]:
+    mods = dict(model.named_modules())
+    return {l: (mods[l].in_features + (mods[l].bias is not None), mods[l].out_features) for l in layers}
+
+
+def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg) -> list[CheckpointFactors]:
+    """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
+    setting = {"layers": list(cfg.layers), "amp": bool(cfg.amp)}
+    setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
+    split_dir = cache_root / f"{split}-{image_list_key(listing)}"
+    roots = [split_dir / f"{sha[:16]}-{setting_key}" for sha in shas]
+    n = len(listing.paths)
+    need = sum(CheckpointFactors.new_bytes(r, n, dims, n_classes) for r in roots)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_root).free
+    if need > free:
+        raise UserError(f"the factor cache needs {need / 2**20:.1f} MiB in {cache_root} but only {free / 2**20:.1f} MiB "
+                        "are free; free space or pass another --output_dir")
+    meta = lambda sha: {"split": split, "n": n, "checkpoint_sha256": sha, **setting}
+    return [CheckpointFactors(r, n, dims, n_classes, meta(sha)) for r, sha in zip(roots, shas)]
+
+
+def extract_factors(caches: list[CheckpointFactors], models, layers, listing, ids: np.ndarray, transform, batch_size,
+                    num_workers, device, desc, stop_after=None, amp: bool = False) -> int:
+    """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
+
+    Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
+    bits) in every run. Returns the number of forward batches run now.
+    """
+    from tqdm import tqdm
+
+    need = ids[~np.all([c.done[ids] for c in caches], axis=0)]
+    if len(need) == 0:
+        return 0
+    dataset = ImageListDataset(listing, transform, need)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
+    done_now = 0
+    with contextlib.ExitStack() as stack:
+        hooks = [stack.enter_context(InfluenceHook(m, layers)) for m in models]
+        for c in caches:
+            stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
+        for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
+            x, y, rows = batch_to_device(x, device), y.to(device, non_blocking=True), idx.numpy()
+            for cache, hook in zip(caches, hooks):  # the batch visits every checkpoint before the next is read
+                todo = ~cache.done[rows]
+                if not todo.any():
+                    continue
+                with autocast(device) if amp else contextlib.nullcontext():
+                    factors, logits, _ = hook.factors(x, y)
+                keep = torch.from_numpy(todo).to(device)
+                cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
+                cache.sync(force=False)
+            done_now += 1
+            if kill_after and done_now == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop_after is not None and done_now >= stop_after:
+                raise KeyboardInterrupt("stopped on request (test hook)")
+    return done_now
+
+
+class FactorView:
+    """The factors of chosen rows (`ids`, split indices) across checkpoints, loaded by row slice."""
+
+    def __init__(self, caches: list[CheckpointFactors], ids: np.ndarray):
+        self.caches, self.ids = caches, np.asarray(ids)
+
     def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.from_numpy(np.ascontiguousarray(self.arrays[(t, layer, k)][rows])).to(device) for k in ("A", "D"))
+        sel = self.ids[rows]
+        return tuple(torch.from_numpy(self.caches[t].arrays[(layer, k)][sel]).to(device) for k in ("A", "D"))
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        return sum(4 * len(self.ids) * a.shape[1] for c in self.caches for a in c.arrays.values())
 
     def resident(self, device) -> "ResidentFactors":
-        """All factors copied once to `device` (the GPU fast path: no host transfer per block)."""
-        return ResidentFactors({key: torch.from_numpy(np.asarray(a)).to(device) for key, a in self.arrays.items()})
+        """All chosen factors copied once to `device` (the GPU fast path: no host transfer per block)."""
+        return ResidentFactors({(t, l, k): torch.from_numpy(a[self.ids]).to(device)
+                                for t, c in enumerate(self.caches) for (l, k), a in c.arrays.items()})
+
+    def logits(self) -> np.ndarray:
+        """(n_ckpt, n_rows, C) float32."""
+        return np.stack([c.logits[self.ids] for c in self.caches])
 
 
 class ResidentFactors:
-    """Factors held as device tensors, with FactorStore's `load` interface."""
+    """Factors held as device tensors, with FactorView's `load` interface."""
 
     def __init__(self, tensors: dict):
         self.tensors = tensors
@@ -213,81 +347,127 @@ class ResidentFactors:
         return self.tensors[(t, layer, "A")][rows], self.tensors[(t, layer, "D")][rows]
 
 
-def layer_dims(model, layers) -> dict[str, tuple[int, int]]:
-    mods = dict(model.named_modules())
-    return {l: (mods[l].in_features + (mods[l].bias is not None), mods[l].out_features) for l in layers}
-
-
-def extract_factors(store: FactorStore, models, layers, dataset, batch_size, num_workers, device, desc, stop_after=None,
-                    amp: bool = False) -> int:
-    """Stage 1 for one split; returns the number of batches computed now (not cached)."""
-    from tqdm import tqdm
-
-    n = len(dataset)
-    todo = [b for b in range(len(store.done)) if not store.done[b]]
-    if not todo:
-        return 0
-    batches = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in todo]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    done_now = 0
-    with contextlib.ExitStack() as stack:
-        hooks = [stack.enter_context(InfluenceHook(m, layers)) for m in models]
-        stack.callback(store.sync)  # persist progress on any exit, Ctrl-C included
-        for b, (x, y, _) in zip(todo, tqdm(loader, desc=desc, total=len(todo), disable=None)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            rows = slice(b * batch_size, b * batch_size + len(y))
-            for t, hook in enumerate(hooks):  # the batch visits every checkpoint before the next is read
-                with autocast(device) if amp else contextlib.nullcontext():
-                    factors, logits, loss = hook.factors(x, y)
-                last = t == len(hooks) - 1
-                store.write(rows, t, factors, loss if last else None, logits.argmax(1) if last else None)
-            done_now += 1
-            stopping = stop_after is not None and done_now >= stop_after
-            store.mark_done(b, force=stopping or b == todo[-1])
-            if stopping:
-                raise KeyboardInterrupt("stopped on request (test hook)")
-    return done_now
+def loss_and_margin(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example cross-entropy and logit margin (given-label logit minus the largest other
+    logit; Pleiss et al. 2020) from logits (..., n, C) and labels (n,)."""
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).expand(z.shape[:-1])
+    given = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    loss = torch.logsumexp(z, -1) - given
+    other = z.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
+    return loss.numpy().astype(np.float32), (given - other).numpy().astype(np.float32)
 
 
 # ---------------------------------------------------------------- stage 2: scores
-def score_topk(test_store: FactorStore, train_store: FactorStore, n_test: int, n_train: int, layers, lrs,
+def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,
                top_k: int, test_block: int, train_block: int, train_ids: np.ndarray, device) -> TopKInfluenceTracker:
     """Blocked exact TracIn + streaming top-k; train_ids maps local train rows to split indices."""
     n_ckpt = len(lrs)
     tracker = TopKInfluenceTracker(n_test, top_k, device=device)
-    ids = torch.from_numpy(train_ids).to(device)
+    ids = torch.from_numpy(np.asarray(train_ids)).to(device)
     for r0 in range(0, n_test, test_block):
         rows = slice(r0, min(r0 + test_block, n_test))
-        te = [{l: test_store.load(t, l, rows, device) for l in layers} for t in range(n_ckpt)]
+        te = [{l: test_view.load(t, l, rows, device) for l in layers} for t in range(n_ckpt)]
         for c0 in range(0, n_train, train_block):
             cols = slice(c0, min(c0 + train_block, n_train))
-            tr = [{l: train_store.load(t, l, cols, device) for l in layers} for t in range(n_ckpt)]
+            tr = [{l: train_view.load(t, l, cols, device) for l in layers} for t in range(n_ckpt)]
             tracker.update(compute_ghost_influence_batch(te, tr, lrs), ids[cols], rows=rows)
     return tracker
 
 
-def self_influence_from_store(store: FactorStore, n: int, layers, lrs, block: int, device) -> np.ndarray:
-    """influence_utils.self_influence over row blocks of a factor store, accumulated in float64."""
+def self_influence_from_view(view, n: int, layers, lrs, block: int, device) -> np.ndarray:
+    """influence_utils.self_influence over row blocks of a factor view, accumulated in float64."""
     out = np.zeros(n, dtype=np.float64)
     for c0 in range(0, n, block):
         rows = slice(c0, min(c0 + block, n))
-        factors = [{l: tuple(x.double() for x in store.load(t, l, rows, device)) for l in layers} for t in range(len(lrs))]
+        factors = [{l: tuple(x.double() for x in view.load(t, l, rows, device)) for l in layers} for t in range(len(lrs))]
         out[rows] = self_influence(factors, lrs).cpu().numpy()
     return out.astype(np.float32)
 
 
+def fits_on_device(views: dict, device) -> bool:
+    """GPU fast path: hold every factor on the device when they take under half its free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(v.nbytes() for v in views.values()) < 0.5 * free
+
+
 # ---------------------------------------------------------------- the run
+def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+    """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
+    models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
+    bad = [l for l in cfg.layers if l not in linear_layers(models[0])]
+    if bad:
+        raise UserError(f"--layers {' '.join(bad)}: not linear layers of {ckpts[0]['arch']} (linear layers: {', '.join(linear_layers(models[0]))})")
+    dims = layer_dims(models[0], cfg.layers)
+    tf = eval_transform(ckpts[0])
+    n_classes = int(ckpts[0]["num_classes"])
+    caches, computed, views = {}, {}, {}
+    t0 = time.time()
+    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
+        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg)
+    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
+        computed[split] = extract_factors(caches[split], models, cfg.layers, listing, ids, tf, cfg.batch_size,
+                                          cfg.num_workers, device, f"factors {split}", stop_after,
+                                          amp=cfg.amp and device.type == "cuda")
+        views[split] = FactorView(caches[split], ids)
+    t_factors = time.time() - t0
+    t0 = time.time()
+    scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views
+    tracker = score_topk(scoring["test"], scoring["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
+                         cfg.test_block, cfg.train_block, train_ids, device)
+    self_inf = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, lrs, cfg.train_block, device) if cfg.self_influence else None
+    train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
+    loss, margin = loss_and_margin(train_logits, train_list.labels[train_ids])
+    parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
+             "loss_last": loss[-1], "pred_last": train_logits[-1].argmax(1).astype(np.int64),
+             "loss_per_ckpt": loss, "margin_per_ckpt": margin}
+    extra = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
+             "layer_dims": {l: list(d) for l, d in dims.items()}}
+    test_pred = views["test"].logits()[-1].argmax(1).astype(np.int64)
+    return tracker, parts, test_pred, extra
+
+
+SHARD_ARRAYS = ("prop_values", "prop_indices", "opp_values", "opp_indices")
+SHARD_PARTS = ("self_influence", "train_ids", "loss_last", "pred_last", "loss_per_ckpt", "margin_per_ckpt")
+
+
+def merge_shards(out: Path, num_shards: int, identity: dict, device):
+    """Exact merge: top-k trackers merge, per-image arrays concatenate in shard order."""
+    if num_shards < 2:
+        raise UserError("--merge needs --num_shards N (N >= 2), the number of shards that were run")
+    dirs = [out / "shards" / f"shard_{i:03d}" for i in range(num_shards)]
+    missing = [d.name for d in dirs if not (d / "complete.json").exists()]
+    if missing:
+        raise UserError(f"shard(s) {', '.join(missing)} in {out / 'shards'} are not finished; run them before --merge")
+    stale = [d.name for d in dirs if json.loads((d / "complete.json").read_text()).get("identity") != json.loads(json.dumps(identity))]
+    if stale:
+        raise UserError(f"shard(s) {', '.join(stale)} in {out / 'shards'} were run with other arguments; rerun them with these")
+    tracker, parts = None, {k: [] for k in SHARD_PARTS}
+    for d in dirs:
+        state = {k: torch.from_numpy(np.load(d / f"{k}.npy")) for k in SHARD_ARRAYS}
+        t = TopKInfluenceTracker.from_state(state, device=device)
+        tracker = t if tracker is None else tracker.merge(t)
+        for k in parts:
+            if (d / f"{k}.npy").exists():
+                parts[k].append(np.load(d / f"{k}.npy"))
+    axis = {"loss_per_ckpt": 1, "margin_per_ckpt": 1}
+    merged = {k: (np.concatenate(v, axis=axis.get(k, 0)) if v else None) for k, v in parts.items()}
+    merged["tracker"] = tracker
+    seconds = sum(json.loads((d / "complete.json").read_text())["seconds"] for d in dirs)
+    return merged, np.load(dirs[0] / "test_pred.npy"), seconds
+
+
 def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     """One unsharded run, one shard (--num_shards > 1), or the merge of finished shards (--merge)."""
     t_start = time.time()
     device = resolve_device(cfg.device)
+    out = ensure_output_dir(cfg.output_dir, "--output_dir")
     train_list, test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
     if train_list.class_names != test_list.class_names:
         raise UserError(f"train and test class folders differ in {cfg.data_dir}")
-    paths, ckpts, lrs = load_checkpoints(cfg, train_list.class_names)
+    paths, ckpts, lrs, shas = load_checkpoints(cfg, train_list.class_names)
     train_ids = choose_subset(len(train_list.paths), cfg.train_subset, cfg.seed)
     test_ids = choose_subset(len(test_list.paths), cfg.test_subset, cfg.seed + 1)
     if cfg.top_k > len(train_ids):
@@ -299,128 +479,55 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     if cfg.num_shards > n_units:
         raise UserError(f"--num_shards {cfg.num_shards} is more than the {n_units} shard unit(s) of lcm(--batch_size, --train_block) "
                         f"= {unit} training images; lower --train_block or --num_shards")
-
-    out = Path(cfg.output_dir)
-    identity = {"data_dir": str(Path(cfg.data_dir).resolve()), "checkpoints": [str(p.resolve()) for p in paths],
-                "lr_weights": lrs, "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size,
-                "train_subset": cfg.train_subset, "test_subset": cfg.test_subset, "seed": cfg.seed,
-                "self_influence": cfg.self_influence, "num_shards": cfg.num_shards, "amp": cfg.amp,
-                "n_train_split": len(train_list.paths), "n_test_split": len(test_list.paths)}
-    if cfg.num_shards > 1:
-        identity.update(train_block=cfg.train_block, test_block=cfg.test_block)
-    check_run_args(out, identity, cfg.overwrite)
-    if cfg.overwrite and (out / "run_args.json").exists() and json.loads((out / "run_args.json").read_text()) != json.loads(json.dumps(identity)):
-        shutil.rmtree(out / "factors", ignore_errors=True)
-        shutil.rmtree(out / "shards", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "run_args.json", identity)
+    # What the scores depend on (the factors' own identity is their cache key).
+    identity = {"data_dir": str(Path(cfg.data_dir).resolve()), "checkpoint_sha256": shas, "lr_weights": lrs,
+                "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
+                "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
+                "num_shards": cfg.num_shards, "amp": cfg.amp, "train_block": cfg.train_block, "test_block": cfg.test_block}
+    work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
+    cache_root = work_dir / "factors"
+    if not cfg.merge:
+        check_images(train_list, train_ids)
+        check_images(test_list, test_ids)
+        if cfg.overwrite:
+            remove_owned(cache_root, TOOL)  # only a cache this script marked as its own
 
     if cfg.merge:
-        parts, test_pred, timings = merge_shards(out, cfg.num_shards, device)
+        parts, test_pred, timings = merge_shards(out, cfg.num_shards, identity, device)
         tracker = parts.pop("tracker")
         summary_extra = {"seconds_factors": timings, "batches_computed": "merged"}
     else:
         units = np.array_split(np.arange(n_units), cfg.num_shards)[cfg.shard_index]
         shard_ids = train_ids[units[0] * unit: (units[-1] + 1) * unit] if cfg.num_shards > 1 else train_ids
-        work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
-        tracker, parts, test_pred, summary_extra = compute(cfg, device, ckpts, lrs, train_list, test_list, shard_ids,
-                                                           test_ids, work_dir, _stop_after_batches)
+        if cache_root.exists() and any(cache_root.iterdir()) and not owned_by(cache_root, TOOL):
+            raise UserError(f"{cache_root} was not written by {TOOL} (no {OWNER_MARKER} marker); pass another --output_dir")
+        mark_owned(cache_root, TOOL)
         if cfg.num_shards > 1:
-            for name in ("prop_values", "prop_indices", "opp_values", "opp_indices"):
+            mark_owned(work_dir, TOOL)
+            (work_dir / "complete.json").unlink(missing_ok=True)
+        tracker, parts, test_pred, summary_extra = compute(cfg, device, ckpts, shas, lrs, train_list, test_list, shard_ids,
+                                                           test_ids, cache_root, _stop_after_batches)
+        if cfg.num_shards > 1:
+            for name in SHARD_ARRAYS:
                 save_npy(work_dir / f"{name}.npy", tracker.state()[name].numpy())
-            for name in ("self_influence", "train_ids", "loss_last", "pred_last"):
+            for name in SHARD_PARTS:
                 if parts.get(name) is not None:
                     save_npy(work_dir / f"{name}.npy", parts[name])
             save_npy(work_dir / "test_pred.npy", test_pred)
             save_json(work_dir / "complete.json", {"shard_index": cfg.shard_index, "n_train": len(shard_ids),
-                                                   "seconds": time.time() - t_start})
+                                                   "seconds": time.time() - t_start, "identity": identity})
             log.info(f"TracIn shard {cfg.shard_index + 1}/{cfg.num_shards}: {len(shard_ids)} train x {len(test_ids)} test "
                      f"in {time.time() - t_start:.1f}s; run with --merge once every shard is done")
             return {"shard_index": cfg.shard_index, "n_train": len(shard_ids), **summary_extra}
 
-    return write_outputs(cfg, out, tracker, parts, test_pred, train_list, test_list, train_ids, test_ids,
-                         paths, ckpts, lrs, device, t_start, summary_extra)
+    return write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, test_list, train_ids, test_ids,
+                         paths, ckpts, shas, lrs, device, t_start, summary_extra)
 
 
-def fits_on_device(stores: dict, device) -> bool:
-    """GPU fast path: hold every factor on the device when they take under half its free memory."""
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(s.nbytes() for s in stores.values()) < 0.5 * free
-
-
-def compute(cfg, device, ckpts, lrs, train_list, test_list, train_ids, test_ids, work_dir: Path, stop_after=None):
-    """Stages 1 and 2 for the given training ids; factors cached under work_dir/factors."""
-    models = [model_from_checkpoint(c).to(device) for c in ckpts]  # every checkpoint resident at once
-    if device.type == "cuda":
-        models = [m.to(memory_format=torch.channels_last) for m in models]
-    bad = [l for l in cfg.layers if l not in linear_layers(models[0])]
-    if bad:
-        raise UserError(f"--layers {' '.join(bad)}: not linear layers of {ckpts[0]['arch']} (linear layers: {', '.join(linear_layers(models[0]))})")
-    dims = layer_dims(models[0], cfg.layers)
-    ck = ckpts[0]
-    tf = build_transform(ck["image_size"], train=False, mean=ck["mean"], std=ck["std"])
-    stores, computed = {}, {}
-    t0 = time.time()
-    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        n_batches = -(-len(ids) // cfg.batch_size)
-        stores[split] = FactorStore(work_dir / "factors", split, len(ids), dims, len(models), n_batches)
-        computed[split] = extract_factors(stores[split], models, cfg.layers, ImageListDataset(listing, tf, ids),
-                                          cfg.batch_size, cfg.num_workers, device, f"factors {split}", stop_after,
-                                          amp=cfg.amp and device.type == "cuda")
-    t_factors = time.time() - t0
-    t0 = time.time()
-    scoring = {k: v.resident(device) for k, v in stores.items()} if fits_on_device(stores, device) else stores
-    tracker = score_topk(scoring["test"], scoring["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
-                         cfg.test_block, cfg.train_block, train_ids, device)
-    self_inf = self_influence_from_store(scoring["train"], len(train_ids), cfg.layers, lrs, cfg.train_block, device) if cfg.self_influence else None
-    parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
-             "loss_last": np.asarray(stores["train"].loss_last, dtype=np.float32),
-             "pred_last": np.asarray(stores["train"].pred_last, dtype=np.int64)}
-    extra = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
-             "layer_dims": {l: list(d) for l, d in dims.items()}}
-    return tracker, parts, np.asarray(stores["test"].pred_last), extra
-
-
-def merge_shards(out: Path, num_shards: int, device):
-    """Exact merge: top-k trackers merge, per-image arrays concatenate in shard order."""
-    if num_shards < 2:
-        raise UserError("--merge needs --num_shards N (N >= 2), the number of shards that were run")
-    dirs = [out / "shards" / f"shard_{i:03d}" for i in range(num_shards)]
-    missing = [d.name for d in dirs if not (d / "complete.json").exists()]
-    if missing:
-        raise UserError(f"shard(s) {', '.join(missing)} in {out / 'shards'} are not finished; run them before --merge")
-    tracker, parts = None, {k: [] for k in ("self_influence", "train_ids", "loss_last", "pred_last")}
-    for d in dirs:
-        state = {k: torch.from_numpy(np.load(d / f"{k}.npy")) for k in ("prop_values", "prop_indices", "opp_values", "opp_indices")}
-        t = TopKInfluenceTracker.from_state(state, device=device)
-        tracker = t if tracker is None else tracker.merge(t)
-        for k in parts:
-            if (d / f"{k}.npy").exists():
-                parts[k].append(np.load(d / f"{k}.npy"))
-    merged = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
-    merged["tracker"] = tracker
-    seconds = sum(json.loads((d / "complete.json").read_text())["seconds"] for d in dirs)
-    return merged, np.load(dirs[0] / "test_pred.npy"), seconds
-
-
-def write_outputs(cfg, out, tracker, parts, test_pred, train_list, test_list, train_ids, test_ids, paths, ckpts, lrs,
-                  device, t_start, extra) -> dict:
+def write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, test_list, train_ids, test_ids, paths, ckpts,
+                  shas, lrs, device, t_start, extra) -> dict:
     prop_v, prop_i = (x.cpu().numpy() for x in tracker.proponents())
     opp_v, opp_i = (x.cpu().numpy() for x in tracker.opponents())
-    save_npy(out / "top_k_influences_values.npy", prop_v.astype(np.float32))
-    save_npy(out / "top_k_influences_indices.npy", prop_i.astype(np.int64))
-    save_npy(out / "top_k_opponents_values.npy", opp_v.astype(np.float32))
-    save_npy(out / "top_k_opponents_indices.npy", opp_i.astype(np.int64))
-    save_npy(out / "test_indices.npy", test_ids.astype(np.int64))
-    save_npy(out / "train_indices.npy", train_ids.astype(np.int64))
-    if parts.get("self_influence") is not None:
-        # indexed like train_indices.npy (the full split when no --train_subset)
-        save_npy(out / "self_influence.npy", parts["self_influence"].astype(np.float32))
-        save_npy(out / "train_loss_last.npy", parts["loss_last"].astype(np.float32))
-        save_npy(out / "train_pred_last.npy", parts["pred_last"].astype(np.int64))
-
     names = np.asarray(train_list.class_names)
     frames = []
     for kind, values, indices in (("proponent", prop_v, prop_i), ("opponent", opp_v, opp_i)):
@@ -437,7 +544,7 @@ def write_outputs(cfg, out, tracker, parts, test_pred, train_list, test_list, tr
             "train_label": names[train_list.labels[indices.ravel()]],
             "influence": values.ravel(),
         }))
-    save_csv(out / "top_k_influences.csv", pd.concat(frames).sort_values(["test_idx", "kind", "rank"], ascending=[True, False, True]))
+    table = pd.concat(frames).sort_values(["test_idx", "kind", "rank"], ascending=[True, False, True])
 
     pairs = len(train_ids) * len(test_ids)
     neg_share = float((opp_v < 0).mean())
@@ -446,14 +553,27 @@ def write_outputs(cfg, out, tracker, parts, test_pred, train_list, test_list, tr
         "seconds_total": time.time() - t_start, "opponent_negative_share": neg_share,
         "proponent_negative_share": float((prop_v < 0).mean()), **extra,
     }
-    save_json(out / "run.json", {
-        "args": asdict(cfg), "git_commit": git_commit(), "device": str(device),
-        "checkpoints": [{"path": str(p), "epoch": c["epoch"], "lr": lr} for p, c, lr in zip(paths, ckpts, lrs)],
+    arrays = {
+        "top_k_influences_values": prop_v.astype(np.float32), "top_k_influences_indices": prop_i.astype(np.int64),
+        "top_k_opponents_values": opp_v.astype(np.float32), "top_k_opponents_indices": opp_i.astype(np.int64),
+        "test_indices": np.asarray(test_ids, dtype=np.int64), "train_indices": np.asarray(train_ids, dtype=np.int64),
+        "test_pred": np.asarray(test_pred, dtype=np.int64),
+        # indexed like train_indices.npy (the full split when no --train_subset)
+        "self_influence": parts.get("self_influence"),
+        "train_loss_last": parts["loss_last"], "train_pred_last": parts["pred_last"],
+        "train_loss_per_ckpt": parts["loss_per_ckpt"], "train_margin_per_ckpt": parts["margin_per_ckpt"],
+    }
+    record = {
+        "args": asdict(cfg), "identity": identity, "git_commit": git_commit(), "device": str(device),
+        "data": {"data_dir": str(Path(cfg.data_dir).resolve()), "n_train_split": len(train_list.paths),
+                 "n_test_split": len(test_list.paths), "class_names": list(train_list.class_names)},
+        "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr} for p, c, sha, lr in zip(paths, ckpts, shas, lrs)],
         "layers": cfg.layers, "summary": summary,
-    })
+    }
+    write_run(out, arrays, {"top_k_influences.csv": table}, record)
     log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(ckpts)} checkpoints, "
-             f"layers {','.join(cfg.layers)}) in {summary['seconds_total']:.1f}s; "
-             f"negative share among opponents {neg_share:.1%}; outputs in {out}")
+             f"layers {','.join(cfg.layers)}) in {summary['seconds_total']:.1f}s "
+             f"(forward batches run: {extra['batches_computed']}); negative share among opponents {neg_share:.1%}; outputs in {out}")
     return summary
 
 

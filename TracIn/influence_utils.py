@@ -264,25 +264,3 @@ def reference_influence(models: Sequence[nn.Module], lr_weights: Sequence[float]
         g_te = per_example_grads(model, params, x_test, y_test)
         total = total + lr * (g_te @ g_tr.T)
     return total
-
-
-# ---------------------------------------------------------------- results on disk
-RESULT_ARRAYS = ("top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
-                 "top_k_opponents_indices", "test_indices", "train_indices")
-
-
-def load_tracin_results(results_dir) -> dict:
-    """The arrays efficient_tracin.py wrote (memory-mapped), plus self_influence when present."""
-    import numpy as np
-    from pathlib import Path
-
-    from common import UserError
-
-    results_dir = Path(results_dir)
-    missing = [n for n in RESULT_ARRAYS if not (results_dir / f"{n}.npy").exists()]
-    if missing:
-        raise UserError(f"{results_dir} lacks {', '.join(missing)}.npy; run TracIn/efficient_tracin.py first")
-    out = {n: np.load(results_dir / f"{n}.npy", mmap_mode="r") for n in RESULT_ARRAYS}
-    if (results_dir / "self_influence.npy").exists():
-        out["self_influence"] = np.load(results_dir / "self_influence.npy")
-    return out

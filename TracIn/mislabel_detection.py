@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli, save_csv, save_figure, save_json
+from common import cli, save_csv, save_figure, save_json
 from data_utils import list_split
+from TracIn.results import load_results
 
 log = logging.getLogger(__name__)
 FRACTIONS = (0.05, 0.10, 0.20)
@@ -42,18 +43,11 @@ def roc_auc(scores: np.ndarray, is_bad: np.ndarray) -> float:
     return float((ranks[is_bad].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def load_scores(results_dir: Path):
-    need = ["self_influence.npy", "train_indices.npy", "train_loss_last.npy", "train_pred_last.npy"]
-    missing = [n for n in need if not (results_dir / n).exists()]
-    if missing:
-        raise UserError(f"{results_dir} lacks {', '.join(missing)}; run TracIn/efficient_tracin.py (without --no_self_influence) first")
-    return tuple(np.load(results_dir / n) for n in need)
-
-
 def detect(results_dir: str, data_dir: str, out_dir: str | None = None) -> dict:
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir
-    self_inf, train_ids, loss, pred = load_scores(results_dir)
+    r = load_results(results_dir, data_dir=data_dir, need=("self_influence", "train_loss_last", "train_pred_last"))
+    self_inf, train_ids, loss, pred = (np.asarray(r[n]) for n in ("self_influence", "train_indices", "train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
     names = np.asarray(listing.class_names)
     order = np.argsort(-self_inf, kind="stable")

@@ -133,9 +133,9 @@ def part0_agreement(work, data, ckpts, device, args):
     tracin(data, ckpts[:2], work / "agree_cpu", "cpu", *sub, workers=args.workers)
     tracin(data, ckpts[:2], work / "agree_dev", device.type, *sub, workers=args.workers)
     set_tf32(True)
-    from TracIn.influence_utils import load_tracin_results
+    from TracIn.results import load_results
 
-    c, g = load_tracin_results(work / "agree_cpu"), load_tracin_results(work / "agree_dev")
+    c, g = load_results(work / "agree_cpu"), load_results(work / "agree_dev")
     idx = np.mean([np.mean(g[k] == c[k]) for k in ("top_k_influences_indices", "top_k_opponents_indices")])
     res = {"top-k values, max rel diff": max(rel(g[k], c[k]) for k in ("top_k_influences_values", "top_k_opponents_values")),
            "self-influence, max rel diff": rel(g["self_influence"], c["self_influence"]),

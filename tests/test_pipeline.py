@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import model_architecture
 import prepare_data
 import train
 from data_utils import list_split, load_rgb
@@ -148,7 +149,7 @@ def test_checkpoint_of_another_model_is_refused(prepared, tmp_path):
 
 def test_metrics_from_logits():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], dtype=np.float32)
-    m = evaluate.metrics_from_logits(logits, np.array([0, 0, 1]), 2)
+    m = model_architecture.metrics_from_logits(logits, np.array([0, 0, 1]), 2)
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["confusion"].tolist() == [[1, 1], [1, 0]]
     assert m["per_class_accuracy"][0] == 0.5 and m["per_class_accuracy"][1] == 0.0
