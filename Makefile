@@ -41,5 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_tracin.py
 
+# Removes what the pipeline wrote; the tracked READMEs and anything else in models/ (weights) stay.
 clean-results:
-	rm -rf TracIn/results/* false_predictions/* models/checkpoints models/evaluation
+	find TracIn/results false_predictions -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf models/checkpoints models/evaluation

@@ -107,14 +107,16 @@ def make_checkpoint(model: nn.Module, *, arch: str, class_names: list[str], imag
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary name, renamed on success; a full disk is an OSError(ENOSPC)."""
     import errno
+    import shutil
 
     try:
         with atomic_path(path) as tmp:
             torch.save(ckpt, tmp)
     except RuntimeError as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if "write" in str(e):
+        size = sum(v.numel() * v.element_size() for v in ckpt["model_state"].values())
+        if shutil.disk_usage(Path(path).parent).free < size:
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
-        raise
+        raise UserError(f"cannot write checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
 REQUIRED_KEYS = ("model_state", "arch", "num_classes", "class_names", "image_size", "mean", "std", "epoch", "lr")

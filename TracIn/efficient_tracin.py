@@ -397,9 +397,6 @@ def fits_on_device(views: dict, device) -> bool:
 def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
     """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
     models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
-    bad = [l for l in cfg.layers if l not in linear_layers(models[0])]
-    if bad:
-        raise UserError(f"--layers {' '.join(bad)}: not linear layers of {ckpts[0]['arch']} (linear layers: {', '.join(linear_layers(models[0]))})")
     dims = layer_dims(models[0], cfg.layers)
     tf = eval_transform(ckpts[0])
     n_classes = int(ckpts[0]["num_classes"])
@@ -486,6 +483,10 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
                 "num_shards": cfg.num_shards, "amp": cfg.amp, "train_block": cfg.train_block, "test_block": cfg.test_block}
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
     cache_root = work_dir / "factors"
+    linear = linear_layers(model_from_checkpoint(ckpts[0]))
+    bad = [l for l in cfg.layers if l not in linear]
+    if bad:
+        raise UserError(f"--layers {' '.join(bad)}: not linear layers of {ckpts[0]['arch']} (linear layers: {', '.join(linear)})")
     if not cfg.merge:
         check_images(train_list, train_ids)
         check_images(test_list, test_ids)

@@ -110,14 +110,14 @@ def prepared(tmp_path_factory):
     return base / "processed"
 
 
-def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_size=32, lrs=(0.01, 0.004, 0.002)):
+def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_size=32, lrs=(0.01, 0.004, 0.002), seed=100):
     """Checkpoints of differently initialised models (TracIn needs no training to be exact)."""
     from data_utils import IMAGENET_MEAN, IMAGENET_STD
     from model_architecture import build_model, make_checkpoint, save_checkpoint
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for t in range(n):
-        torch.manual_seed(100 + t)
+        torch.manual_seed(seed + t)
         m = build_model(arch, len(class_names)).eval()
         save_checkpoint(make_checkpoint(m, arch=arch, class_names=class_names, image_size=image_size, mean=IMAGENET_MEAN,
                                         std=IMAGENET_STD, epoch=t + 1, lr=lrs[t], metrics={}),

@@ -109,14 +109,6 @@ def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
             assert full_row[j] == pytest.approx(v, rel=1e-5)
 
 
-def test_refuses_to_mix_runs_without_overwrite(prepared, ckpts, tmp_path):
-    run(prepared, ckpts, tmp_path / "out")
-    with pytest.raises(et.UserError, match="--overwrite"):
-        run(prepared, ckpts, tmp_path / "out", "--layers", "fc", "--lr_weights", "1", "1", "1")
-    run(prepared, ckpts, tmp_path / "out", "--lr_weights", "1", "1", "1", "--overwrite")
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoints"][0]["lr"] == 1.0
-
-
 @pytest.mark.parametrize("extra,message", [
     (["--top_k", "19"], "larger than the 18 training images"),
     (["--checkpoint_dir", "/nonexistent"], "no checkpoints"),
