@@ -135,6 +135,36 @@ class ImageListDataset:
         return self.transform(image), int(self.listing.labels[idx]), idx
 
 
+def read_exclusions(csv_path: str | os.PathLike, listing: SplitListing) -> np.ndarray:
+    """Training indices to leave out, from a CSV with a `train_idx` or a `path` column.
+
+    With a `decision` column (the review export), only rows marked `drop` count. Every row must
+    name an image of this split: an unknown path or an index out of range is a UserError.
+    """
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(csv_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--exclude {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
+    if "decision" in table.columns:
+        table = table[table.decision.astype(str).str.strip().str.lower() == "drop"]
+    if "train_idx" in table.columns:
+        idx = pd.to_numeric(table.train_idx, errors="coerce")
+        bad = table[idx.isna() | (idx < 0) | (idx >= len(listing.paths)) | (idx % 1 != 0)]
+        if len(bad):
+            raise UserError(f"--exclude {csv_path}: train_idx {bad.train_idx.iloc[0]!r} is not an index of the "
+                            f"{len(listing.paths)} training images")
+        return np.unique(idx.to_numpy(dtype=np.int64))
+    if "path" in table.columns:
+        position = {str(Path(p).resolve()): i for i, p in enumerate(listing.paths)}
+        found = [position.get(str(Path(p).resolve()), -1) for p in table.path.astype(str)]
+        if -1 in found:
+            raise UserError(f"--exclude {csv_path}: {table.path.iloc[found.index(-1)]} is not a training image of this data")
+        return np.unique(np.asarray(found, dtype=np.int64))
+    raise UserError(f"--exclude {csv_path}: needs a train_idx or a path column")
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: str = "cpu", sampler=None, seed: int = 0,
                 drop_last: bool = False):
     import torch

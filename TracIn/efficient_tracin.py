@@ -347,15 +347,17 @@ class ResidentFactors:
         return self.tensors[(t, layer, "A")][rows], self.tensors[(t, layer, "D")][rows]
 
 
-def loss_and_margin(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example cross-entropy and logit margin (given-label logit minus the largest other
-    logit; Pleiss et al. 2020) from logits (..., n, C) and labels (n,)."""
+def logit_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-example cross-entropy, logit margin (given-label logit minus the largest other logit;
+    Pleiss et al. 2020) and EL2N error norm |softmax - onehot| (Paul et al. 2021) from logits
+    (..., n, C) and labels (n,)."""
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).expand(z.shape[:-1])
     given = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     loss = torch.logsumexp(z, -1) - given
     other = z.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
-    return loss.numpy().astype(np.float32), (given - other).numpy().astype(np.float32)
+    el2n = (torch.softmax(z, -1) - torch.nn.functional.one_hot(y, z.shape[-1]).double()).norm(dim=-1)
+    return tuple(v.numpy().astype(np.float32) for v in (loss, given - other, el2n))
 
 
 # ---------------------------------------------------------------- stage 2: scores
@@ -375,14 +377,16 @@ def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,
     return tracker
 
 
-def self_influence_from_view(view, n: int, layers, lrs, block: int, device) -> np.ndarray:
-    """influence_utils.self_influence over row blocks of a factor view, accumulated in float64."""
-    out = np.zeros(n, dtype=np.float64)
+def self_influence_from_view(view, n: int, layers, n_ckpt: int, block: int, device) -> np.ndarray:
+    """Per-checkpoint squared gradient norms |g_t|^2, (n_ckpt, n) float64: influence_utils.self_influence
+    of each checkpoint alone over row blocks of a factor view. TracIn's self-influence is lrs @ this."""
+    out = np.zeros((n_ckpt, n), dtype=np.float64)
     for c0 in range(0, n, block):
         rows = slice(c0, min(c0 + block, n))
-        factors = [{l: tuple(x.double() for x in view.load(t, l, rows, device)) for l in layers} for t in range(len(lrs))]
-        out[rows] = self_influence(factors, lrs).cpu().numpy()
-    return out.astype(np.float32)
+        for t in range(n_ckpt):
+            factors = {l: tuple(x.double() for x in view.load(t, l, rows, device)) for l in layers}
+            out[t, rows] = self_influence([factors], [1.0]).cpu().numpy()
+    return out
 
 
 def fits_on_device(views: dict, device) -> bool:
@@ -414,12 +418,16 @@ def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, tes
     scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views
     tracker = score_topk(scoring["test"], scoring["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
                          cfg.test_block, cfg.train_block, train_ids, device)
-    self_inf = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, lrs, cfg.train_block, device) if cfg.self_influence else None
+    sq_norms, self_inf = None, None
+    if cfg.self_influence:
+        sq_norms = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, len(lrs), cfg.train_block, device)
+        self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
     train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
-    loss, margin = loss_and_margin(train_logits, train_list.labels[train_ids])
+    loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
     parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
              "loss_last": loss[-1], "pred_last": train_logits[-1].argmax(1).astype(np.int64),
-             "loss_per_ckpt": loss, "margin_per_ckpt": margin}
+             "loss_per_ckpt": loss, "margin_per_ckpt": margin, "el2n_per_ckpt": el2n,
+             "grad_sq_norm_per_ckpt": None if sq_norms is None else sq_norms.astype(np.float32)}
     extra = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
              "layer_dims": {l: list(d) for l, d in dims.items()}}
     test_pred = views["test"].logits()[-1].argmax(1).astype(np.int64)
@@ -427,7 +435,8 @@ def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, tes
 
 
 SHARD_ARRAYS = ("prop_values", "prop_indices", "opp_values", "opp_indices")
-SHARD_PARTS = ("self_influence", "train_ids", "loss_last", "pred_last", "loss_per_ckpt", "margin_per_ckpt")
+SHARD_PARTS = ("self_influence", "train_ids", "loss_last", "pred_last", "loss_per_ckpt", "margin_per_ckpt", "el2n_per_ckpt",
+               "grad_sq_norm_per_ckpt")
 
 
 def merge_shards(out: Path, num_shards: int, identity: dict, device):
@@ -449,7 +458,7 @@ def merge_shards(out: Path, num_shards: int, identity: dict, device):
         for k in parts:
             if (d / f"{k}.npy").exists():
                 parts[k].append(np.load(d / f"{k}.npy"))
-    axis = {"loss_per_ckpt": 1, "margin_per_ckpt": 1}
+    axis = {k: 1 for k in SHARD_PARTS if k.endswith("_per_ckpt")}
     merged = {k: (np.concatenate(v, axis=axis.get(k, 0)) if v else None) for k, v in parts.items()}
     merged["tracker"] = tracker
     seconds = sum(json.loads((d / "complete.json").read_text())["seconds"] for d in dirs)
@@ -563,6 +572,7 @@ def write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, tes
         "self_influence": parts.get("self_influence"),
         "train_loss_last": parts["loss_last"], "train_pred_last": parts["pred_last"],
         "train_loss_per_ckpt": parts["loss_per_ckpt"], "train_margin_per_ckpt": parts["margin_per_ckpt"],
+        "train_el2n_per_ckpt": parts["el2n_per_ckpt"], "train_grad_sq_norm_per_ckpt": parts.get("grad_sq_norm_per_ckpt"),
     }
     record = {
         "args": asdict(cfg), "identity": identity, "git_commit": git_commit(), "device": str(device),

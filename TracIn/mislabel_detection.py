@@ -1,14 +1,24 @@
-"""Rank training images by TracIn self-influence to find likely mislabeled ones.
+"""Rank training images by how likely their label is wrong, with several detectors side by side.
 
     $ python -m TracIn.mislabel_detection --results_dir TracIn/results --data_dir data/processed
+    $ python -m TracIn.mislabel_detection --score self_influence      # rank by TracIn's own score
 
-Self-influence sum_t lr_t |grad L(z; theta_t)|^2 is large for examples the model keeps
-having to push towards their (possibly wrong) label (Pruthi et al. 2020, section 5).
-Writes results_dir/mislabel_candidates.csv (rank, train_idx, path, given class, predicted
-class, self-influence, loss). Where data_dir/mislabeled_ground_truth.csv exists (the demo's
-injected label noise) it also reports recall at 5/10/20% of the training set inspected and
-ROC AUC beside a loss baseline (rank by training loss at the last checkpoint), in
-mislabel_detection.json and mislabel_detection.png.
+Detectors (higher = more suspicious), all from data the pipeline already computed:
+- self_influence: TracIn's sum_t lr_t |g_t|^2 (Pruthi et al. 2020, section 5), as in the paper;
+- self_influence_rank: scale-free TracIn: each checkpoint's |g_t|^2 turned into a rank quantile,
+  averaged over checkpoints (no checkpoint's learning rate or heavy-tailed |a|^2 dominates);
+- el2n: |softmax - onehot| averaged over the TracIn checkpoints (Paul et al. 2021);
+- loss_mean: cross-entropy averaged over the TracIn checkpoints; loss_last: at the last one;
+- aum: minus the area under the margin over training epochs (Pleiss et al. 2020), from
+  train.py's training_dynamics.npz;
+- forgetting: forgetting events over training epochs (Toneva et al. 2019; never learned counts
+  as epochs + 1), from training_dynamics.npz;
+- opponent_count: appearances in the top-k opponent lists of the test images;
+- ensemble: the mean rank quantile of self_influence_rank, el2n, loss_mean and aum (those present).
+
+Writes results_dir/mislabel_candidates.csv ranked by --score (column `rank`; every detector is a
+column). Where data_dir/mislabeled_ground_truth.csv exists (injected label noise) it also writes
+mislabel_detection.json and .png: recall at 5/10/20% inspected, average precision, ROC AUC of all.
 """
 from __future__ import annotations
 
@@ -19,12 +29,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import cli, save_csv, save_figure, save_json
+from common import UserError, cli, save_csv, save_figure, save_json
 from data_utils import list_split
 from TracIn.results import load_results
+from TracIn.training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
 FRACTIONS = (0.05, 0.10, 0.20)
+DETECTORS = ("ensemble", "aum", "loss_mean", "el2n", "self_influence_rank", "self_influence", "loss_last", "forgetting",
+             "opponent_count")
+ENSEMBLE_MEMBERS = ("self_influence_rank", "el2n", "loss_mean", "aum")
+DEFAULT_SCORE = "ensemble"
 
 
 def recall_at(scores: np.ndarray, is_bad: np.ndarray, fraction: float) -> float:
@@ -43,37 +58,106 @@ def roc_auc(scores: np.ndarray, is_bad: np.ndarray) -> float:
     return float((ranks[is_bad].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def detect(results_dir: str, data_dir: str, out_dir: str | None = None) -> dict:
+def average_precision(scores: np.ndarray, is_bad: np.ndarray) -> float:
+    """Mean over the bad examples of the precision at their rank (ties broken by order)."""
+    hits = is_bad[np.argsort(-scores, kind="stable")]
+    if not hits.any():
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def rank_quantile(x: np.ndarray) -> np.ndarray:
+    """Average-rank quantile in (0, 1]; NaN (not measured) ranks lowest."""
+    x = np.where(np.isnan(x), -np.inf, x)
+    return pd.Series(x).rank(method="average", pct=True).to_numpy()
+
+
+def forgetting_events(correct: np.ndarray) -> np.ndarray:
+    """Per image: transitions learned -> forgotten over epochs (correct -1 = not seen, skipped);
+    never learned: epochs + 1. correct is int8 (epochs, n)."""
+    n_epochs, n = correct.shape
+    events = np.zeros(n, dtype=np.float64)
+    ever = np.zeros(n, dtype=bool)
+    prev = np.full(n, -1, dtype=np.int8)
+    for e in range(n_epochs):
+        c = correct[e]
+        seen = c >= 0
+        events += seen & (prev == 1) & (c == 0)
+        ever |= c == 1
+        prev = np.where(seen, c, prev)
+    return np.where(ever, events, n_epochs + 1)
+
+
+def detector_scores(r, dynamics: dict | None, train_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Every detector's score per scored training image (higher = more suspicious)."""
+    s = {"loss_last": np.asarray(r["train_loss_last"], dtype=np.float64)}
+    if "train_loss_per_ckpt" in r:
+        s["loss_mean"] = np.asarray(r["train_loss_per_ckpt"], dtype=np.float64).mean(0)
+    if "train_el2n_per_ckpt" in r:
+        s["el2n"] = np.asarray(r["train_el2n_per_ckpt"], dtype=np.float64).mean(0)
+    if "self_influence" in r:
+        s["self_influence"] = np.asarray(r["self_influence"], dtype=np.float64)
+    if "train_grad_sq_norm_per_ckpt" in r:
+        norms = np.asarray(r["train_grad_sq_norm_per_ckpt"], dtype=np.float64)
+        s["self_influence_rank"] = np.mean([rank_quantile(row) for row in norms], axis=0)
+    if dynamics is not None and len(dynamics["margin"]):
+        margin = dynamics["margin"][:, train_ids].astype(np.float64)
+        seen = ~np.isnan(margin)
+        s["aum"] = np.where(seen.any(0), -np.nansum(margin, 0) / np.maximum(seen.sum(0), 1), np.nan)
+        s["forgetting"] = forgetting_events(dynamics["correct"][:, train_ids])
+    opp = np.asarray(r["top_k_opponents_indices"]).ravel()
+    counts = np.bincount(opp, minlength=int(max(opp.max(initial=0), train_ids.max(initial=0))) + 1)
+    s["opponent_count"] = counts[train_ids].astype(np.float64)
+    members = [m for m in ENSEMBLE_MEMBERS if m in s]
+    s["ensemble"] = np.mean([rank_quantile(s[m]) for m in members], axis=0)
+    return {name: s[name] for name in DETECTORS if name in s}
+
+
+def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoint_dir: str = "models/checkpoints",
+           score: str = DEFAULT_SCORE) -> dict:
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir
-    r = load_results(results_dir, data_dir=data_dir, need=("self_influence", "train_loss_last", "train_pred_last"))
-    self_inf, train_ids, loss, pred = (np.asarray(r[n]) for n in ("self_influence", "train_indices", "train_loss_last", "train_pred_last"))
+    r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
+    dynamics = load_dynamics(checkpoint_dir, len(listing.paths), listing.class_names)
+    train_ids, pred = np.asarray(r["train_indices"]), np.asarray(r["train_pred_last"])
+    scores = detector_scores(r, dynamics, train_ids)
+    if score not in scores:
+        why = {"aum": f"no training_dynamics.npz in {checkpoint_dir} (pass --checkpoint_dir)",
+               "forgetting": f"no training_dynamics.npz in {checkpoint_dir} (pass --checkpoint_dir)"}.get(
+            score, "the TracIn run did not compute it (rerun efficient_tracin.py without --no_self_influence)")
+        raise UserError(f"--score {score} is not available: {why}; available: {', '.join(scores)}")
     names = np.asarray(listing.class_names)
-    order = np.argsort(-self_inf, kind="stable")
+    order = np.argsort(-np.nan_to_num(scores[score], nan=-np.inf), kind="stable")
     table = pd.DataFrame({
         "rank": np.arange(1, len(order) + 1),
         "train_idx": train_ids[order],
         "path": np.asarray(listing.paths)[train_ids[order]],
         "given_class": names[listing.labels[train_ids[order]]],
         "predicted_class": names[pred[order]],
-        "self_influence": self_inf[order],
-        "loss": loss[order],
+        **{name: v[order] for name, v in scores.items()},
     })
     gt_path = Path(data_dir) / "mislabeled_ground_truth.csv"
-    report = {"n_train": int(len(train_ids))}
+    report = {"n_train": int(len(train_ids)), "score": score, "detectors": list(scores)}
     if gt_path.exists():
         gt = pd.read_csv(gt_path)
         is_bad = np.isin(train_ids, gt.train_index.to_numpy())
         table["truly_mislabeled"] = is_bad[order]
         report["n_mislabeled"] = int(is_bad.sum())
-        for name, scores in (("self_influence", self_inf), ("loss", loss)):
-            report[name] = {f"recall_at_{int(f * 100)}pct": recall_at(scores, is_bad, f) for f in FRACTIONS}
-            report[name]["roc_auc"] = roc_auc(scores, is_bad)
-        save_figure(out / "mislabel_detection.png", plot_curves({"TracIn self-influence": self_inf, "training loss (last checkpoint)": loss}, is_bad))
+        report["metrics"] = {name: evaluate(np.nan_to_num(v, nan=-np.inf), is_bad) for name, v in scores.items()}
+        shown = {name: v for name, v in scores.items() if name in (score, "self_influence", "self_influence_rank", "loss_last", "aum")}
+        save_figure(out / "mislabel_detection.png", plot_curves(shown, is_bad))
         save_json(out / "mislabel_detection.json", report)
     save_csv(out / "mislabel_candidates.csv", table)
     return report
+
+
+def evaluate(scores: np.ndarray, is_bad: np.ndarray) -> dict:
+    m = {f"recall_at_{int(f * 100)}pct": recall_at(scores, is_bad, f) for f in FRACTIONS}
+    m["average_precision"] = average_precision(scores, is_bad)
+    m["roc_auc"] = roc_auc(scores, is_bad)
+    return m
 
 
 def plot_curves(rankings: dict, is_bad: np.ndarray):
@@ -101,20 +185,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--checkpoint_dir", default="models/checkpoints",
+                   help="train.py's folder with training_dynamics.npz, for aum and forgetting (default models/checkpoints)")
+    p.add_argument("--score", choices=DETECTORS, default=DEFAULT_SCORE,
+                   help=f"detector that orders mislabel_candidates.csv (default {DEFAULT_SCORE}; see the README's table)")
     p.add_argument("--out_dir", default=None, help="where to write (default: --results_dir)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    r = detect(args.results_dir, args.data_dir, args.out_dir)
+    r = detect(args.results_dir, args.data_dir, args.out_dir, args.checkpoint_dir, args.score)
     out = args.out_dir or args.results_dir
-    if "self_influence" in r:
-        for name in ("self_influence", "loss"):
-            m = r[name]
-            log.info(f"mislabel detection by {name:<14}: recall@5% {m['recall_at_5pct']:.3f}  recall@10% {m['recall_at_10pct']:.3f}  "
-                     f"recall@20% {m['recall_at_20pct']:.3f}  ROC AUC {m['roc_auc']:.3f}  ({r['n_mislabeled']} injected errors)")
-    log.info(f"mislabel candidates: {out}/mislabel_candidates.csv")
+    for name, m in r.get("metrics", {}).items():
+        log.info(f"mislabel detection by {name:<20}: recall@5% {m['recall_at_5pct']:.3f}  recall@10% {m['recall_at_10pct']:.3f}  "
+                 f"recall@20% {m['recall_at_20pct']:.3f}  AP {m['average_precision']:.3f}  ROC AUC {m['roc_auc']:.3f}"
+                 f"{'   <- ranking' if name == args.score else ''}")
+    log.info(f"mislabel candidates ranked by {args.score}: {out}/mislabel_candidates.csv")
     return 0
 
 

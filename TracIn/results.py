@@ -36,6 +36,8 @@ ARRAYS = (
     "self_influence",                                        # [n_train] sum_t lr_t |g_t|^2 (optional)
     "train_loss_last", "train_pred_last",                    # [n_train] last checkpoint's loss / prediction
     "train_loss_per_ckpt", "train_margin_per_ckpt",          # [n_ckpt, n_train] loss, logit margin per checkpoint
+    "train_el2n_per_ckpt",                                   # [n_ckpt, n_train] |softmax - onehot| per checkpoint
+    "train_grad_sq_norm_per_ckpt",                           # [n_ckpt, n_train] |g_t|^2 (self_influence = lr @ this)
 )
 REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)

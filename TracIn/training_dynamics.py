@@ -1,0 +1,99 @@
+"""Per-image training dynamics recorded by train.py from its own forward passes, at no extra cost.
+
+For every training image and epoch: the loss, the logit margin (given-label logit minus the
+largest other logit; Pleiss et al. 2020, "Identifying Mislabeled Data using the Area Under the
+Margin Ranking") and whether it was classified correctly, as seen by the training forward pass
+(augmented input, batch norm in training mode). Saved atomically as
+checkpoint_dir/training_dynamics.npz after every epoch, indexed like the manifest's train split:
+
+    loss, margin   float32 [epochs, n_train]   NaN where an image was not seen that epoch
+    correct        int8    [epochs, n_train]   1 / 0, -1 where not seen
+    class_names, n_train, data_dir             what the rows mean (checked on load)
+
+    from TracIn.training_dynamics import load_dynamics
+    dyn = load_dynamics("models/checkpoints", n_train=4000, class_names=[...])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError, atomic_path
+
+FILE = "training_dynamics.npz"
+
+
+class DynamicsRecorder:
+    """Collects one epoch's per-image figures; `rows()` gives them for an all-reduce under DDP."""
+
+    def __init__(self, n_train: int, epochs: int, class_names: list[str], data_dir: str, previous: dict | None = None,
+                 start_epoch: int = 1):
+        self.n, self.class_names, self.data_dir = n_train, list(class_names), str(Path(data_dir).resolve())
+        self.loss = np.full((epochs, n_train), np.nan, dtype=np.float32)
+        self.margin = np.full((epochs, n_train), np.nan, dtype=np.float32)
+        self.correct = np.full((epochs, n_train), -1, dtype=np.int8)
+        if previous is not None:  # --resume: keep the epochs before the one that is (re)run
+            keep = min(start_epoch - 1, len(previous["loss"]), epochs)
+            for name in ("loss", "margin", "correct"):
+                getattr(self, name)[:keep] = previous[name][:keep]
+        self._sums = np.zeros((3, n_train), dtype=np.float64)  # loss, margin, correct of this epoch
+        self._seen = np.zeros(n_train, dtype=np.float64)
+
+    def record(self, idx, logits, labels) -> None:
+        """idx (b,) split indices, logits (b, C) float tensor, labels (b,) of one training batch."""
+        import torch
+
+        with torch.no_grad():
+            z = logits.detach().float()
+            given = z.gather(1, labels.view(-1, 1)).squeeze(1)
+            loss = torch.logsumexp(z, 1) - given
+            other = z.scatter(1, labels.view(-1, 1), -float("inf")).amax(1)
+            correct = (z.argmax(1) == labels).float()
+        i = idx.cpu().numpy()
+        self._sums[0, i] += loss.cpu().numpy()
+        self._sums[1, i] += (given - other).cpu().numpy()
+        self._sums[2, i] += correct.cpu().numpy()
+        self._seen[i] += 1
+
+    def end_epoch(self, epoch: int, reduce=None) -> None:
+        """Close 1-based `epoch`; `reduce` sums arrays over DDP ranks (each rank saw a share)."""
+        sums, seen = self._sums, self._seen
+        if reduce is not None:
+            sums, seen = reduce(sums), reduce(seen)
+        ok = seen > 0
+        e = epoch - 1
+        self.loss[e, ok] = sums[0, ok] / seen[ok]
+        self.margin[e, ok] = sums[1, ok] / seen[ok]
+        self.correct[e, ok] = (sums[2, ok] / seen[ok] >= 0.5).astype(np.int8)
+        self._sums[:] = 0
+        self._seen[:] = 0
+
+    def save(self, checkpoint_dir, epochs_done: int) -> None:
+        with atomic_path(Path(checkpoint_dir) / FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, loss=self.loss[:epochs_done], margin=self.margin[:epochs_done], correct=self.correct[:epochs_done],
+                         class_names=np.asarray(self.class_names), n_train=np.int64(self.n), data_dir=np.asarray(self.data_dir))
+
+
+def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required: bool = False) -> dict | None:
+    """The dynamics file of `checkpoint_dir`, checked against the data it will be indexed with.
+
+    Returns None when there is no file (and not required); raises UserError for a file of
+    another data set (other n or class list), naming the flag to fix.
+    """
+    path = Path(checkpoint_dir) / FILE
+    if not path.exists():
+        if required:
+            raise UserError(f"no {path}: train.py writes it; pass the --checkpoint_dir of the training run")
+        return None
+    try:
+        with np.load(path) as z:
+            dyn = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    names = [str(c) for c in dyn["class_names"]]
+    if int(dyn["n_train"]) != n_train or names != list(class_names):
+        raise UserError(f"{path} belongs to another data set ({int(dyn['n_train'])} training images, classes {names}; "
+                        f"this data has {n_train}, {list(class_names)}); pass the matching --checkpoint_dir or --data_dir")
+    return dyn
