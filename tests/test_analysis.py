@@ -92,11 +92,13 @@ def test_mislabel_detection_outputs(workdir):
     res = workdir / "TracIn" / "results"
     cand = pd.read_csv(res / "mislabel_candidates.csv")
     assert list(cand["rank"]) == list(range(1, len(cand) + 1))
-    assert (np.diff(cand.self_influence) <= 0).all()
     report = json.loads((res / "mislabel_detection.json").read_text())
+    assert (np.diff(cand[report["score"]]) <= 0).all()  # ranked by the default detector
+    assert set(report["detectors"]) <= set(cand.columns) and {"aum", "forgetting", "self_influence"} <= set(report["detectors"])
     gt = pd.read_csv(workdir / "data/processed/mislabeled_ground_truth.csv")
     assert report["n_mislabeled"] == len(gt) == cand.truly_mislabeled.sum()
-    assert 0 <= report["self_influence"]["recall_at_10pct"] <= 1
+    for m in report["metrics"].values():
+        assert 0 <= m["recall_at_10pct"] <= 1 and 0 <= m["roc_auc"] <= 1
 
 
 def test_gradcam_script_outputs(workdir):

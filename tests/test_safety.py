@@ -182,6 +182,9 @@ def test_train_resume_after_sigkill_gives_identical_weights(prepared, tmp_path):
         for k in a["model_state"]:
             assert torch.equal(a["model_state"][k], b["model_state"][k]), (name, k)
         assert a["metrics"] == b["metrics"]
+    da, db = np.load(tmp_path / "a" / "training_dynamics.npz"), np.load(tmp_path / "b" / "training_dynamics.npz")
+    for k in ("loss", "margin", "correct"):  # the per-image training dynamics survive the kill too
+        np.testing.assert_array_equal(da[k], db[k], err_msg=k)
 
 
 def test_tracin_rerun_after_sigkill_gives_identical_arrays(prepared, tmp_path):

@@ -110,7 +110,7 @@ def test_files_a_run_does_not_write_are_removed(data, tmp_path):
     assert not (tmp_path / "out" / "self_influence.npy").exists()
     assert not (tmp_path / "out" / "mislabel_candidates.csv").exists()
     with pytest.raises(UserError, match="--no_self_influence"):
-        mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d)])
+        mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d), "--score", "self_influence"])
 
 
 def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_path):

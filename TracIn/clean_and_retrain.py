@@ -1,0 +1,145 @@
+"""Does acting on a mislabel ranking help? Drop its top m%, retrain, compare with random drops.
+
+    $ python -m TracIn.clean_and_retrain --fraction 0.1 --random_seeds 3
+    $ python -m TracIn.clean_and_retrain --arch resnet18 --epochs 2     # a cheaper retrain (the demo's)
+
+Arms, each retrained with train.py from the same initial seed and schedule as the original run
+(read from checkpoint_dir/train_args.json; --arch/--epochs may make it cheaper, said in the output):
+- none: nothing dropped (the reference);
+- the default detector (mislabel_detection.DEFAULT_SCORE, or --score): its top m% dropped;
+- self_influence: TracIn's own score, top m% dropped;
+- random: a random m%, once per --random_seeds, giving the seed-to-seed spread.
+Each arm's figure is the test accuracy after the last epoch, on the test split (whose labels are
+clean: prepare_data.py injects noise into the training split only). Writes
+results_dir/clean_and_retrain/clean_and_retrain.json and one folder per arm (checkpoints, the
+exclusion list it trained with).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import train
+from common import UserError, cli, fraction, nonneg_int, positive_int, save_csv, save_json
+from data_utils import list_split
+from model_architecture import find_checkpoints, load_checkpoint
+from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
+from TracIn.results import load_results
+from TracIn.training_dynamics import load_dynamics
+
+log = logging.getLogger(__name__)
+TRAIN_FLAGS = ("arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay", "image_size", "weights", "seed", "hflip")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--checkpoint_dir", default="models/checkpoints", help="the original run's checkpoints (default models/checkpoints)")
+    p.add_argument("--out_dir", default=None, help="work and output folder (default results_dir/clean_and_retrain)")
+    p.add_argument("--fraction", type=fraction(0.0, 0.5, lo_open=True), default=0.1, help="share of training images dropped (default 0.1)")
+    p.add_argument("--score", choices=DETECTORS, default=DEFAULT_SCORE, help=f"detector of the main arm (default {DEFAULT_SCORE})")
+    p.add_argument("--random_seeds", type=positive_int, default=3, help="random-drop arms, one per seed (default 3)")
+    p.add_argument("--no_reference", action="store_true", help="skip the nothing-dropped arm")
+    p.add_argument("--arch", default=None, help="retrain with this architecture (default: the original run's)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="retrain for this many epochs (default: the original run's)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="data loader workers (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    return p.parse_args(argv)
+
+
+def original_settings(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / "train_args.json"
+    if not path.exists():
+        raise UserError(f"{checkpoint_dir} has no train_args.json: its checkpoints do not record how they were trained "
+                        "(seed, schedule); pass the --checkpoint_dir of a train.py run")
+    saved = json.loads(path.read_text())
+    missing = [k for k in TRAIN_FLAGS if k not in saved]
+    if missing:
+        raise UserError(f"{path} does not record {', '.join(missing)}; retrain with this version of train.py first")
+    return {k: saved[k] for k in TRAIN_FLAGS}
+
+
+def retrain(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, args) -> float:
+    """train.py without `drop` (split indices); returns the last epoch's test accuracy."""
+    shutil.rmtree(arm_dir, ignore_errors=True)
+    arm_dir.mkdir(parents=True)
+    exclude = arm_dir / "exclude.csv"
+    save_csv(exclude, pd.DataFrame({"train_idx": np.sort(drop), "path": np.asarray(train_list.paths)[np.sort(drop)]}))
+    argv = ["--data_dir", data_dir, "--checkpoint_dir", str(arm_dir / "checkpoints"), "--models_dir", str(arm_dir / "models"),
+            "--exclude", str(exclude), "--save_checkpoints_every", str(settings["epochs"]), "--num_workers", str(args.num_workers),
+            "--device", args.device, "--dataset_tag", "clean_and_retrain"]
+    for k, v in settings.items():
+        if k == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
+            raise UserError(f"the original run's --weights {v} is gone; cannot retrain the same way")
+        if k == "hflip":
+            argv.append("--hflip" if v else "--no-hflip")
+        elif v is not None:
+            argv += [f"--{k}", str(v)]
+    train.main(argv)
+    last = find_checkpoints(arm_dir / "checkpoints")[-1]
+    return float(load_checkpoint(last)["metrics"]["val_acc"])
+
+
+def run(args) -> dict:
+    ckpt_dir = Path(args.checkpoint_dir)
+    settings = original_settings(ckpt_dir)
+    if args.arch:
+        settings["arch"] = args.arch
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    train_list = list_split(args.data_dir, "train")
+    r = load_results(args.results_dir, data_dir=args.data_dir, need=("self_influence",))
+    train_ids = np.asarray(r["train_indices"])
+    if len(train_ids) != len(train_list.paths):
+        raise UserError(f"{args.results_dir} scored a --train_subset; clean-and-retrain needs every training image scored")
+    scores = detector_scores(r, load_dynamics(ckpt_dir, len(train_list.paths), train_list.class_names), train_ids)
+    if args.score not in scores:
+        raise UserError(f"--score {args.score} is not available for these results (available: {', '.join(scores)})")
+    m = int(round(args.fraction * len(train_ids)))
+    top = lambda s: train_ids[np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[:m]]
+    arms = ([("none", np.zeros(0, dtype=np.int64))] if not args.no_reference else [])
+    arms += [(args.score, top(scores[args.score]))]
+    if args.score != "self_influence":
+        arms.append(("self_influence", top(scores["self_influence"])))
+    arms += [(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids, size=m, replace=False)) for s in range(args.random_seeds)]
+    out = Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain")
+    gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
+    bad = set(pd.read_csv(gt_path).train_index) if gt_path.exists() else None
+    results = {}
+    for name, drop in arms:
+        acc = retrain(out / name, settings, args.data_dir, drop, train_list, args)
+        results[name] = {"test_accuracy": acc, "dropped": int(len(drop)),
+                         "dropped_truly_mislabeled": None if bad is None else int(len(set(drop.tolist()) & bad))}
+        log.info(f"clean-and-retrain arm {name:<16}: dropped {len(drop)}, test accuracy {acc:.4f}")
+    rand = np.array([v["test_accuracy"] for k, v in results.items() if k.startswith("random_")])
+    summary = {
+        "fraction": args.fraction, "score": args.score, "settings": settings, "arms": results,
+        "random_mean": float(rand.mean()), "random_std": float(rand.std(ddof=1)) if len(rand) > 1 else float("nan"),
+        "random_range": [float(rand.min()), float(rand.max())],
+        "gain_over_random": results[args.score]["test_accuracy"] - float(rand.mean()),
+        "self_influence_gain_over_random": results["self_influence"]["test_accuracy"] - float(rand.mean()),
+    }
+    save_json(out / "clean_and_retrain.json", summary)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s = run(args)
+    a = s["arms"]
+    log.info(f"clean-and-retrain ({s['settings']['arch']}, {s['settings']['epochs']} epochs, drop {s['fraction']:.0%}): "
+             f"{s['score']} {a[s['score']]['test_accuracy']:.4f}, self_influence {a['self_influence']['test_accuracy']:.4f}, "
+             f"random {s['random_mean']:.4f} +- {s['random_std']:.4f} (n={len([k for k in a if k.startswith('random_')])})"
+             + (f", nothing dropped {a['none']['test_accuracy']:.4f}" if "none" in a else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
