@@ -135,6 +135,19 @@ class ImageListDataset:
         return self.transform(image), int(self.listing.labels[idx]), idx
 
 
+def read_review_csv(csv_path, flag: str, decision: str):
+    """A CSV of image rows; with a `decision` column (a review export) only the rows marked `decision`."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(csv_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
+    if "decision" in table.columns:
+        table = table[table.decision.astype(str).str.strip().str.lower() == decision]
+    return table
+
+
 def read_exclusions(csv_path: str | os.PathLike, listing: SplitListing) -> np.ndarray:
     """Training indices to leave out, from a CSV with a `train_idx` or a `path` column.
 
@@ -143,12 +156,7 @@ def read_exclusions(csv_path: str | os.PathLike, listing: SplitListing) -> np.nd
     """
     import pandas as pd
 
-    try:
-        table = pd.read_csv(csv_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--exclude {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
-    if "decision" in table.columns:
-        table = table[table.decision.astype(str).str.strip().str.lower() == "drop"]
+    table = read_review_csv(csv_path, "--exclude", "drop")
     if "train_idx" in table.columns:
         idx = pd.to_numeric(table.train_idx, errors="coerce")
         bad = table[idx.isna() | (idx < 0) | (idx >= len(listing.paths)) | (idx % 1 != 0)]

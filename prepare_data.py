@@ -43,7 +43,7 @@ from PIL import Image
 
 from common import (OWNER_MARKER, UserError, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
                     owned_by, positive_int, quiet_worker, save_json)
-from data_utils import SPLITS, english_class_name, list_split, load_rgb
+from data_utils import SPLITS, english_class_name, list_split, load_rgb, read_review_csv
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,7 @@ def pairwise_target(name: str, class_names: list[str]) -> str:
 def read_relabel(csv_path: str, out_dir: Path) -> dict[str, str]:
     """{resolved source path: new class} from a CSV of path,new_class (or a review export: rows
     with decision == relabel). A path may be the raw file or the prepared file in out_dir."""
-    try:
-        table = pd.read_csv(csv_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--relabel {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
-    if "decision" in table.columns:
-        table = table[table.decision.astype(str).str.strip().str.lower() == "relabel"]
+    table = read_review_csv(csv_path, "--relabel", "relabel")
     if not {"path", "new_class"} <= set(table.columns):
         raise UserError(f"--relabel {csv_path}: needs the columns path and new_class")
     manifest = out_dir / "manifest.csv"

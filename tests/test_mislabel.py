@@ -58,7 +58,7 @@ def test_detectors_against_direct_numpy():
     want = {0: 1, 2: 2, 3: 1, 5: 0, 6: E + 1, 8: 1, 9: 1}
     np.testing.assert_array_equal(s["forgetting"], [want[j] for j in train_ids])
     np.testing.assert_array_equal(s["opponent_count"], [1, 1, 3, 0, 0, 0, 1])
-    members = [s[m] for m in ("self_influence_rank", "el2n", "loss_mean", "aum")]
+    members = [s[m] for m in ("loss_last", "aum")]
     quant = [pd.Series(m).rank(pct=True).to_numpy() for m in members]
     np.testing.assert_allclose(s["ensemble"], np.mean(quant, axis=0))
 
