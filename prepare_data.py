@@ -107,7 +107,8 @@ def load_demo_set(name: str) -> tuple[np.ndarray, np.ndarray]:
 def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
     """Write an embedded demo set (real, labeled digits) as PNGs in 10 class folders."""
     if (raw_dir / DEMO_MARKER).exists():
-        if (raw_dir / DEMO_MARKER).read_text().split(":")[0] != demo_set:
+        head = (raw_dir / DEMO_MARKER).read_text().split(":")[0]
+        if (head if head in DEMO_SETS else "mnist") != demo_set:  # markers before --demo_set named no set
             raise UserError(f"{raw_dir} holds another demo set; pass another --raw_dir for --demo_set {demo_set}")
         return 0
     if raw_dir.exists() and any(raw_dir.iterdir()):

@@ -201,7 +201,8 @@ def train(args) -> dict:
         save_json(ckpt_dir / "train_args.json", {**vars(args), "git_commit": git_commit(), "world_size": d.world,
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths),
                                                  "n_excluded": int(len(excluded))})
-        log.info(f"training {args.arch} on {len(train_list.paths)} train / {len(test_list.paths)} test images, "
+        log.info(f"training {args.arch} on {len(kept)} train" + (f" ({len(excluded)} excluded)" if len(excluded) else "")
+                 + f" / {len(test_list.paths)} test images, "
                  f"{len(class_names)} classes, {args.image_size}px, device {device}, world size {d.world}, epochs {start_epoch}..{args.epochs}")
     from tqdm import tqdm
 
