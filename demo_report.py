@@ -63,7 +63,7 @@ def main(argv=None):
     ]
     if cr is not None:
         a = cr["arms"]
-        lines.insert(-2, f"  clean and retrain ({cr['settings']['arch']}, {cr['settings']['epochs']} epochs, drop {cr['fraction']:.0%}): test accuracy "
+        lines.insert(-2, f"  clean and retrain ({cr['settings']['arch']}, {cr['settings']['epochs']} epoch{'s' if cr['settings']['epochs'] != 1 else ''}, drop {cr['fraction']:.0%}): test accuracy "
                          f"{cr['score']} {a[cr['score']]['test_accuracy']:.4f} (dropped {a[cr['score']]['dropped_truly_mislabeled']} injected errors), "
                          f"self_influence {a['self_influence']['test_accuracy']:.4f}, random {cr['random_mean']:.4f} "
                          f"(n={sum(k.startswith('random_') for k in a)}, range {cr['random_range'][0]:.4f}-{cr['random_range'][1]:.4f})"

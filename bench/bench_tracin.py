@@ -64,6 +64,7 @@ def part1(args):
     from data_utils import ImageListDataset, build_transform, list_split
     from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint
     from TracIn import efficient_tracin as et
+    from TracIn.results import load_results
 
     paths = find_checkpoints(args.checkpoint_dir)
     if not paths:
@@ -92,7 +93,7 @@ def part1(args):
                                   top_k=args.top_k, batch_size=args.batch_size, train_subset=args.n_train,
                                   test_subset=args.n_test, num_workers=args.num_workers)
             et.run(cfg)
-            return np.load(Path(out) / "top_k_influences_indices.npy")
+            return np.asarray(load_results(out)["top_k_influences_indices"])
 
     with torch.no_grad():  # warm-up: kernels and caches, so neither side pays the cold start
         for m in models:
@@ -148,7 +149,7 @@ def part1(args):
 
 def memory_child(n_train, n_test, top_k):
     """Score random factors; print peak RssAnon (MiB) and seconds as JSON."""
-    from TracIn.efficient_tracin import FactorStore, score_topk
+    from TracIn.efficient_tracin import CheckpointFactors, FactorView, score_topk
 
     peak = [0]
     stop = threading.Event()
@@ -166,13 +167,13 @@ def memory_child(n_train, n_test, top_k):
         stores = {}
         rng = np.random.default_rng(0)
         for split, n in (("train", n_train), ("test", n_test)):
-            s = FactorStore(Path(d), split, n, dims, 1, 1)
+            s = CheckpointFactors(Path(d) / split, n, dims, 10, {"split": split})
             for r0 in range(0, n, 20000):
                 r = slice(r0, min(r0 + 20000, n))
-                s.arrays[(0, "fc", "A")][r] = rng.standard_normal((r.stop - r.start, 2049), dtype=np.float32)
-                s.arrays[(0, "fc", "D")][r] = rng.standard_normal((r.stop - r.start, 10), dtype=np.float32)
-            s.arrays[(0, "fc", "A")].flush()
-            stores[split] = s
+                s.arrays[("fc", "A")][r] = rng.standard_normal((r.stop - r.start, 2049), dtype=np.float32)
+                s.arrays[("fc", "D")][r] = rng.standard_normal((r.stop - r.start, 10), dtype=np.float32)
+            s.sync()
+            stores[split] = FactorView([s], np.arange(n))
         t = threading.Thread(target=sample, daemon=True)
         with open("/proc/self/status") as f:
             base = next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
