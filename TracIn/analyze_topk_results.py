@@ -92,6 +92,50 @@ def heatmap(share: pd.DataFrame, ax=None):
     return fig
 
 
+def gini(x: np.ndarray) -> float:
+    """Gini coefficient of non-negative counts: 0 when all equal, (n-1)/n when one holds everything."""
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
+
+
+def concentration(indices: np.ndarray, train_ids: np.ndarray, k: int = 10) -> dict:
+    """How concentrated the top-k lists (n_test, >= k) are on a few training images.
+
+    Returns: distinct training images in the lists, the largest share of test images whose list one
+    training image is in, and the Gini coefficient of appearances over all scored training images.
+    """
+    top = np.asarray(indices)[:, :k]
+    counts = pd.Series(top.ravel()).value_counts()  # a list holds each image once: count = test lists it is in
+    appearances = counts.reindex(np.asarray(train_ids), fill_value=0).to_numpy()
+    return {"k": int(top.shape[1]), "distinct": int(len(counts)), "max_test_share": float(counts.max() / len(top)),
+            "max_train_idx": int(counts.idxmax()), "gini": gini(appearances)}
+
+
+def lorenz(r, k: int = 10, ax=None):
+    """Share of all top-k appearances held by the most frequent training images."""
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 4))
+    ids = np.asarray(r["train_indices"])
+    for kind, key, color in (("proponents", "top_k_influences_indices", "tab:green"), ("opponents", "top_k_opponents_indices", "tab:red")):
+        top = np.asarray(r[key])[:, :k]
+        counts = np.sort(pd.Series(top.ravel()).value_counts().reindex(ids, fill_value=0).to_numpy())[::-1]
+        c = concentration(r[key], ids, k)
+        ax.plot(np.arange(1, len(counts) + 1) / len(counts), np.cumsum(counts) / counts.sum(), color=color,
+                label=f"{kind}: {c['distinct']} distinct, Gini {c['gini']:.2f}, max {c['max_test_share']:.0%} of tests")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="every image equally often")
+    ax.set_xlabel("share of training images (most frequent first)")
+    ax.set_ylabel(f"share of top-{k} appearances")
+    ax.set_title(f"Concentration of the top-{k} lists")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def most_influential(r, train_list) -> pd.DataFrame:
     n = len(train_list.paths)
     prop = np.bincount(np.asarray(r["top_k_influences_indices"]).ravel(), minlength=n)
@@ -179,7 +223,11 @@ def analyze(args) -> dict:
                  f"{(opp < 0).mean():.1%} of opponents", fontsize=10)
     fig.tight_layout()
     save_figure(out / "dashboard.png", fig)
-    summary = {"proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
+    save_figure(out / "concentration.png", lorenz(r))
+    summary = {"concentration": {kind: concentration(r[key], r["train_indices"], 10) for kind, key in
+                                 (("proponents", "top_k_influences_indices"), ("opponents", "top_k_opponents_indices"))},
+               "normalize": r.record.get("args", {}).get("normalize", "none"),
+               "proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
                "same_class_proponent_share": float(np.mean(np.diag(share.to_numpy()))), "panels": len(chosen),
                "mispredicted_test": len(wrong)}
     save_json(out / "summary.json", summary)
@@ -192,6 +240,9 @@ def main(argv=None):
     log.info(f"top-k analysis: negative scores {s['proponent_negative_share']:.1%} of proponents, {s['opponent_negative_share']:.1%} "
              f"of opponents; proponents share the test image's class {s['same_class_proponent_share']:.1%} of the time; "
              f"{s['panels']} panels; outputs in {args.out_dir} (dashboard.png)")
+    for kind, c in s["concentration"].items():
+        log.info(f"top-{c['k']} {kind} (--normalize {s['normalize']}): {c['distinct']} distinct training images; train #{c['max_train_idx']} "
+                 f"is in {c['max_test_share']:.1%} of the test images' lists; Gini of appearances {c['gini']:.3f}")
     return 0
 
 

@@ -59,6 +59,7 @@ from TracIn.results import write_run
 
 log = logging.getLogger(__name__)
 TOOL = "efficient_tracin"
+NORMALIZE = ("none", "train", "both")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TracInConfig:
     num_shards: int = 1
     merge: bool = False
     amp: bool = False
+    normalize: str = "none"
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -98,6 +100,8 @@ class TracInConfig:
             raise UserError("--lr_weights must be positive numbers")
         if not self.layers:
             raise UserError("--layers needs at least one layer name")
+        if self.normalize not in NORMALIZE:
+            raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
 
@@ -123,6 +127,9 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--overwrite", action="store_true", help="delete the cached factors (output_dir/factors) and recompute them")
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--normalize", choices=NORMALIZE, default="none",
+                   help="none: TracIn as in the paper; train: divide by the training image's gradient norm per checkpoint; "
+                        "both: cosine of the two gradients per checkpoint (default none; self-influence is never normalised)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")
     p.add_argument("--merge", action="store_true", help="merge the --num_shards finished shards into the final outputs")
     a = p.parse_args(argv)
@@ -347,6 +354,21 @@ class ResidentFactors:
         return self.tensors[(t, layer, "A")][rows], self.tensors[(t, layer, "D")][rows]
 
 
+class NormalizedView:
+    """A factor view whose per-checkpoint gradients have unit norm: every layer's D rows of checkpoint t
+    are divided by |g_t| = sqrt(sum_l |a_l|^2 |d_l|^2), which divides the whole per-example gradient
+    (Hammoudeh & Lowd's renormalised influence; the TracIn authors' cosine variant when both sides are)."""
+
+    def __init__(self, view, sq_norms: np.ndarray, device):
+        norms = np.sqrt(np.asarray(sq_norms, dtype=np.float64))  # (n_ckpt, n_rows)
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)  # a zero gradient scores 0 anyway
+        self.view, self.inv = view, torch.from_numpy(inv.astype(np.float32)).to(device)
+
+    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+        a, d = self.view.load(t, layer, rows, device)
+        return a, d * self.inv[t, rows].unsqueeze(1).to(d.dtype)
+
+
 def logit_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-example cross-entropy, logit margin (given-label logit minus the largest other logit;
     Pleiss et al. 2020) and EL2N error norm |softmax - onehot| (Paul et al. 2021) from logits
@@ -416,12 +438,21 @@ def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, tes
     t_factors = time.time() - t0
     t0 = time.time()
     scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views
-    tracker = score_topk(scoring["test"], scoring["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
-                         cfg.test_block, cfg.train_block, train_ids, device)
     sq_norms, self_inf = None, None
-    if cfg.self_influence:
+    if cfg.self_influence or cfg.normalize != "none":
         sq_norms = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, len(lrs), cfg.train_block, device)
+    if cfg.self_influence:  # always TracIn's own definition, whatever --normalize is
         self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
+    score_views = dict(scoring)
+    if cfg.normalize != "none":
+        score_views["train"] = NormalizedView(scoring["train"], sq_norms, device)
+    if cfg.normalize == "both":
+        te_norms = self_influence_from_view(scoring["test"], len(test_ids), cfg.layers, len(lrs), cfg.test_block, device)
+        score_views["test"] = NormalizedView(scoring["test"], te_norms, device)
+    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
+                         cfg.test_block, cfg.train_block, train_ids, device)
+    if not cfg.self_influence:
+        sq_norms = None
     train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
     loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
     parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
@@ -489,7 +520,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     identity = {"data_dir": str(Path(cfg.data_dir).resolve()), "checkpoint_sha256": shas, "lr_weights": lrs,
                 "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
-                "num_shards": cfg.num_shards, "amp": cfg.amp, "train_block": cfg.train_block, "test_block": cfg.test_block}
+                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block}
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
     cache_root = work_dir / "factors"
     linear = linear_layers(model_from_checkpoint(ckpts[0]))
@@ -581,6 +612,12 @@ def write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, tes
         "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr} for p, c, sha, lr in zip(paths, ckpts, shas, lrs)],
         "layers": cfg.layers, "summary": summary,
     }
+    previous = out / "run.json"
+    if previous.exists():
+        old = json.loads(previous.read_text()).get("args", {}).get("normalize", "none")
+        if old != cfg.normalize:
+            log.warning(f"warning: replacing results of --normalize {old} in {out} with --normalize {cfg.normalize} "
+                        "(use another --output_dir to keep both)")
     write_run(out, arrays, {"top_k_influences.csv": table}, record)
     log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(ckpts)} checkpoints, "
              f"layers {','.join(cfg.layers)}) in {summary['seconds_total']:.1f}s "

@@ -129,3 +129,24 @@ def test_readme_worked_examples_run_verbatim(workdir, monkeypatch, capsys):
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "test image 100" in out and "negative" in out
+
+
+def test_concentration_diagnostics_against_direct_counts():
+    from TracIn.analyze_topk_results import concentration, gini
+
+    lists = np.array([[3, 1, 4], [3, 5, 9], [3, 1, 2], [6, 1, 0]])  # 4 test images, top-3
+    c = concentration(lists, train_ids=np.arange(12), k=3)
+    assert c["distinct"] == len({3, 1, 4, 5, 9, 2, 6, 0}) == 8
+    assert c["max_train_idx"] == 3 and c["max_test_share"] == pytest.approx(3 / 4)
+    counts = np.array([1, 3, 1, 3, 1, 1, 1, 0, 0, 1, 0, 0], dtype=float)  # appearances of train 0..11
+    want = np.abs(counts[:, None] - counts[None, :]).sum() / (2 * len(counts) ** 2 * counts.mean())
+    assert c["gini"] == pytest.approx(want)
+    assert concentration(lists, np.arange(12), k=1)["distinct"] == 2  # only the first column: 3 and 6
+    assert gini(np.ones(5)) == 0 and gini(np.array([0, 0, 0, 4])) == pytest.approx(3 / 4)
+
+
+def test_topk_summary_reports_concentration(workdir):
+    s = json.loads((workdir / "TracIn/results/analysis/summary.json").read_text())
+    idx = np.load(workdir / "TracIn/results/top_k_influences_indices.npy")[:, :10]
+    assert s["concentration"]["proponents"]["distinct"] == len(np.unique(idx))
+    assert (workdir / "TracIn/results/analysis/concentration.png").stat().st_size > 5000

@@ -115,6 +115,7 @@ def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
     (["--layers", "layer4"], "not linear layers"),
     (["--lr_weights", "1", "2"], "has 2 values for 3 checkpoints"),
     (["--top_k", "0"], "out of range"),
+    (["--normalize", "cosine"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_exit_2(prepared, ckpts, tmp_path, extra, message):
     argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(tmp_path / "o"),
@@ -167,3 +168,35 @@ def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path
     a, b = load_outputs(tmp_path / "memmap"), load_outputs(tmp_path / "resident")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("normalize", ["train", "both"])
+def test_normalized_scores_equal_torch_func_gradients_divided_by_their_norms(prepared, ckpts, tmp_path, normalize):
+    from TracIn.influence_utils import per_example_grads
+
+    run(prepared, ckpts, tmp_path / "out", "--normalize", normalize, "--top_k", "18")
+    ours = load_outputs(tmp_path / "out")
+    train_list, test_list = list_split(prepared, "train"), list_split(prepared, "test")
+    tf = build_transform(32, train=False)
+    stack = lambda ds: (torch.stack([ds[i][0] for i in range(len(ds))]).double(), torch.tensor([ds[i][1] for i in range(len(ds))]))
+    x_tr, y_tr = stack(ImageListDataset(train_list, tf))
+    x_te, y_te = stack(ImageListDataset(test_list, tf))
+    full = 0
+    for path in ckpts:  # float64 per-example gradients of fc (weight and bias), normalised per checkpoint
+        c = load_checkpoint(path)
+        model = model_from_checkpoint(c).double().eval()
+        g_tr = per_example_grads(model, ["fc.weight", "fc.bias"], x_tr, y_tr)
+        g_te = per_example_grads(model, ["fc.weight", "fc.bias"], x_te, y_te)
+        g_tr = g_tr / g_tr.norm(dim=1, keepdim=True)
+        if normalize == "both":
+            g_te = g_te / g_te.norm(dim=1, keepdim=True)
+        full = full + c["lr"] * (g_te @ g_tr.T)
+    want_v, want_i = torch.sort(full, dim=1, descending=True)
+    np.testing.assert_allclose(ours["top_k_influences_values"], want_v.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ours["top_k_influences_indices"], want_i.numpy())
+    if normalize == "both":
+        assert np.abs(ours["top_k_influences_values"]).max() <= sum(load_checkpoint(p)["lr"] for p in ckpts) * (1 + 1e-5)
+    # self-influence stays TracIn's own, unnormalised definition
+    plain = tmp_path / "plain"
+    run(prepared, ckpts, plain)
+    np.testing.assert_array_equal(ours["self_influence"], load_outputs(plain)["self_influence"])
