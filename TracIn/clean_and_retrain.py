@@ -20,13 +20,14 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import train
-from common import UserError, cli, fraction, nonneg_int, positive_int, save_csv, save_json
+from common import REPO_ROOT, UserError, cli, fraction, nonneg_int, positive_int, save_csv, save_json
 from data_utils import list_split
 from model_architecture import find_checkpoints, load_checkpoint
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
@@ -82,7 +83,10 @@ def retrain(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, trai
             argv.append("--hflip" if v else "--no-hflip")
         elif v is not None:
             argv += [f"--{k}", str(v)]
-    train.main(argv)
+    # train.py runs as a user runs it: its own process, log and error line
+    rc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *argv]).returncode
+    if rc != 0:
+        raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
     last = find_checkpoints(arm_dir / "checkpoints")[-1]
     return float(load_checkpoint(last)["metrics"]["val_acc"])
 

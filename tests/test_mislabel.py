@@ -164,12 +164,12 @@ def test_clean_and_retrain_end_to_end(prepared, trained, tmp_path):
     out = tmp_path / "cr"
     assert clean_and_retrain.main(["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--checkpoint_dir",
                                    str(trained / "ckpt"), "--out_dir", str(out), "--fraction", "0.2", "--random_seeds", "2",
-                                   "--epochs", "1", "--num_workers", "0", "--score", "loss_mean"]) == 0
+                                   "--epochs", "1", "--num_workers", "0", "--score", "loss_mean", "--no_reference"]) == 0
     import json
 
     s = json.loads((out / "clean_and_retrain.json").read_text())
-    assert set(s["arms"]) == {"none", "loss_mean", "self_influence", "random_0", "random_1"}
-    assert all(a["dropped"] == (0 if k == "none" else 4) for k, a in s["arms"].items())
+    assert set(s["arms"]) == {"loss_mean", "self_influence", "random_0", "random_1"}
+    assert all(a["dropped"] == 4 for a in s["arms"].values())
     for k in s["arms"]:  # each arm really retrained without its list
         excluded = pd.read_csv(out / k / "exclude.csv")
         assert len(excluded) == s["arms"][k]["dropped"]
