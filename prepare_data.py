@@ -226,13 +226,14 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
     if raw_dir.exists() and (is_relative_to(out_dir, raw_dir) or is_relative_to(raw_dir, out_dir)):
         raise UserError(f"--out_dir {out_dir} and --raw_dir {raw_dir} overlap (one is inside the other); "
                         "pass an --out_dir outside the raw data, e.g. data/processed")
+    saved = out_dir / "prepare_args.json"
+    if saved.exists() and json.loads(saved.read_text()) == settings:
+        return  # already prepared with these arguments: nothing will be replaced
     if out_dir.exists() and any(out_dir.iterdir()):
         if not owned_by(out_dir, TOOL):
             raise UserError(f"--out_dir {out_dir} exists and was not written by prepare_data.py (no {OWNER_MARKER} marker); "
                             "it is left untouched, --overwrite or not: pass a new or empty --out_dir")
-        saved = out_dir / "prepare_args.json"
-        same = saved.exists() and json.loads(saved.read_text()) == settings
-        if not same and not overwrite:
+        if not overwrite:
             raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
     ensure_output_dir(out_dir.parent, "--out_dir's parent")
 
