@@ -110,7 +110,8 @@ def test_files_a_run_does_not_write_are_removed(data, tmp_path):
     assert not (tmp_path / "out" / "self_influence.npy").exists()
     assert not (tmp_path / "out" / "mislabel_candidates.csv").exists()
     with pytest.raises(UserError, match="--no_self_influence"):
-        mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d), "--score", "self_influence"])
+        mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d), "--score", "self_influence",
+                                 "--checkpoint_dir", str(data[1][0].parent)])
 
 
 def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_path):
@@ -136,7 +137,8 @@ def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_
 
 def test_results_from_another_data_folder_are_refused(data, prepared, tmp_path):
     tracin(data, tmp_path / "out")
-    for main, extra in ((mislabel_detection.main, []), (analyze_topk_results.main, ["--out_dir", str(tmp_path / "a")])):
+    for main, extra in ((mislabel_detection.main, ["--checkpoint_dir", str(data[1][0].parent)]),
+                        (analyze_topk_results.main, ["--out_dir", str(tmp_path / "a")])):
         with pytest.raises(UserError, match="--data_dir"):
             main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(prepared), *extra])
     with pytest.raises(UserError, match="no complete TracIn run"):
