@@ -269,17 +269,3 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def check_run_args(out_dir: Path, args: dict, overwrite: bool, name: str = "run_args.json") -> None:
-    """Refuse to reuse `out_dir` when its saved arguments differ, unless overwrite."""
-    saved = out_dir / name
-    if saved.exists() and not overwrite:
-        old = json.loads(saved.read_text())
-        old = {k: v for k, v in old.items() if k in args}
-        if old != json.loads(json.dumps(args, default=str)):
-            diff = sorted(k for k in args if old.get(k) != json.loads(json.dumps(args[k], default=str)))
-            raise UserError(
-                f"{out_dir} holds results of a run with other arguments ({', '.join(diff)}); "
-                "pass --overwrite or choose another output directory"
-            )

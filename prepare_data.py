@@ -325,13 +325,11 @@ def prepare(args) -> dict:
 
         # Reviewed relabels, after the noise: move each named image to its new class folder.
         if relabel:
-            unknown = sorted(set(relabel.values()) - set(class_names))
-            if unknown:
-                raise UserError(f"--relabel {args.relabel}: unknown class(es) {', '.join(unknown)}; classes: {', '.join(class_names)}")
+            # paths and classes were checked before decoding; only an unreadable (skipped) file is left to refuse
             by_source = {str(Path(m[2]).resolve()): i for i, m in enumerate(kept)}
-            missing = [p for p in relabel if p not in by_source]
-            if missing:
-                raise UserError(f"--relabel {args.relabel}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
+            unreadable = [p for p in relabel if p not in by_source]
+            if unreadable:
+                raise UserError(f"--relabel {args.relabel}: {unreadable[0]} could not be read as an image; drop its row")
             given = {str(p): (t, g) for p, t, g in noisy}
             for source, new_class in relabel.items():
                 i = by_source[source]

@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import prepare_data
 import train
@@ -14,7 +13,7 @@ from data_utils import list_split
 from TracIn import clean_and_retrain, efficient_tracin as et
 from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
 from TracIn.results import load_results
-from TracIn.training_dynamics import FILE, load_dynamics
+from TracIn.training_dynamics import load_dynamics
 from tests.conftest import make_random_checkpoints, make_raw_tree
 
 
