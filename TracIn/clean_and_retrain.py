@@ -67,15 +67,17 @@ def original_settings(checkpoint_dir: Path) -> dict:
     return {k: saved[k] for k in TRAIN_FLAGS}
 
 
-def retrain(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, args) -> float:
-    """train.py without `drop` (split indices); returns the last epoch's test accuracy."""
+def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, num_workers: int, device: str,
+                  tag: str) -> Path:
+    """train.py with `settings` (see original_settings) on the training split less `drop` (split indices),
+    in its own process as a user runs it; returns the last checkpoint. Shared with counterfactual_check."""
     shutil.rmtree(arm_dir, ignore_errors=True)
     arm_dir.mkdir(parents=True)
     exclude = arm_dir / "exclude.csv"
     save_csv(exclude, pd.DataFrame({"train_idx": np.sort(drop), "path": np.asarray(train_list.paths)[np.sort(drop)]}))
     argv = ["--data_dir", data_dir, "--checkpoint_dir", str(arm_dir / "checkpoints"), "--models_dir", str(arm_dir / "models"),
-            "--exclude", str(exclude), "--save_checkpoints_every", str(settings["epochs"]), "--num_workers", str(args.num_workers),
-            "--device", args.device, "--dataset_tag", "clean_and_retrain"]
+            "--exclude", str(exclude), "--save_checkpoints_every", str(settings["epochs"]), "--num_workers", str(num_workers),
+            "--device", device, "--dataset_tag", tag]
     for k, v in settings.items():
         if k == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
             raise UserError(f"the original run's --weights {v} is gone; cannot retrain the same way")
@@ -83,12 +85,10 @@ def retrain(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, trai
             argv.append("--hflip" if v else "--no-hflip")
         elif v is not None:
             argv += [f"--{k}", str(v)]
-    # train.py runs as a user runs it: its own process, log and error line
     rc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *argv]).returncode
     if rc != 0:
         raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
-    last = find_checkpoints(arm_dir / "checkpoints")[-1]
-    return float(load_checkpoint(last)["metrics"]["val_acc"])
+    return find_checkpoints(arm_dir / "checkpoints")[-1]
 
 
 def run(args) -> dict:
@@ -118,7 +118,8 @@ def run(args) -> dict:
     bad = set(pd.read_csv(gt_path).train_index) if gt_path.exists() else None
     results = {}
     for name, drop in arms:
-        acc = retrain(out / name, settings, args.data_dir, drop, train_list, args)
+        last = train_without(out / name, settings, args.data_dir, drop, train_list, args.num_workers, args.device, "clean_and_retrain")
+        acc = float(load_checkpoint(last)["metrics"]["val_acc"])
         results[name] = {"test_accuracy": acc, "dropped": int(len(drop)),
                          "dropped_truly_mislabeled": None if bad is None else int(len(set(drop.tolist()) & bad))}
         log.info(f"clean-and-retrain arm {name:<16}: dropped {len(drop)}, test accuracy {acc:.4f}")

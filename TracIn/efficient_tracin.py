@@ -420,14 +420,14 @@ def fits_on_device(views: dict, device) -> bool:
 
 
 # ---------------------------------------------------------------- the run
-def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
-    """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
+def factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+    """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
+    Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
     models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
     dims = layer_dims(models[0], cfg.layers)
     tf = eval_transform(ckpts[0])
     n_classes = int(ckpts[0]["num_classes"])
     caches, computed, views = {}, {}, {}
-    t0 = time.time()
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
         caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg)
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
@@ -435,6 +435,14 @@ def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, tes
                                           cfg.num_workers, device, f"factors {split}", stop_after,
                                           amp=cfg.amp and device.type == "cuda")
         views[split] = FactorView(caches[split], ids)
+    return views, computed, dims
+
+
+def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+    """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
+    t0 = time.time()
+    views, computed, dims = factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root,
+                                         stop_after)
     t_factors = time.time() - t0
     t0 = time.time()
     scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views

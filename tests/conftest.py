@@ -110,6 +110,21 @@ def prepared(tmp_path_factory):
     return base / "processed"
 
 
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    """Two epochs of resnet18 on the tiny data, and TracIn over its checkpoints."""
+    root = tmp_path_factory.mktemp("trained")
+    import train
+    from TracIn import efficient_tracin as et
+
+    assert train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "2", "--batch_size", "4",
+                       "--weights", "none", "--save_checkpoints_every", "1", "--checkpoint_dir", str(root / "ckpt"),
+                       "--models_dir", str(root / "models"), "--num_workers", "0", "--no-hflip"]) == 0
+    assert et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "res"),
+                    "--top_k", "3", "--num_workers", "0"]) == 0
+    return root
+
+
 def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_size=32, lrs=(0.01, 0.004, 0.002), seed=100):
     """Checkpoints of differently initialised models (TracIn needs no training to be exact)."""
     from data_utils import IMAGENET_MEAN, IMAGENET_STD

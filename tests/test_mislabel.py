@@ -93,18 +93,6 @@ def test_pairwise_noise_flips_each_class_to_its_fixed_partner(tmp_path):
     assert prepare_data.pairwise_target("cat", names) == "dog" and prepare_data.pairwise_target("spider", names) == "cat"
 
 
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
-    """Two epochs of resnet18 on the tiny data, and TracIn over its checkpoints."""
-    root = tmp_path_factory.mktemp("trained")
-    assert train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "2", "--batch_size", "4",
-                       "--weights", "none", "--save_checkpoints_every", "1", "--checkpoint_dir", str(root / "ckpt"),
-                       "--models_dir", str(root / "models"), "--num_workers", "0", "--no-hflip"]) == 0
-    assert et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "res"),
-                    "--top_k", "3", "--num_workers", "0"]) == 0
-    return root
-
-
 def test_training_dynamics_are_recorded_and_checked_against_the_data(prepared, trained, tmp_path):
     names = list_split(prepared, "train").class_names
     dyn = load_dynamics(trained / "ckpt", 18, names, required=True)

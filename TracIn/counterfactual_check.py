@@ -1,0 +1,321 @@
+"""Do influence lists hold up when you retrain? Remove each method's top-k proponents of a group of
+test images, retrain, and measure how the group's loss, margin and predictions change.
+
+    $ python -m TracIn.counterfactual_check --n_test 10 --k 10 40 --seeds 3        # full retrains with train.py
+    $ python -m TracIn.counterfactual_check --retrain head                          # seconds: the fc layer only
+    $ python -m TracIn.counterfactual_check --test_ids 4 17 99 --methods tracin random
+
+Methods (each gives a ranked list per test image; a group's removal set is the union of its images' top k):
+- tracin: TracIn proponents as efficient_tracin.py scores them (--normalize none, the paper's);
+- tracin_normalized: proponents of --normalize train (each training gradient divided by its norm per
+  checkpoint);
+- knn: the nearest training images by cosine of the last checkpoint's penultimate features (the fc input);
+- random: k random training images of the test image's class, a new draw per training seed (the control).
+The lists come from efficient_tracin.py's factor cache in results_dir (no forward pass when it is complete).
+
+Arms: nothing removed, and each method at each k. Every arm is retrained once per training seed (the original
+run's seed + 0, 1, ...), and every change is paired: the arm minus the nothing-removed arm of the same seed.
+- --retrain full (default): train.py with the original run's settings (checkpoint_dir/train_args.json: initial
+  weights, seed, schedule, batch size); --arch/--epochs make it cheaper and are said in the output.
+- --retrain head: keeps the last checkpoint's backbone and retrains only fc from a seeded initialisation with
+  the original optimiser, schedule and batch size, on the cached penultimate features. It checks the layer
+  TracIn scores here in seconds, but is blind to what removal would have changed in the backbone.
+
+Writes out_dir (default results_dir/counterfactual/<retrain>)/counterfactual.json and prints, per method and
+k, the mean +- standard deviation over seeds of the change in the group's mean loss and margin and of the
+predictions flipped, beside the random control's. A method beats the control only when its mean loss
+change exceeds the control's by more than both standard deviations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_json
+from data_utils import ImageListDataset, eval_transform, list_split, make_loader
+from model_architecture import load_checkpoint, model_from_checkpoint, model_to_device, predict
+from TracIn.clean_and_retrain import original_settings, train_without
+from TracIn.efficient_tracin import (FactorView, NormalizedView, TracInConfig, choose_subset, factor_views, load_checkpoints,
+                                     logit_figures, score_topk, self_influence_from_view)
+from TracIn.results import load_results
+
+log = logging.getLogger(__name__)
+METHODS = ("tracin", "tracin_normalized", "knn", "random")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output with its factor cache (default TracIn/results)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--checkpoint_dir", default=None, help="the original run's checkpoints with train_args.json "
+                                                          "(default: the folder of the checkpoints TracIn used)")
+    p.add_argument("--out_dir", default=None, help="output folder (default results_dir/counterfactual/<retrain>)")
+    p.add_argument("--retrain", choices=("full", "head"), default="full", help="full: train.py; head: fc only (default full)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="attribution methods (default all)")
+    p.add_argument("--k", nargs="+", type=positive_int, default=[10, 40], help="proponents removed per test image (default 10 40)")
+    p.add_argument("--n_test", type=positive_int, default=10, help="size of the seeded test group (default 10)")
+    p.add_argument("--test_ids", nargs="+", type=nonneg_int, default=None, help="test split indices of the group (default: a seeded sample)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the test group and the random control (default 0)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="training seeds per arm (default 3)")
+    p.add_argument("--arch", default=None, help="full retrain with this architecture (default: the original run's)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="retrain for this many epochs (default: the original run's)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="data loader workers (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- the lists
+class RunFactors:
+    """The TracIn run in results_dir, reopened: its checkpoints (checked unchanged), lrs and factor cache."""
+
+    def __init__(self, results_dir: str, data_dir: str, device, num_workers: int):
+        r = load_results(results_dir, data_dir=data_dir)
+        rec = r.record
+        if rec["args"].get("train_subset", 0) or rec["args"].get("num_shards", 1) > 1:
+            raise UserError(f"{results_dir} scored a --train_subset or ran in shards; the check needs one unsharded run "
+                            "over every training image")
+        fields = set(TracInConfig.__dataclass_fields__)
+        self.cfg = TracInConfig(**{**{k: v for k, v in rec["args"].items() if k in fields},
+                                   "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
+                                   "num_workers": num_workers, "overwrite": False,
+                                   "checkpoints": [c["path"] for c in rec["checkpoints"]],
+                                   "lr_weights": [c["lr"] for c in rec["checkpoints"]]})
+        self.train_list, self.test_list = list_split(data_dir, "train"), list_split(data_dir, "test")
+        self.paths, self.ckpts, self.lrs, shas = load_checkpoints(self.cfg, self.train_list.class_names)
+        changed = [str(p) for p, s, c in zip(self.paths, shas, rec["checkpoints"]) if s != c["sha256"]]
+        if changed:
+            raise UserError(f"checkpoint(s) {', '.join(changed)} changed since the TracIn run in {results_dir}; rerun efficient_tracin.py")
+        self.device, self.layers = device, self.cfg.layers
+        self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
+        views, computed, _ = factor_views(self.cfg, device, self.ckpts, shas, self.train_list, self.test_list,
+                                          np.arange(self.n_train), np.arange(self.n_test), Path(results_dir) / "factors")
+        if any(computed.values()):
+            log.info(f"factor cache completed: {computed} forward batches")
+        self.train_view, self.test_caches = views["train"], views["test"].caches
+
+    def proponents(self, group: np.ndarray, k: int, normalize: bool) -> np.ndarray:
+        """(len(group), k) split indices of the top-k TracIn proponents, exactly as efficient_tracin ranks them."""
+        cfg, train_view = self.cfg, self.train_view
+        if normalize:
+            sq = self_influence_from_view(train_view, self.n_train, self.layers, len(self.lrs), cfg.train_block, self.device)
+            train_view = NormalizedView(train_view, sq, self.device)
+        tracker = score_topk(FactorView(self.test_caches, group), train_view, len(group), self.n_train, self.layers, self.lrs,
+                             k, cfg.test_block, cfg.train_block, np.arange(self.n_train), self.device)
+        return tracker.proponents()[1].cpu().numpy()
+
+    def features(self, split: str) -> torch.Tensor:
+        """The last checkpoint's fc input per image of a split, with the bias column of ones: (n, F + 1)."""
+        if "fc" not in self.layers:
+            raise UserError(f"knn and --retrain head need the fc layer's factors; the TracIn run scored {', '.join(self.layers)}")
+        view = self.train_view if split == "train" else FactorView(self.test_caches, np.arange(self.n_test))
+        return view.load(len(self.lrs) - 1, "fc", slice(None), torch.device("cpu"))[0].double()
+
+
+def knn_lists(fac: RunFactors, group: np.ndarray, k: int) -> np.ndarray:
+    tr = torch.nn.functional.normalize(fac.features("train")[:, :-1], dim=1)
+    te = torch.nn.functional.normalize(fac.features("test")[group, :-1], dim=1)
+    return torch.topk(te @ tr.T, k, dim=1).indices.numpy()
+
+
+def random_lists(train_labels: np.ndarray, group_labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Per test image, k random training images of its class (fewer when the class has fewer)."""
+    rows = []
+    for c in group_labels:
+        pool = np.flatnonzero(train_labels == c)
+        rows.append(rng.choice(pool, size=min(k, len(pool)), replace=False))
+    return rows
+
+
+def removal_set(lists, k: int) -> np.ndarray:
+    return np.unique(np.concatenate([np.asarray(row)[:k] for row in lists])).astype(np.int64)
+
+
+# ---------------------------------------------------------------- retraining
+def lr_at(epoch: int, settings: dict) -> float:
+    from train import lr_at as train_lr_at
+    return train_lr_at(epoch, SimpleNamespace(**settings))
+
+
+def retrain_head(x_train: torch.Tensor, y_train: np.ndarray, keep: np.ndarray, settings: dict, seed: int) -> torch.Tensor:
+    """fc retrained on frozen features (bias as a column of ones) with train.py's optimiser, schedule and
+    batch size; returns the weight (C, F + 1). Float64, CPU: a few seconds at demo size."""
+    g = torch.Generator().manual_seed(seed)
+    n_feat, n_classes = x_train.shape[1], int(y_train.max()) + 1
+    bound = 1.0 / np.sqrt(n_feat - 1)  # nn.Linear's default initialisation
+    w = ((torch.rand(n_classes, n_feat, generator=g, dtype=torch.float64) * 2 - 1) * bound).requires_grad_()
+    opt = torch.optim.Adam([w], lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    x, y = x_train[keep], torch.from_numpy(y_train[keep])
+    bs = settings["batch_size"]
+    for epoch in range(1, settings["epochs"] + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, settings)
+        order = torch.randperm(len(x), generator=g)
+        for b in range(0, len(x), bs):
+            idx = order[b:b + bs]
+            loss = torch.nn.functional.cross_entropy(x[idx] @ w.T, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach()
+
+
+def full_test_logits(ckpt_path: Path, data_dir: str, num_workers: int, device) -> np.ndarray:
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_to_device(model_from_checkpoint(ckpt), device)
+    listing = list_split(data_dir, "test")
+    loader = make_loader(ImageListDataset(listing, eval_transform(ckpt)), 256, False, num_workers, str(device))
+    return predict(model, loader, device)["logits"]
+
+
+# ---------------------------------------------------------------- the check
+def summarize(raw: list[dict], methods, ks, n_seeds) -> dict:
+    """Paired changes per (method, k): arm minus nothing-removed at the same seed, mean and std over seeds."""
+    by = {(r["method"], r["k"], r["seed"]): r for r in raw}
+    out = {}
+    for m in methods:
+        for k in ks:
+            rows = [by[(m, k, s)] for s in range(n_seeds)]
+            base = [by[("none", 0, s)] for s in range(n_seeds)]
+            d = {"loss": [r["group_loss"] - b["group_loss"] for r, b in zip(rows, base)],
+                 "margin": [r["group_margin"] - b["group_margin"] for r, b in zip(rows, base)],
+                 "flips": [float(np.sum(np.asarray(r["group_pred"]) != np.asarray(b["group_pred"]))) for r, b in zip(rows, base)],
+                 "rest_accuracy": [r["rest_accuracy"] - b["rest_accuracy"] for r, b in zip(rows, base)]}
+            cell = {"removed": float(np.mean([r["removed"] for r in rows]))}
+            for name, v in d.items():
+                v = np.asarray(v, dtype=np.float64)
+                cell[f"d_{name}_mean"] = float(v.mean())
+                cell[f"d_{name}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+                cell[f"d_{name}_per_seed"] = v.tolist()
+            out[f"{m}@{k}"] = cell
+    if "random" in methods:
+        for m in methods:
+            for k in ks:
+                c, r = out[f"{m}@{k}"], out[f"random@{k}"]
+                gap = c["d_loss_mean"] - r["d_loss_mean"]
+                c["loss_gap_vs_random"] = gap
+                c["beats_random"] = bool(m != "random" and gap > max(c["d_loss_std"], r["d_loss_std"]))
+    return out
+
+
+def run(args) -> dict:
+    t_start = time.time()
+    device = resolve_device(args.device)
+    if args.retrain == "head" and (args.arch or args.epochs):
+        raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
+    fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
+    settings = original_settings(ckpt_dir)
+    if args.arch:
+        settings["arch"] = args.arch
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    out = ensure_output_dir(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain, "--out_dir")
+
+    train_labels, test_labels = fac.train_list.labels, fac.test_list.labels
+    if args.test_ids:
+        bad = [i for i in args.test_ids if i >= fac.n_test]
+        if bad:
+            raise UserError(f"--test_ids {' '.join(map(str, bad))}: the test split has {fac.n_test} images (0..{fac.n_test - 1})")
+        group = np.unique(np.asarray(args.test_ids, dtype=np.int64))
+    else:
+        group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
+    ks = sorted(set(args.k))
+    per_class = np.bincount(train_labels, minlength=len(fac.train_list.class_names))
+    if ks[-1] > per_class[test_labels[group]].min():
+        raise UserError(f"--k {ks[-1]} is more than the {per_class[test_labels[group]].min()} training images of a group "
+                        "image's class; lower --k")
+    methods = [m for m in METHODS if m in args.methods]
+    lists = {}
+    if "tracin" in methods:
+        lists["tracin"] = fac.proponents(group, ks[-1], normalize=False)
+    if "tracin_normalized" in methods:
+        lists["tracin_normalized"] = fac.proponents(group, ks[-1], normalize=True)
+    if "knn" in methods:
+        lists["knn"] = knn_lists(fac, group, ks[-1])
+    rest = np.setdiff1d(np.arange(fac.n_test), group)
+    x_train = fac.features("train") if args.retrain == "head" else None
+    x_test = fac.features("test") if args.retrain == "head" else None
+
+    raw = []
+    arms = [("none", 0)] + [(m, k) for m in methods for k in ks]
+    for s in range(args.seeds):
+        seed = int(settings["seed"]) + s
+        for m, k in arms:
+            if m == "none":
+                drop = np.zeros(0, dtype=np.int64)
+            elif m == "random":
+                rng = np.random.default_rng([args.seed, s, k])
+                drop = removal_set(random_lists(train_labels, test_labels[group], k, rng), k)
+            else:
+                drop = removal_set(lists[m], k)
+            t0 = time.time()
+            if args.retrain == "head":
+                keep = np.ones(fac.n_train, dtype=bool)
+                keep[drop] = False
+                logits = (x_test @ retrain_head(x_train, train_labels, keep, settings, seed).T).numpy()
+            else:
+                arm_dir = out / "arms" / f"{m}-k{k}-seed{seed}"
+                last = train_without(arm_dir, {**settings, "seed": seed}, args.data_dir, drop, fac.train_list,
+                                     args.num_workers, args.device, "counterfactual")
+                logits = full_test_logits(last, args.data_dir, args.num_workers, device)
+                np.save(arm_dir / "test_logits.npy", logits)
+                for sub in ("checkpoints", "models"):  # a few hundred MB per arm otherwise; exclude.csv and logits stay
+                    shutil.rmtree(arm_dir / sub, ignore_errors=True)
+            loss, margin, _ = logit_figures(logits[None], test_labels)
+            pred = logits.argmax(1)
+            raw.append({"method": m, "k": k, "seed": s, "train_seed": seed, "removed": int(len(drop)),
+                        "group_loss": float(loss[0, group].mean()), "group_margin": float(margin[0, group].mean()),
+                        "group_pred": pred[group].tolist(),
+                        "group_accuracy": float((pred[group] == test_labels[group]).mean()),
+                        "rest_accuracy": float((pred[rest] == test_labels[rest]).mean()) if len(rest) else float("nan"),
+                        "seconds": time.time() - t0})
+            log.info(f"arm {m:<17} k={k:<3} seed {seed}: removed {len(drop):>4}, group loss {raw[-1]['group_loss']:.4f}, "
+                     f"margin {raw[-1]['group_margin']:+.3f}, accuracy {raw[-1]['group_accuracy']:.2f} "
+                     f"({raw[-1]['seconds']:.1f}s)")
+    summary = summarize(raw, methods, ks, args.seeds)
+    result = {
+        "retrain": args.retrain, "settings": settings, "methods": methods, "k": ks, "seeds": args.seeds,
+        "group": group.tolist(), "group_labels": test_labels[group].tolist(), "n_train": fac.n_train,
+        "results_dir": str(args.results_dir), "tracin_layers": fac.layers, "summary": summary, "arms": raw,
+        "lists": {m: v.tolist() for m, v in lists.items()}, "seconds": time.time() - t_start,
+    }
+    save_json(out / "counterfactual.json", result)
+    return result
+
+
+def table(result: dict) -> list[str]:
+    s = result["summary"]
+    lines = [f"{'method':<18}{'k':>4}{'removed':>9}  {'d loss':>16}  {'d margin':>16}  {'flips':>11}  "
+             f"{'d rest acc':>10}  {'vs random':>9}"]
+    for m in result["methods"]:
+        for k in result["k"]:
+            c = s[f"{m}@{k}"]
+            verdict = "" if m == "random" or "beats_random" not in c else ("beats" if c["beats_random"] else "no")
+            lines.append(f"{m:<18}{k:>4}{c['removed']:>9.0f}  {c['d_loss_mean']:>+8.3f} +- {c['d_loss_std']:<5.3f}  "
+                         f"{c['d_margin_mean']:>+8.3f} +- {c['d_margin_std']:<5.3f}  {c['d_flips_mean']:>4.1f} +- {c['d_flips_std']:<4.1f}  "
+                         f"{c['d_rest_accuracy_mean']:>+10.4f}  {verdict:>9}")
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    st = result["settings"]
+    how = "fc only, on the last checkpoint's features" if result["retrain"] == "head" else f"{st['arch']}, {st['epochs']} epochs"
+    log.info(f"counterfactual check: {len(result['group'])} test images, retrain {result['retrain']} ({how}), "
+             f"{result['seeds']} seeds per arm; changes are arm minus nothing-removed at the same seed, mean +- std over seeds")
+    for line in table(result):
+        log.info(line)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
