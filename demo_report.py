@@ -34,6 +34,8 @@ def main(argv=None):
     metrics, default = det["metrics"], det["score"]
     cr_path = Path(args.results_dir) / "clean_and_retrain" / "clean_and_retrain.json"
     cr = read_json(cr_path) if cr_path.exists() else None
+    cf_path = Path(args.results_dir) / "counterfactual" / "head" / "counterfactual.json"
+    cf = read_json(cf_path) if cf_path.exists() else None
     mis = read_json(Path(args.results_dir) / "misprediction_summary.json")
     top = read_json(Path(args.results_dir) / "analysis" / "summary.json")
     n_bad = det["n_mislabeled"]
@@ -68,6 +70,13 @@ def main(argv=None):
                          f"self_influence {a['self_influence']['test_accuracy']:.4f}, random {cr['random_mean']:.4f} "
                          f"(n={sum(k.startswith('random_') for k in a)}, range {cr['random_range'][0]:.4f}-{cr['random_range'][1]:.4f})"
                          + (f", nothing dropped {a['none']['test_accuracy']:.4f}" if "none" in a else ""))
+    if cf is not None:
+        k, sm = max(cf["k"]), cf["summary"]
+        cell = lambda m: f"{sm[f'{m}@{k}']['d_loss_mean']:+.3f} +- {sm[f'{m}@{k}']['d_loss_std']:.3f}"
+        lines.insert(-2, f"  counterfactual check (retrain {cf['retrain']}, {len(cf['group'])} test images, top {k} each removed, "
+                         f"{cf['seeds']} seeds): group loss change "
+                         + ", ".join(f"{m} {cell(m)}" + (" (beats random)" if sm[f'{m}@{k}'].get("beats_random") else "")
+                                     for m in cf["methods"]))
     if args.seconds is not None:
         lines.append(f"  total time: {args.seconds / 60:.1f} min")
     lines.append("=" * 72)

@@ -44,7 +44,8 @@ TABLES = ("top_k_influences.csv",)
 # Outputs of the analysis scripts computed from a run; removed when a new run lands.
 DERIVED = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
            "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json",
-           "analysis", "gradcam_test_*_proponents.png", "clean_and_retrain")
+           "analysis", "gradcam_test_*_proponents.png", "clean_and_retrain",
+           "counterfactual")
 
 
 def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
