@@ -7,7 +7,7 @@ is used instead, and the figure title says which.
     $ python gradCAM_evaluation.py --test_idx 100 --num_proponents 6
 
 Writes false_predictions/gradcam_mispredictions.png (map of the predicted class over each
-mispredicted test image) and TracIn/results/gradcam_test_{idx}_proponents.png (the test
+mispredicted test image; each also alone as false_predictions/gradcam/test_{idx}.png for the report) and TracIn/results/gradcam_test_{idx}_proponents.png (the test
 image beside its top proponents, each with the map of its own given class).
 """
 from __future__ import annotations
@@ -92,6 +92,20 @@ def overlay(ax, path: str, cam: np.ndarray, title: str):
     ax.axis("off")
 
 
+def save_overlay(path: Path, image_path: str, cam: np.ndarray, size: int = 128) -> None:
+    """One image with its map blended in (jet, 45%), as a small PNG for the results browser."""
+    import matplotlib
+    from PIL import Image
+
+    from common import atomic_path
+
+    img = load_rgb(image_path).convert("RGB").resize((size, size))
+    heat = Image.fromarray((matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)).resize((size, size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.blend(img, heat, 0.45).save(tmp, format="PNG")
+
+
 def pick_layer(model, name: str, image_size: int, device, min_side: int = 4) -> str:
     """`name`, unless its output is smaller than min_side x min_side at this image size (layer4 of
     a ResNet is 1x1 at 32 px, where Grad-CAM is a constant): then the deepest block that is not."""
@@ -168,6 +182,8 @@ def main(argv=None):
             ax.axis("off")
         for ax, (_, r), c in zip(axes.ravel(), wrong.iterrows(), cams):
             overlay(ax, r.path, c, f"#{r['index']} {r.true_label} -> {r.pred_label}")
+        for (_, r), c in zip(wrong.iterrows(), cams):
+            save_overlay(Path(args.out_dir) / "gradcam" / f"test_{r['index']}.png", r.path, c)
         fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images", fontsize=9)
         fig.tight_layout()
         outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")

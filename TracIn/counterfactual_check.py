@@ -96,7 +96,8 @@ class RunFactors:
         self.device, self.layers = device, self.cfg.layers
         self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
         views, computed, _ = factor_views(self.cfg, device, self.ckpts, shas, self.train_list, self.test_list,
-                                          np.arange(self.n_train), np.arange(self.n_test), Path(results_dir) / "factors")
+                                          np.arange(self.n_train), np.arange(self.n_test),
+                                          Path(self.cfg.cache_dir or Path(results_dir) / "factors"))
         if any(computed.values()):
             log.info(f"factor cache completed: {computed} forward batches")
         self.train_view, self.test_caches = views["train"], views["test"].caches

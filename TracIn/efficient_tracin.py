@@ -88,6 +88,7 @@ class TracInConfig:
     merge: bool = False
     amp: bool = False
     normalize: str = "none"
+    cache_dir: str = ""
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -130,6 +131,8 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--normalize", choices=NORMALIZE, default="none",
                    help="none: TracIn as in the paper; train: divide by the training image's gradient norm per checkpoint; "
                         "both: cosine of the two gradients per checkpoint (default none; self-influence is never normalised)")
+    p.add_argument("--cache_dir", default="", help="factor cache folder (default output_dir/factors; point a second run, "
+                   "e.g. --normalize train, at the first run's cache to score without a forward pass)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")
     p.add_argument("--merge", action="store_true", help="merge the --num_shards finished shards into the final outputs")
     a = p.parse_args(argv)
@@ -530,7 +533,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
                 "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block}
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
-    cache_root = work_dir / "factors"
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir and cfg.num_shards == 1 else work_dir / "factors"
     linear = linear_layers(model_from_checkpoint(ckpts[0]))
     bad = [l for l in cfg.layers if l not in linear]
     if bad:

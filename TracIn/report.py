@@ -1,0 +1,339 @@
+"""A static HTML results browser: open TracIn/results/report/index.html from disk (no server, no network).
+
+    $ python -m TracIn.report
+    $ python -m TracIn.report --results_dir TracIn/results --show_k 10 --candidates 1000
+
+Views: overview (the run's numbers, the figures, the mislabel and counterfactual tables); test images
+(filter by class and correct/mispredicted, jump to an index or file name, each image's top proponents and
+opponents, raw and normalised lists side by side when results_dir/normalized holds a --normalize train run
+of the same checkpoints); training images (the mislabel candidates ranked with every detector column, their
+appearances in the lists, the test images each one influences most); mispredictions (false_predictions.csv,
+with Grad-CAM where gradCAM_evaluation.py made one).
+
+Review decisions (keep / drop / relabel to a class) persist in the browser (localStorage, per run) and
+export as review.csv with columns train_idx, path, decision, new_class, which the repository's tools read:
+`train.py --exclude review.csv` leaves out the rows marked drop, `prepare_data.py --relabel review.csv
+--overwrite` moves the rows marked relabel.
+
+Data files are JavaScript (data/*.js, loaded by <script> tags on demand in chunks) because browsers refuse
+fetch() from file://. Thumbnails (thumbs/, only of images the report shows) are kept between builds while
+their source file is unchanged. Missing optional inputs are named on the overview page; an image file that
+has gone since the run shows a placeholder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, quiet_worker
+from data_utils import list_split
+from TracIn.results import RECORD, index_of, load_results
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).parent / "report_assets"
+THUMB = 96
+TEST_CHUNK, TRAIN_CHUNK = 100, 200
+INFLUENCED = 8  # test images listed per training image
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--normalized_dir", default=None, help="a --normalize train run of the same checkpoints "
+                                                          "(default results_dir/normalized, used when present)")
+    p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output (default false_predictions)")
+    p.add_argument("--eval_dir", default="models/evaluation", help="evaluate.py output (default models/evaluation)")
+    p.add_argument("--out_dir", default=None, help="report folder (default results_dir/report)")
+    p.add_argument("--show_k", type=positive_int, default=10, help="proponents and opponents shown per test image (default 10)")
+    p.add_argument("--candidates", type=positive_int, default=1000, help="mislabel candidates listed, by rank (default 1000)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="processes making thumbnails (default 2)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- thumbnails
+def _thumb(job) -> bool:
+    src, dst = job
+    from PIL import Image
+
+    try:
+        with Image.open(src) as im:
+            im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at reduced size
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            tmp = f"{dst}.tmp-{os.getpid()}"
+            im.save(tmp, format="JPEG", quality=85)
+            os.replace(tmp, dst)
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def make_thumbnails(wanted: dict[str, str], num_workers: int) -> tuple[int, int, list[str]]:
+    """wanted: thumbnail path -> source image. Makes the missing or outdated ones; returns (made, kept, missing sources)."""
+    jobs, kept, missing = [], 0, []
+    for dst, src in wanted.items():
+        try:
+            src_mtime = os.stat(src).st_mtime_ns
+        except OSError:
+            missing.append(src)
+            continue
+        if os.path.exists(dst) and os.stat(dst).st_mtime_ns >= src_mtime:
+            kept += 1
+        else:
+            jobs.append((src, dst))
+    for d in {os.path.dirname(d) for d in wanted}:
+        os.makedirs(d, exist_ok=True)
+    if num_workers > 1 and len(jobs) > 200:
+        with Pool(num_workers, initializer=quiet_worker) as pool:
+            ok = pool.map(_thumb, jobs, chunksize=64)
+    else:
+        ok = [_thumb(j) for j in jobs]
+    missing += [src for (src, _), good in zip(jobs, ok) if not good]
+    return sum(ok), kept, missing
+
+
+# ---------------------------------------------------------------- data
+def js_file(path: Path, call: str, *args) -> None:
+    """A data file the page loads with a <script> tag: `call(arg, ...);`, or `window.X = arg;` for the meta data."""
+    text = [json.dumps(a, separators=(",", ":"), allow_nan=False) for a in args]
+    path.write_text(f"window.{call} = {text[0]};\n" if call == "REPORT_META" else f"{call}({','.join(text)});\n")
+
+
+def rounded(values, digits: int = 4) -> list:
+    out = []
+    for v in np.asarray(values, dtype=np.float64).ravel():
+        out.append(None if not math.isfinite(v) else float(f"{v:.{digits}g}"))
+    return out
+
+
+def read_optional_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def comparable_run(main, path: Path, data_dir, notes: list[str]):
+    """The normalised run beside the main one, if it is a complete run of the same checkpoints."""
+    if not (path / RECORD).exists():
+        notes.append(f"no normalised lists ({path} holds no run; python -m TracIn.efficient_tracin --normalize train "
+                     f"--output_dir {path} --cache_dir {main.path / 'factors'})")
+        return None
+    other = load_results(path, data_dir=data_dir)
+    if other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]:
+        notes.append(f"normalised lists skipped: {path} was computed from other checkpoints than {main.path}")
+        return None
+    return other
+
+
+def influenced(indices: np.ndarray, values: np.ndarray, test_ids: np.ndarray, descending: bool):
+    """Per training index: the test images where it scores highest (descending) or lowest, from the top-k lists."""
+    tr = indices.ravel()
+    te = np.repeat(test_ids, indices.shape[1])
+    v = values.ravel().astype(np.float64)
+    order = np.lexsort((-v if descending else v, tr))
+    tr, te, v = tr[order], te[order], v[order]
+    starts = np.flatnonzero(np.r_[True, tr[1:] != tr[:-1]])
+    ends = np.r_[starts[1:], len(tr)]
+    return {int(tr[s]): (te[s:min(e, s + INFLUENCED)].tolist(), rounded(v[s:min(e, s + INFLUENCED)])) for s, e in zip(starts, ends)}
+
+
+def build(args) -> dict:
+    t0 = time.time()
+    res_dir = Path(args.results_dir)
+    r = load_results(res_dir, data_dir=args.data_dir)
+    out = ensure_output_dir(args.out_dir or res_dir / "report", "--out_dir")
+    train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
+    names = list(train_list.class_names)
+    notes: list[str] = []
+    k_run = r["top_k_influences_indices"].shape[1]
+    show_k = min(args.show_k, k_run)
+    test_ids = np.asarray(r["test_indices"])
+    train_ids = np.asarray(r["train_indices"])
+
+    lists = {"raw": r}
+    norm = comparable_run(r, Path(args.normalized_dir) if args.normalized_dir else res_dir / "normalized", args.data_dir, notes)
+    if norm is not None:
+        lists["normalized"] = norm
+    list_rows = {}
+    for kind, run in lists.items():
+        rows = index_of(run["test_indices"], test_ids)  # the same test image's row in each run (-1: not scored there)
+        list_rows[kind] = rows
+        if (rows < 0).any():
+            notes.append(f"{kind} lists: {(rows < 0).sum()} test images of the main run were not scored there")
+
+    # mislabel candidates (optional)
+    cand_path = res_dir / "mislabel_candidates.csv"
+    detectors, cand = [], None
+    if cand_path.exists():
+        cand = pd.read_csv(cand_path).sort_values("rank").head(args.candidates)
+        skip = {"rank", "train_idx", "path", "given_class", "predicted_class", "truly_mislabeled"}
+        detectors = [c for c in cand.columns if c not in skip]
+    else:
+        notes.append("no mislabel table (python -m TracIn.mislabel_detection writes mislabel_candidates.csv)")
+    det_json = read_optional_json(res_dir / "mislabel_detection.json")
+
+    # mispredictions (optional), with Grad-CAM where present
+    fp_dir = Path(args.false_predictions)
+    mis_rows = []
+    if (fp_dir / "false_predictions.csv").exists():
+        fp = pd.read_csv(fp_dir / "false_predictions.csv")
+        for row in fp.to_dict("records"):
+            cam = fp_dir / "gradcam" / f"test_{row['index']}.png"
+            mis_rows.append({"split": row["split"], "i": int(row["index"]), "true": row["true_label"], "pred": row["pred_label"],
+                             "conf": rounded([row["confidence"]], 3)[0],
+                             "cam": cam.name if row["split"] == "test" and cam.exists() else None})
+        if not any(m["cam"] for m in mis_rows):
+            notes.append("no Grad-CAM maps (python gradCAM_evaluation.py writes false_predictions/gradcam/)")
+    else:
+        notes.append(f"no mispredictions table ({fp_dir / 'false_predictions.csv'}; python false_prediction.py)")
+
+    # which training images the report shows: candidates first, then those in shown lists or mispredictions
+    order = [] if cand is None else [int(i) for i in cand.train_idx]
+    shown = set(order)
+    extra = set()
+    for kind, run in lists.items():
+        rows = list_rows[kind][list_rows[kind] >= 0]
+        for name in ("top_k_influences_indices", "top_k_opponents_indices"):
+            extra.update(np.unique(np.asarray(run[name])[rows, :show_k]).tolist())
+    extra.update(m["i"] for m in mis_rows if m["split"] == "train")
+    order += sorted(extra - shown)
+
+    # per training image: appearances in the run's full top-k lists and the test images it influences most
+    prop_i, prop_v = np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"])
+    opp_i, opp_v = np.asarray(r["top_k_opponents_indices"]), np.asarray(r["top_k_opponents_values"])
+    n_train = len(train_list.paths)
+    n_prop, n_opp = np.bincount(prop_i.ravel(), minlength=n_train), np.bincount(opp_i.ravel(), minlength=n_train)
+    top_p, top_o = influenced(prop_i, prop_v, test_ids, True), influenced(opp_i, opp_v, test_ids, False)
+    pred_last = r.train_values("train_pred_last", np.arange(n_train)) if "train_pred_last" in r else np.full(n_train, np.nan)
+    cand_by_idx = {} if cand is None else {int(row.train_idx): row for row in cand.itertuples(index=False)}
+    train_records = []
+    for i in order:
+        c = cand_by_idx.get(i)
+        train_records.append({
+            "i": i, "y": int(train_list.labels[i]), "p": None if np.isnan(pred_last[i]) else int(pred_last[i]),
+            "f": os.path.basename(train_list.paths[i]), "path": train_list.paths[i],
+            "r": None if c is None else int(c.rank), "s": None if c is None else rounded([getattr(c, d) for d in detectors]),
+            "bad": None if c is None or not hasattr(c, "truly_mislabeled") else bool(c.truly_mislabeled),
+            "np": int(n_prop[i]), "no": int(n_opp[i]),
+            "tp": top_p.get(i, ([], [])), "to": top_o.get(i, ([], [])),
+        })
+
+    # per test image: its lists (show_k) in every available kind
+    test_records = []
+    for row, t in enumerate(test_ids):
+        rec = {"i": int(t), "l": {}}
+        for kind, run in lists.items():
+            rr = int(list_rows[kind][row])
+            if rr < 0:
+                continue
+            rec["l"][kind] = {"pi": np.asarray(run["top_k_influences_indices"][rr, :show_k]).tolist(),
+                              "pv": rounded(run["top_k_influences_values"][rr, :show_k]),
+                              "oi": np.asarray(run["top_k_opponents_indices"][rr, :show_k]).tolist(),
+                              "ov": rounded(run["top_k_opponents_values"][rr, :show_k])}
+        test_records.append(rec)
+
+    # thumbnails: every test image of the run and every training image the report shows
+    thumbs = {str(out / "thumbs" / "test" / f"{t}.jpg"): test_list.paths[t] for t in test_ids}
+    thumbs.update({str(out / "thumbs" / "train" / f"{i}.jpg"): train_list.paths[i] for i in order})
+    thumbs.update({str(out / "thumbs" / "test" / f"{m['i']}.jpg"): test_list.paths[m["i"]] for m in mis_rows if m["split"] == "test"})
+    t_thumbs = time.time()
+    made, kept, missing = make_thumbnails(thumbs, args.num_workers)
+    t_thumbs = time.time() - t_thumbs
+    if missing:
+        notes.append(f"{len(missing)} image file(s) could not be read since the run (placeholders shown), e.g. {missing[0]}")
+
+    # figures that exist
+    fig_candidates = [(res_dir / "analysis" / "dashboard.png", "TracIn dashboard"),
+                      (res_dir / "analysis" / "concentration.png", "concentration of the top-10 lists"),
+                      (res_dir / "mislabel_detection.png", "mislabel detectors against injected noise"),
+                      (Path(args.eval_dir) / "confusion_matrix_test.png", "confusion matrix (test)"),
+                      (fp_dir / "gradcam_mispredictions.png", "Grad-CAM of mispredicted test images")]
+    figures = [(p, t) for p, t in fig_candidates if p.exists()]
+
+    evaluation = read_optional_json(Path(args.eval_dir) / "metrics_test.json")
+    counterfactual = {p.parent.name: read_optional_json(p) for p in sorted(res_dir.glob("counterfactual/*/counterfactual.json"))}
+    run_id = hashlib.sha256(json.dumps(r.record["identity"], sort_keys=True).encode()).hexdigest()[:16]
+    summary = r.record["summary"]
+    meta = {
+        "run_id": run_id, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": names, "show_k": show_k, "top_k": int(k_run),
+        "kinds": list(lists), "notes": notes, "detectors": detectors, "default_detector": None if det_json is None else det_json.get("score"),
+        "run": {"n_train": summary["n_train"], "n_test": summary["n_test"], "n_checkpoints": summary["n_checkpoints"],
+                "layers": r.record.get("layers"), "normalize": r.record["args"].get("normalize", "none"),
+                "seconds": rounded([summary["seconds_total"]], 3)[0], "data_dir": r.record["data"]["data_dir"],
+                "checkpoints": [{"path": c["path"], "epoch": c["epoch"], "lr": c["lr"]} for c in r.record["checkpoints"]]},
+        "evaluation": None if evaluation is None else {k: evaluation[k] for k in ("accuracy", "loss", "n", "model") if k in evaluation},
+        "mislabel": None if det_json is None else {"score": det_json.get("score"), "n_mislabeled": det_json.get("n_mislabeled"),
+                                                   "metrics": det_json.get("metrics")},
+        "counterfactual": {k: {"retrain": v["retrain"], "k": v["k"], "seeds": v["seeds"], "n_group": len(v["group"]),
+                               "summary": {m: {f: v["summary"][m].get(f) for f in ("removed", "d_loss_mean", "d_loss_std", "d_flips_mean", "beats_random")}
+                                           for m in v["summary"]}} for k, v in counterfactual.items() if v},
+        "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
+        "test": {"i": test_ids.tolist(), "y": test_list.labels[test_ids].tolist(), "p": np.asarray(r["test_pred"]).tolist(),
+                 "f": [os.path.basename(test_list.paths[t]) for t in test_ids]},
+        "test_chunk": TEST_CHUNK, "train_chunk": TRAIN_CHUNK, "train_order": order,
+        "n_candidates": 0 if cand is None else len(cand), "mispredictions": len(mis_rows),
+    }
+
+    # write: a fresh build folder, swapped in; index.html last
+    build_dir = out / f".build-{os.getpid()}"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    try:
+        (build_dir / "data").mkdir(parents=True)
+        (build_dir / "figures").mkdir()
+        for c in range(0, len(test_records), TEST_CHUNK):
+            js_file(build_dir / "data" / f"test_{c // TEST_CHUNK}.js", "REPORT_CHUNK", "test", c // TEST_CHUNK,
+                    test_records[c:c + TEST_CHUNK])
+        for c in range(0, len(train_records), TRAIN_CHUNK):
+            js_file(build_dir / "data" / f"train_{c // TRAIN_CHUNK}.js", "REPORT_CHUNK", "train", c // TRAIN_CHUNK,
+                    train_records[c:c + TRAIN_CHUNK])
+        js_file(build_dir / "data" / "mis_0.js", "REPORT_CHUNK", "mis", 0, mis_rows)
+        js_file(build_dir / "data" / "meta.js", "REPORT_META", meta)
+        for p, _ in figures:
+            shutil.copy2(p, build_dir / "figures" / p.name)
+        if any(m["cam"] for m in mis_rows):
+            shutil.copytree(fp_dir / "gradcam", build_dir / "gradcam")
+        for name in ("report.js", "report.css"):
+            shutil.copy2(ASSETS / name, build_dir / name)
+        (out / "index.html").unlink(missing_ok=True)
+        for name in ("data", "figures", "gradcam", "report.js", "report.css"):
+            old = out / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+            if (build_dir / name).exists():
+                os.replace(build_dir / name, old)
+        shutil.copy2(ASSETS / "index.html", build_dir / "index.html")
+        os.replace(build_dir / "index.html", out / "index.html")
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    stats = {"seconds": time.time() - t0, "seconds_thumbnails": t_thumbs, "thumbnails_made": made, "thumbnails_kept": kept,
+             "missing_images": len(missing), "bytes": size, "test_images": len(test_records), "training_images": len(train_records),
+             "kinds": list(lists), "notes": notes, "out": str(out)}
+    return stats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s = build(args)
+    log.info(f"report: {s['test_images']} test and {s['training_images']} training images, lists {', '.join(s['kinds'])}; "
+             f"{s['thumbnails_made']} thumbnails made, {s['thumbnails_kept']} kept; {s['bytes'] / 2**20:.1f} MiB in "
+             f"{s['seconds']:.1f}s -> open {s['out']}/index.html")
+    for note in s["notes"]:
+        log.info(f"report note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
