@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(PY) train.py $(DEMO_TRAIN) && \
 	$(PY) evaluate.py && \
 	$(PY) -m TracIn.efficient_tracin --overwrite && \
+	$(PY) -m TracIn.efficient_tracin --normalize train --output_dir TracIn/results/normalized --cache_dir TracIn/results/factors && \
 	$(PY) -m TracIn.mislabel_detection && \
 	$(PY) -m TracIn.clean_and_retrain $(DEMO_RETRAIN) && \
 	$(PY) -m TracIn.counterfactual_check --retrain head && \
@@ -39,6 +40,7 @@ demo: $(STAMP)
 	$(PY) -m TracIn.analyze_topk_results && \
 	$(PY) -m TracIn.analyze_misprediction_influences && \
 	$(PY) gradCAM_evaluation.py && \
+	$(PY) -m TracIn.report && \
 	$(PY) demo_report.py --seconds $$(( $$(date +%s) - start ))
 
 test: $(STAMP)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, quiet_worker
-from data_utils import list_split
+from data_utils import SplitListing, list_split
 from TracIn.results import RECORD, index_of, load_results
 
 log = logging.getLogger(__name__)
@@ -122,15 +122,40 @@ def read_optional_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def comparable_run(main, path: Path, data_dir, notes: list[str]):
+def split_listing(data_dir, split: str, record: dict, notes: list[str]) -> SplitListing:
+    """The split as the run saw it. An image file gone since then must not break the report: when the
+    folder no longer matches the run, the names come from prepare_data.py's manifest (and thumbnails
+    of the gone files become placeholders)."""
+    data = record["data"]
+    n = data[f"n_{split}_split"]
+    try:
+        listing = list_split(data_dir, split)
+    except UserError:
+        listing = None
+    if listing is not None and len(listing.paths) == n and listing.class_names == data["class_names"]:
+        return listing
+    manifest = Path(data_dir) / "manifest.csv"
+    if manifest.exists():
+        m = pd.read_csv(manifest)
+        m = m[m.split == split].sort_values("index")
+        if len(m) == n:
+            notes.append(f"{split}: the folder no longer matches the run ({0 if listing is None else len(listing.paths)} "
+                         f"images now, {n} then); image names taken from {manifest}")
+            return SplitListing(list(m.path), m.label.to_numpy(np.int64), list(data["class_names"]))
+    raise UserError(f"{data_dir} changed since the TracIn run ({split}: {n} images then) and has no manifest that "
+                    "matches it; rerun TracIn/efficient_tracin.py")
+
+
+def comparable_run(main, path: Path, notes: list[str]):
     """The normalised run beside the main one, if it is a complete run of the same checkpoints."""
     if not (path / RECORD).exists():
         notes.append(f"no normalised lists ({path} holds no run; python -m TracIn.efficient_tracin --normalize train "
                      f"--output_dir {path} --cache_dir {main.path / 'factors'})")
         return None
-    other = load_results(path, data_dir=data_dir)
-    if other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]:
-        notes.append(f"normalised lists skipped: {path} was computed from other checkpoints than {main.path}")
+    other = load_results(path)
+    if (other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]
+            or other.record["data"] != main.record["data"]):
+        notes.append(f"normalised lists skipped: {path} was computed from other checkpoints or data than {main.path}")
         return None
     return other
 
@@ -150,18 +175,20 @@ def influenced(indices: np.ndarray, values: np.ndarray, test_ids: np.ndarray, de
 def build(args) -> dict:
     t0 = time.time()
     res_dir = Path(args.results_dir)
-    r = load_results(res_dir, data_dir=args.data_dir)
-    out = ensure_output_dir(args.out_dir or res_dir / "report", "--out_dir")
-    train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
-    names = list(train_list.class_names)
+    r = load_results(res_dir)
     notes: list[str] = []
+    if Path(args.data_dir).resolve() != Path(r.record["data"]["data_dir"]):
+        raise UserError(f"{res_dir} was computed on --data_dir {r.record['data']['data_dir']}, not {args.data_dir}")
+    out = ensure_output_dir(args.out_dir or res_dir / "report", "--out_dir")
+    train_list, test_list = (split_listing(args.data_dir, split, r.record, notes) for split in ("train", "test"))
+    names = list(train_list.class_names)
     k_run = r["top_k_influences_indices"].shape[1]
     show_k = min(args.show_k, k_run)
     test_ids = np.asarray(r["test_indices"])
     train_ids = np.asarray(r["train_indices"])
 
     lists = {"raw": r}
-    norm = comparable_run(r, Path(args.normalized_dir) if args.normalized_dir else res_dir / "normalized", args.data_dir, notes)
+    norm = comparable_run(r, Path(args.normalized_dir) if args.normalized_dir else res_dir / "normalized", notes)
     if norm is not None:
         lists["normalized"] = norm
     list_rows = {}

@@ -1,0 +1,193 @@
+"""The HTML results browser: built from a real run, opened from file:// in the system's headless
+Chromium (Debian chromium + chromium-driver, driven by selenium). The browser tests are skipped with
+their reason where Chromium is not installed; the build tests always run."""
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import prepare_data
+from data_utils import list_split, read_exclusions
+from TracIn import efficient_tracin as et, mislabel_detection, report
+from TracIn.results import load_results
+from tests.conftest import make_random_checkpoints, make_raw_tree
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A private prepared data set (the review export relabels it), a TracIn run with its normalised
+    twin and mislabel table, and a mispredictions table; one test image deleted after the run."""
+    root = tmp_path_factory.mktemp("report")
+    raw = make_raw_tree(root / "raw", per_class=8)
+    data = root / "data"
+    assert prepare_data.main(["--raw_dir", str(raw), "--out_dir", str(data), "--image_size", "32", "--test_fraction", "0.25",
+                              "--num_workers", "0"]) == 0
+    names = list_split(data, "train").class_names
+    make_random_checkpoints(root / "ckpt", names, n=2, lrs=(0.01, 0.004))
+    common = ["--data_dir", str(data), "--checkpoint_dir", str(root / "ckpt"), "--top_k", "4", "--num_workers", "0"]
+    assert et.main(common + ["--output_dir", str(root / "res")]) == 0
+    assert et.main(common + ["--output_dir", str(root / "res" / "normalized"), "--normalize", "train",
+                             "--cache_dir", str(root / "res" / "factors")]) == 0
+    assert mislabel_detection.main(["--results_dir", str(root / "res"), "--data_dir", str(data),
+                                    "--checkpoint_dir", str(root / "ckpt")]) == 0
+    r = load_results(root / "res")
+    test = list_split(data, "test")
+    pred, ids = np.asarray(r["test_pred"]), np.asarray(r["test_indices"])
+    wrong = ids[pred != test.labels[ids]]
+    (root / "fp").mkdir()
+    pd.DataFrame({"split": "test", "index": wrong, "path": np.asarray(test.paths)[wrong],
+                  "true_label": np.asarray(names)[test.labels[wrong]], "pred_label": np.asarray(names)[pred[pred != test.labels[ids]]],
+                  "confidence": 0.5, "true_class_prob": 0.2}).to_csv(root / "fp" / "false_predictions.csv", index=False)
+    gone = int(ids[-1])
+    os.remove(test.paths[gone])  # an image file that went missing since the run
+    args = ["--results_dir", str(root / "res"), "--data_dir", str(data), "--false_predictions", str(root / "fp"),
+            "--eval_dir", str(root / "none"), "--show_k", "3", "--num_workers", "0"]
+    assert report.main(args) == 0
+    return {"root": root, "data": data, "res": root / "res", "raw": raw, "gone": gone, "args": args, "names": names}
+
+
+def meta(path: Path) -> dict:
+    text = (path / "data" / "meta.js").read_text()
+    return json.loads(text[text.index("=") + 1:].strip().rstrip(";"))
+
+
+def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
+    out = run["res"] / "report"
+    m = meta(out)
+    assert m["kinds"] == ["raw", "normalized"] and m["show_k"] == 3 and m["n_candidates"] == 18
+    assert any("no longer matches the run" in n for n in m["notes"])  # the deleted file
+    assert not (out / "thumbs" / "test" / f"{run['gone']}.jpg").exists()
+    assert (out / "thumbs" / "test" / f"{m['test']['i'][0]}.jpg").exists()
+    r = load_results(run["res"])
+    chunk = (out / "data" / "test_0.js").read_text()
+    rows = json.loads(chunk[chunk.index(",[") + 1: chunk.rindex(")")])
+    for rec in rows:
+        row = r.test_row(rec["i"])
+        assert rec["l"]["raw"]["pi"] == np.asarray(r["top_k_influences_indices"])[row, :3].tolist()
+        assert rec["l"]["raw"]["oi"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
+    # without the optional outputs the report still builds and says what is missing
+    bare = tmp_path / "bare"
+    shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("normalized", "mislabel_*", "report"))
+    assert report.main(["--results_dir", str(bare), "--data_dir", str(run["data"]), "--false_predictions", str(tmp_path / "no"),
+                        "--eval_dir", str(tmp_path / "no"), "--num_workers", "0"]) == 0
+    notes = " ".join(meta(bare / "report")["notes"])
+    for missing in ("no normalised lists", "no mislabel table", "no mispredictions table"):
+        assert missing in notes
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no Chromium: install Debian's chromium and chromium-driver (.ci/run does, as root)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900"):
+        options.add_argument(a)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, script, timeout=10.0):
+    """Poll a JavaScript expression until it is truthy; return its value."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = driver.execute_script(f"return {script}")
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {script}")
+
+
+def severe(driver):
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "thumbs/test/" not in e["message"]]
+
+
+def idxs(driver, selector):
+    return [int(x) for x in driver.execute_script(
+        f"return [...document.querySelectorAll('{selector}')].map(e => e.dataset.idx)")]
+
+
+def test_browser_views_filters_keys_and_review_export(run, browser, tmp_path):
+    d, res = browser, run["res"]
+    url = (res / "report" / "index.html").resolve().as_uri()
+    r = load_results(res)
+    rn = load_results(res / "normalized")
+    test_ids = np.asarray(r["test_indices"])
+    t = int(test_ids[1])
+
+    d.get(url + f"#test/{t}")
+    wait_for(d, "document.querySelectorAll('.list .thumb').length == 12")
+    for kind, run_ in (("raw", r), ("normalized", rn)):
+        row = run_.test_row(t)
+        assert idxs(d, f'.list[data-kind="{kind}"][data-role="prop"] .thumb') == np.asarray(run_["top_k_influences_indices"])[row, :3].tolist()
+        assert idxs(d, f'.list[data-kind="{kind}"][data-role="opp"] .thumb') == np.asarray(run_["top_k_opponents_indices"])[row, :3].tolist()
+    assert severe(d) == []
+
+    # filters: class and mispredicted, against direct counts
+    m = meta(res / "report")
+    y, p = np.asarray(m["test"]["y"]), np.asarray(m["test"]["p"])
+    d.execute_script("const s = document.getElementById('f-class'); s.value = '1'; s.dispatchEvent(new Event('change', {bubbles: true}))")
+    assert sorted(idxs(d, "#test-grid .thumb")) == sorted(test_ids[y == 1].tolist())
+    d.execute_script("const s = document.getElementById('f-class'); s.value = ''; s.dispatchEvent(new Event('change', {bubbles: true}));"
+                     "const f = document.getElementById('f-status'); f.value = 'wrong'; f.dispatchEvent(new Event('change', {bubbles: true}))")
+    assert sorted(idxs(d, "#test-grid .thumb")) == sorted(test_ids[y != p].tolist())
+    d.execute_script("const f = document.getElementById('f-status'); f.value = 'all'; f.dispatchEvent(new Event('change', {bubbles: true}))")
+
+    # keyboard: next / previous image
+    from selenium.webdriver.common.keys import Keys
+
+    d.get(url + f"#test/{int(test_ids[0])}")
+    wait_for(d, "document.querySelectorAll('.list .thumb').length == 12")
+    d.find_element("tag name", "body").send_keys(Keys.ARROW_RIGHT)
+    assert wait_for(d, f"location.hash == '#test/{int(test_ids[1])}'")
+    d.find_element("tag name", "body").send_keys(Keys.ARROW_LEFT)
+    assert wait_for(d, f"location.hash == '#test/{int(test_ids[0])}'")
+
+    # the deleted test image shows a placeholder, not a broken image
+    d.get(url + f"#test/{run['gone']}")
+    assert wait_for(d, "document.querySelector('.detail .head img.missing') !== null")
+
+    # review: drop one training image, relabel another; both survive a reload
+    cand = pd.read_csv(res / "mislabel_candidates.csv").sort_values("rank")
+    drop_idx, relabel_idx = int(cand.train_idx.iloc[0]), int(cand.train_idx.iloc[1])
+    train = list_split(run["data"], "train")
+    target = next(c for c in run["names"] if c != run["names"][train.labels[relabel_idx]])
+    d.get(url + f"#train/{drop_idx}")
+    wait_for(d, "document.querySelector('#train-sel .review') !== null")
+    d.find_element("css selector", '#train-sel .review button[data-d="drop"]').click()
+    d.get(url + f"#train/{relabel_idx}")
+    wait_for(d, f"document.querySelector('#train-sel .review[data-idx=\"{relabel_idx}\"]') !== null")
+    d.execute_script(f"const s = document.querySelector('#train-sel .review select'); s.value = '{target}';"
+                     "s.dispatchEvent(new Event('change', {bubbles: true}))")
+    d.refresh()
+    wait_for(d, f"document.querySelector('#train-sel .review[data-idx=\"{relabel_idx}\"]') !== null")
+    assert d.execute_script("return document.querySelector('#train-sel .review select').value") == target
+    assert d.find_element("id", "review-count").text == "2 review decisions"
+    # the training image's own view lists the test images it influences
+    assert len(idxs(d, '.list[data-role="helps"] .thumb')) > 0
+    assert severe(d) == []
+
+    # the export is accepted by train.py --exclude and prepare_data.py --relabel
+    csv = tmp_path / "review.csv"
+    csv.write_text(d.execute_script("return reviewCsv()"))
+    table = pd.read_csv(csv)
+    assert table.decision.tolist() == (["drop", "relabel"] if drop_idx < relabel_idx else ["relabel", "drop"])
+    assert read_exclusions(csv, train).tolist() == [drop_idx]
+    before = pd.read_csv(run["data"] / "manifest.csv")
+    source = before.set_index("path").loc[train.paths[relabel_idx], "source_path"]
+    assert prepare_data.main(["--raw_dir", str(run["raw"]), "--out_dir", str(run["data"]), "--image_size", "32",
+                              "--test_fraction", "0.25", "--num_workers", "0", "--relabel", str(csv), "--overwrite"]) == 0
+    after = pd.read_csv(run["data"] / "manifest.csv").set_index("source_path")
+    assert after.loc[source, "class_name"] == target
