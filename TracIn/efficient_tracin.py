@@ -53,7 +53,7 @@ from common import (OWNER_MARKER, UserError, autocast, cli, ensure_output_dir, g
                     positive_float, positive_int, remove_owned, resolve_device, save_json, save_npy)
 from data_utils import ImageListDataset, eval_transform, list_split
 from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
-from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, linear_layers,
+from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, target_layers,
                                     self_influence)
 from TracIn.results import write_run
 
@@ -89,6 +89,9 @@ class TracInConfig:
     amp: bool = False
     normalize: str = "none"
     cache_dir: str = ""
+    proj_dim: int = 16
+    proj_seed: int = 0
+    project_linear: bool = False
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -101,6 +104,8 @@ class TracInConfig:
             raise UserError("--lr_weights must be positive numbers")
         if not self.layers:
             raise UserError("--layers needs at least one layer name")
+        if self.proj_dim < 0:
+            raise UserError("--proj_dim must be >= 0 (0: no projection, the exact per-example gradient)")
         if self.normalize not in NORMALIZE:
             raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -114,7 +119,14 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--output_dir", default="TracIn/results", help="results folder (default TracIn/results)")
     p.add_argument("--checkpoints", nargs="+", default=[], help="checkpoint files to use (default: every finetune_epoch_*.pth, by epoch)")
     p.add_argument("--lr_weights", nargs="+", type=positive_float, default=[], help="lr_t per checkpoint (default: each checkpoint's stored lr)")
-    p.add_argument("--layers", nargs="+", default=["fc"], help="target nn.Linear layers, weight and bias (default fc)")
+    p.add_argument("--layers", nargs="+", default=["fc"],
+                   help="target layers: nn.Linear / nn.Conv2d module names or blocks holding them (layer4 = every conv in it); "
+                        "weights and biases (default fc)")
+    p.add_argument("--proj_dim", type=nonneg_int, default=16,
+                   help="R: conv gradients are projected to R x R per layer from both sides (Kronecker, unbiased); "
+                        "0 = exact (default 16)")
+    p.add_argument("--proj_seed", type=nonneg_int, default=0, help="seed of the projections, stored with the run (default 0)")
+    p.add_argument("--project_linear", action="store_true", help="project linear layers too (default: exact ghost product)")
     p.add_argument("--top_k", type=positive_int, default=100, help="proponents and opponents kept per test image (default 100)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per forward batch (default 32)")
     p.add_argument("--train_subset", type=nonneg_int, default=0, help="seeded random subset of N training images (default 0: all)")
@@ -262,14 +274,21 @@ class CheckpointFactors:
         self._last_sync = time.time()
 
 
-def layer_dims(model, layers) -> dict[str, tuple[int, int]]:
-    mods = dict(model.named_modules())
-    return {l: (mods[l].in_features + (mods[l].bias is not None), mods[l].out_features) for l in layers}
+def make_hook(model, cfg) -> InfluenceHook:
+    return InfluenceHook(model, cfg.layers, proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
 
 
-def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg) -> list[CheckpointFactors]:
-    """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
+def factor_setting(cfg, model) -> dict:
+    """What the cached factors depend on besides the checkpoint and the images. Projection settings
+    count only when some layer is projected, so exact (linear-only) caches keep their key."""
     setting = {"layers": list(cfg.layers), "amp": bool(cfg.amp)}
+    if any(make_hook(model, cfg).projected.values()):
+        setting.update(proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
+    return setting
+
+
+def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg, setting: dict) -> list[CheckpointFactors]:
+    """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
     setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
     split_dir = cache_root / f"{split}-{image_list_key(listing)}"
     roots = [split_dir / f"{sha[:16]}-{setting_key}" for sha in shas]
@@ -284,7 +303,7 @@ def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cf
     return [CheckpointFactors(r, n, dims, n_classes, meta(sha)) for r, sha in zip(roots, shas)]
 
 
-def extract_factors(caches: list[CheckpointFactors], models, layers, listing, ids: np.ndarray, transform, batch_size,
+def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: np.ndarray, transform, batch_size,
                     num_workers, device, desc, stop_after=None, amp: bool = False) -> int:
     """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
 
@@ -302,7 +321,7 @@ def extract_factors(caches: list[CheckpointFactors], models, layers, listing, id
     kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
     done_now = 0
     with contextlib.ExitStack() as stack:
-        hooks = [stack.enter_context(InfluenceHook(m, layers)) for m in models]
+        hooks = [stack.enter_context(make_hook(m, cfg)) for m in models]
         for c in caches:
             stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
         for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
@@ -427,14 +446,15 @@ def factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, tes
     """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
     Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
     models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
-    dims = layer_dims(models[0], cfg.layers)
+    dims = make_hook(models[0], cfg).dims
+    setting = factor_setting(cfg, models[0])
     tf = eval_transform(ckpts[0])
     n_classes = int(ckpts[0]["num_classes"])
     caches, computed, views = {}, {}, {}
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg)
+        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg, setting)
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        computed[split] = extract_factors(caches[split], models, cfg.layers, listing, ids, tf, cfg.batch_size,
+        computed[split] = extract_factors(caches[split], models, cfg, listing, ids, tf, cfg.batch_size,
                                           cfg.num_workers, device, f"factors {split}", stop_after,
                                           amp=cfg.amp and device.type == "cuda")
         views[split] = FactorView(caches[split], ids)
@@ -527,17 +547,23 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     if cfg.num_shards > n_units:
         raise UserError(f"--num_shards {cfg.num_shards} is more than the {n_units} shard unit(s) of lcm(--batch_size, --train_block) "
                         f"= {unit} training images; lower --train_block or --num_shards")
+    model0 = model_from_checkpoint(ckpts[0])
+    try:  # blocks expand to their layers
+        cfg.layers = target_layers(model0, cfg.layers)
+    except ValueError as e:
+        raise UserError(f"--layers: {e}") from None
+    try:  # each layer's projection checked against its width
+        make_hook(model0, cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     # What the scores depend on (the factors' own identity is their cache key).
     identity = {"data_dir": str(Path(cfg.data_dir).resolve()), "checkpoint_sha256": shas, "lr_weights": lrs,
                 "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
-                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block}
+                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block,
+                "factors": factor_setting(cfg, model0)}
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir and cfg.num_shards == 1 else work_dir / "factors"
-    linear = linear_layers(model_from_checkpoint(ckpts[0]))
-    bad = [l for l in cfg.layers if l not in linear]
-    if bad:
-        raise UserError(f"--layers {' '.join(bad)}: not linear layers of {ckpts[0]['arch']} (linear layers: {', '.join(linear)})")
     if not cfg.merge:
         check_images(train_list, train_ids)
         check_images(test_list, test_ids)

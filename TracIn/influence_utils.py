@@ -15,6 +15,7 @@ obviously-correct version (torch.func per-example gradients) that the tests hold
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -24,12 +25,55 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+SUPPORTED = (nn.Linear, nn.Conv2d)
+SUPPORTED_NAMES = "nn.Linear, nn.Conv2d (groups=1)"
+
+
 def linear_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def target_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Module names -> the supported layers they name, in model order: a Linear/Conv2d itself, or every
+    Linear/Conv2d inside a container (`layer4` -> all convolutions of ResNet's layer4). ValueError
+    names the first name that is missing or holds no supported layer."""
+    modules = dict(model.named_modules())
+    out = set()
+    for name in names:
+        m = modules.get(name)
+        if m is None or name == "":
+            top = [n for n in modules if n and "." not in n]
+            raise ValueError(f"no layer named {name!r} in the model (top-level modules: {', '.join(top)})")
+        inside = [name] if isinstance(m, SUPPORTED) else [f"{name}.{n}" for n, c in m.named_modules() if n and isinstance(c, SUPPORTED)]
+        if not inside:
+            raise ValueError(f"layer {name!r} is a {type(m).__name__}, not a supported type ({SUPPORTED_NAMES}), "
+                             "and holds none")
+        bad = [n for n in inside if isinstance(modules[n], nn.Conv2d) and modules[n].groups != 1]
+        if bad:
+            raise ValueError(f"layer {bad[0]!r} is a grouped convolution; supported: {SUPPORTED_NAMES}")
+        out.update(inside)
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted(out, key=order.__getitem__)
+
+
+def _stable_seed(*parts) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def projection(width: int, r: int, seed: int, layer: str, side: str) -> torch.Tensor | None:
+    """A (r, width) Gaussian matrix with N(0, 1/r) entries, so E[R^T R] = I, from a seed fixed by
+    (seed, layer, side): train and test factors of one run always share it. None (the identity) when
+    r = 0 or r >= width."""
+    if r == 0 or r >= width:
+        return None
+    g = torch.Generator().manual_seed(_stable_seed(seed, layer, side, r, width))
+    return torch.randn(r, width, generator=g, dtype=torch.float64) / math.sqrt(r)
+
+
 class InfluenceHook:
-    """Capture, per target nn.Linear, the inputs a (n, d_in[+1]) and output errors d (n, d_out).
+    """Capture per-example gradient factors of target layers (nn.Linear and nn.Conv2d).
 
     Use as a context manager: parameters are frozen while it is active (restored on exit),
     and the first target layer that runs detaches its input and starts the autograd graph
@@ -38,22 +82,44 @@ class InfluenceHook:
         with InfluenceHook(model, ["fc"]) as hook:
             factors = hook.factors(x, y)   # {"fc": (A, D)}
 
-    The bias column (a constant 1 appended to a) is included when the layer has a bias.
+    Every layer gives a pair (A, D) whose ghost product (A_i . A_j)(D_i . D_j) is the gradient dot product:
+    - nn.Linear (exact, the default): A = input a (n, d_in[+1], the bias as a constant 1), D = output error d.
+    - nn.Conv2d, and nn.Linear with project_linear: the per-example weight gradient G = sum_p d_p u_p^T over
+      output positions p (u_p the unfolded input patch, with a 1 for the bias) is projected from both sides,
+      P = R_out G R_in^T = sum_p (R_out d_p)(R_in u_p)^T, never forming G; A = P flattened (n, r_out * r_in)
+      and D = a column of ones. E[<P_i, P_j>] = <G_i, G_j> (Gaussian R with N(0, 1/r) entries); a side whose
+      width is <= proj_dim (or proj_dim 0) is not projected, so proj_dim 0 gives the exact gradient.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[str], proj_dim: int = 0, proj_seed: int = 0,
+                 project_linear: bool = False):
         modules = dict(model.named_modules())
-        missing = [name for name in layers if not isinstance(modules.get(name), nn.Linear)]
+        missing = [name for name in layers if not isinstance(modules.get(name), SUPPORTED)]
         if missing:
-            raise ValueError(f"layer(s) {', '.join(missing)} are not nn.Linear modules of the model; "
-                             f"linear layers: {', '.join(linear_layers(model)) or 'none'}")
+            raise ValueError(f"layer(s) {', '.join(missing)} are not nn.Linear or nn.Conv2d modules of the model; "
+                             f"supported types: {SUPPORTED_NAMES}")
         self.model = model
         self.layers = list(layers)
         self._modules = {name: modules[name] for name in self.layers}
+        self.projected = {n: isinstance(m, nn.Conv2d) or project_linear for n, m in self._modules.items()}
+        self.proj, self.dims = {}, {}
+        for name, m in self._modules.items():
+            out_w = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            in_w = (m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)) + (m.bias is not None)
+            if not self.projected[name]:
+                self.dims[name] = (in_w, out_w)
+                continue
+            if proj_dim > max(in_w, out_w):
+                raise ValueError(f"--proj_dim {proj_dim} is larger than layer {name}'s width ({out_w} outputs, {in_w} "
+                                 "inputs per position); use at most the larger, or 0 for the exact gradient")
+            r_out, r_in = projection(out_w, proj_dim, proj_seed, name, "out"), projection(in_w, proj_dim, proj_seed, name, "in")
+            self.proj[name] = (r_out, r_in)
+            self.dims[name] = ((out_w if r_out is None else r_out.shape[0]) * (in_w if r_in is None else r_in.shape[0]), 1)
         self._handles: list = []
         self._inputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._requires_grad: dict[str, bool] = {}
+        self._cast: dict = {}
 
     # ---- lifecycle
     def __enter__(self) -> "InfluenceHook":
@@ -91,10 +157,8 @@ class InfluenceHook:
     def _make_forward_hook(self, name: str):
         def hook(module, inputs, output):
             a = inputs[0].detach()
-            if a.dim() != 2:
+            if isinstance(module, nn.Linear) and a.dim() != 2:
                 raise ValueError(f"layer {name} gets input of shape {tuple(a.shape)}; only (batch, features) inputs are supported")
-            if module.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
             self._inputs[name] = a
 
             def save_grad(g):
@@ -117,10 +181,37 @@ class InfluenceHook:
             logits = self.model(x)
             losses = F.cross_entropy(logits, y, reduction="none")
             losses.sum().backward()
-        out = {name: (self._inputs[name], self._grads[name]) for name in self.layers}
+        out = {name: self._factor(name) for name in self.layers}
         self._inputs.clear()
         self._grads.clear()
         return out, logits.detach(), losses.detach()
+
+    def _matrix(self, name: str, side: int, like: torch.Tensor):
+        r = self.proj[name][side]
+        if r is None:
+            return None
+        key = (name, side, like.dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = r.to(device=like.device, dtype=like.dtype)
+        return self._cast[key]
+
+    def _factor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        module, a, d = self._modules[name], self._inputs[name], self._grads[name]
+        n = a.shape[0]
+        if isinstance(module, nn.Conv2d):
+            u = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            d = d.reshape(n, d.shape[1], -1)  # (n, C_out, L): one column per output position
+        else:
+            u, d = a.unsqueeze(-1), d.unsqueeze(-1)  # a linear layer: one position
+        if module.bias is not None:
+            u = torch.cat([u, u.new_ones(n, 1, u.shape[-1])], dim=1)
+        if not self.projected[name]:
+            return u.squeeze(-1), d.squeeze(-1)
+        r_out, r_in = self._matrix(name, 0, d), self._matrix(name, 1, u)
+        pd = d if r_out is None else torch.matmul(r_out, d)  # (n, r_out, L)
+        pu = u if r_in is None else torch.matmul(r_in, u)    # (n, r_in, L)
+        p = torch.bmm(pd, pu.transpose(1, 2)).reshape(n, -1)  # sum over positions of the projected outer products
+        return p, p.new_ones(n, 1)
 
 
 Factors = dict  # {layer: (A, D)} for one checkpoint

@@ -112,7 +112,9 @@ def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--top_k", "19"], "larger than the 18 training images"),
     (["--checkpoint_dir", "/nonexistent"], "no checkpoints"),
-    (["--layers", "layer4"], "not linear layers"),
+    (["--layers", "layer9"], "no layer named 'layer9'"),
+    (["--layers", "bn1"], "BatchNorm2d, not a supported type"),
+    (["--layers", "layer4.1.conv2", "--proj_dim", "5000"], "larger than layer layer4.1.conv2's width"),
     (["--lr_weights", "1", "2"], "has 2 values for 3 checkpoints"),
     (["--top_k", "0"], "out of range"),
     (["--normalize", "cosine"], "invalid choice"),

@@ -69,10 +69,10 @@ def test_head_only_hook_runs_no_backward_through_backbone():
     assert calls == []
 
 
-def test_hook_rejects_non_linear_layer():
+def test_hook_rejects_unsupported_layer():
     (m,) = make_tiny_models(1)
-    with pytest.raises(ValueError, match="not nn.Linear"):
-        InfluenceHook(m, ["conv"])
+    with pytest.raises(ValueError, match="not nn.Linear or nn.Conv2d"):
+        InfluenceHook(m, ["bn"])
 
 
 def test_hook_memory_does_not_grow_over_repeated_use():

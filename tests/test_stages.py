@@ -93,7 +93,7 @@ def test_a_failed_run_leaves_the_previous_results_and_blocks_nothing(data, tmp_p
     open(victim, "wb").write(good[:100])
     with pytest.raises(UserError, match="cannot read image"):
         tracin(data, tmp_path / "out", "--overwrite", "--top_k", "3")
-    with pytest.raises(UserError, match="--layers nonexistent"):
+    with pytest.raises(UserError, match="--layers: no layer named 'nonexistent'"):
         tracin(data, tmp_path / "out", "--layers", "nonexistent")
     after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
     assert after == before
