@@ -87,7 +87,7 @@ class TracInConfig:
     num_shards: int = 1
     merge: bool = False
     amp: bool = False
-    normalize: str = "none"
+    normalize: str = "train"
     cache_dir: str = ""
     proj_dim: int = 16
     proj_seed: int = 0
@@ -140,9 +140,10 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--overwrite", action="store_true", help="delete the cached factors (output_dir/factors) and recompute them")
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--normalize", choices=NORMALIZE, default="none",
-                   help="none: TracIn as in the paper; train: divide by the training image's gradient norm per checkpoint; "
-                        "both: cosine of the two gradients per checkpoint (default none; self-influence is never normalised)")
+    p.add_argument("--normalize", choices=NORMALIZE, default="train",
+                   help="train: divide by the training image's gradient norm per checkpoint (chosen by the README's "
+                        "counterfactual table); none: TracIn as in the paper; both: cosine of the two gradients per checkpoint "
+                        "(default train; self-influence is never normalised)")
     p.add_argument("--cache_dir", default="", help="factor cache folder (default output_dir/factors; point a second run, "
                    "e.g. --normalize train, at the first run's cache to score without a forward pass)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")

@@ -5,8 +5,8 @@
 
 Views: overview (the run's numbers, the figures, the mislabel and counterfactual tables); test images
 (filter by class and correct/mispredicted, jump to an index or file name, each image's top proponents and
-opponents, raw and normalised lists side by side when results_dir/normalized holds a --normalize train run
-of the same checkpoints); training images (the mislabel candidates ranked with every detector column, their
+opponents, the main lists (efficient_tracin's default: normalised) beside raw TracIn's when results_dir/raw
+holds a --normalize none run of the same checkpoints, or results_dir/normalized the other way round); training images (the mislabel candidates ranked with every detector column, their
 appearances in the lists, the test images each one influences most); mispredictions (false_predictions.csv,
 with Grad-CAM where gradCAM_evaluation.py made one).
 
@@ -51,8 +51,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
-    p.add_argument("--normalized_dir", default=None, help="a --normalize train run of the same checkpoints "
-                                                          "(default results_dir/normalized, used when present)")
+    p.add_argument("--compare_dir", default=None, help="a run of the same checkpoints with another --normalize, shown "
+                                                       "beside the main lists (default: results_dir/raw or results_dir/normalized, "
+                                                       "whichever holds a run)")
     p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output (default false_predictions)")
     p.add_argument("--eval_dir", default="models/evaluation", help="evaluate.py output (default models/evaluation)")
     p.add_argument("--out_dir", default=None, help="report folder (default results_dir/report)")
@@ -146,16 +147,24 @@ def split_listing(data_dir, split: str, record: dict, notes: list[str]) -> Split
                     "matches it; rerun TracIn/efficient_tracin.py")
 
 
+KINDS = {"none": "raw", "train": "normalized", "both": "cosine"}
+
+
+def list_kind(run) -> str:
+    return KINDS[run.record["args"].get("normalize", "none")]
+
+
 def comparable_run(main, path: Path, notes: list[str]):
-    """The normalised run beside the main one, if it is a complete run of the same checkpoints."""
+    """The run beside the main one (another --normalize), if it is a complete run of the same checkpoints."""
     if not (path / RECORD).exists():
-        notes.append(f"no normalised lists ({path} holds no run; python -m TracIn.efficient_tracin --normalize train "
-                     f"--output_dir {path} --cache_dir {main.path / 'factors'})")
+        other = "none" if main.record["args"].get("normalize", "none") != "none" else "train"
+        notes.append(f"only the {list_kind(main)} lists: no second run in {path} (python -m TracIn.efficient_tracin "
+                     f"--normalize {other} --output_dir {main.path / KINDS[other]} --cache_dir {main.path / 'factors'})")
         return None
     other = load_results(path)
     if (other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]
             or other.record["data"] != main.record["data"]):
-        notes.append(f"normalised lists skipped: {path} was computed from other checkpoints or data than {main.path}")
+        notes.append(f"second lists skipped: {path} was computed from other checkpoints or data than {main.path}")
         return None
     return other
 
@@ -187,10 +196,12 @@ def build(args) -> dict:
     test_ids = np.asarray(r["test_indices"])
     train_ids = np.asarray(r["train_indices"])
 
-    lists = {"raw": r}
-    norm = comparable_run(r, Path(args.normalized_dir) if args.normalized_dir else res_dir / "normalized", notes)
-    if norm is not None:
-        lists["normalized"] = norm
+    lists = {list_kind(r): r}
+    candidates = [Path(args.compare_dir)] if args.compare_dir else [res_dir / "raw", res_dir / "normalized"]
+    compare = next((p for p in candidates if (p / RECORD).exists()), candidates[0])
+    other = comparable_run(r, compare, notes)
+    if other is not None and list_kind(other) not in lists:
+        lists[list_kind(other)] = other
     list_rows = {}
     for kind, run in lists.items():
         rows = index_of(run["test_indices"], test_ids)  # the same test image's row in each run (-1: not scored there)

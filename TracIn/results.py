@@ -45,7 +45,7 @@ TABLES = ("top_k_influences.csv",)
 DERIVED = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
            "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json",
            "analysis", "gradcam_test_*_proponents.png", "clean_and_retrain",
-           "counterfactual", "normalized", "report")
+           "counterfactual", "raw", "normalized", "report")
 
 
 def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:

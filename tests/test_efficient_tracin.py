@@ -22,7 +22,7 @@ def ckpts(prepared, tmp_path_factory):
 
 def run(prepared, ckpts, out, *extra):
     argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(out),
-            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", *extra]
+            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", "--normalize", "none", *extra]
     return et.run(et.parse_args(argv))
 
 

@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     make_random_checkpoints(root / "ckpt", names, n=2, lrs=(0.01, 0.004))
     common = ["--data_dir", str(data), "--checkpoint_dir", str(root / "ckpt"), "--top_k", "4", "--num_workers", "0"]
     assert et.main(common + ["--output_dir", str(root / "res")]) == 0
-    assert et.main(common + ["--output_dir", str(root / "res" / "normalized"), "--normalize", "train",
+    assert et.main(common + ["--output_dir", str(root / "res" / "raw"), "--normalize", "none",
                              "--cache_dir", str(root / "res" / "factors")]) == 0
     assert mislabel_detection.main(["--results_dir", str(root / "res"), "--data_dir", str(data),
                                     "--checkpoint_dir", str(root / "ckpt")]) == 0
@@ -61,7 +61,7 @@ def meta(path: Path) -> dict:
 def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
     out = run["res"] / "report"
     m = meta(out)
-    assert m["kinds"] == ["raw", "normalized"] and m["show_k"] == 3 and m["n_candidates"] == 18
+    assert m["kinds"] == ["normalized", "raw"] and m["show_k"] == 3 and m["n_candidates"] == 18
     assert any("no longer matches the run" in n for n in m["notes"])  # the deleted file
     assert not (out / "thumbs" / "test" / f"{run['gone']}.jpg").exists()
     assert (out / "thumbs" / "test" / f"{m['test']['i'][0]}.jpg").exists()
@@ -70,15 +70,15 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
     rows = json.loads(chunk[chunk.index(",[") + 1: chunk.rindex(")")])
     for rec in rows:
         row = r.test_row(rec["i"])
-        assert rec["l"]["raw"]["pi"] == np.asarray(r["top_k_influences_indices"])[row, :3].tolist()
-        assert rec["l"]["raw"]["oi"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
+        assert rec["l"]["normalized"]["pi"] == np.asarray(r["top_k_influences_indices"])[row, :3].tolist()
+        assert rec["l"]["normalized"]["oi"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
     # without the optional outputs the report still builds and says what is missing
     bare = tmp_path / "bare"
-    shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("normalized", "mislabel_*", "report"))
+    shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("raw", "mislabel_*", "report"))
     assert report.main(["--results_dir", str(bare), "--data_dir", str(run["data"]), "--false_predictions", str(tmp_path / "no"),
                         "--eval_dir", str(tmp_path / "no"), "--num_workers", "0"]) == 0
     notes = " ".join(meta(bare / "report")["notes"])
-    for missing in ("no normalised lists", "no mislabel table", "no mispredictions table"):
+    for missing in ("only the normalized lists", "no mislabel table", "no mispredictions table"):
         assert missing in notes
 
 
@@ -123,13 +123,13 @@ def test_browser_views_filters_keys_and_review_export(run, browser, tmp_path):
     d, res = browser, run["res"]
     url = (res / "report" / "index.html").resolve().as_uri()
     r = load_results(res)
-    rn = load_results(res / "normalized")
+    raw_run = load_results(res / "raw")
     test_ids = np.asarray(r["test_indices"])
     t = int(test_ids[1])
 
     d.get(url + f"#test/{t}")
     wait_for(d, "document.querySelectorAll('.list .thumb').length == 12")
-    for kind, run_ in (("raw", r), ("normalized", rn)):
+    for kind, run_ in (("normalized", r), ("raw", raw_run)):
         row = run_.test_row(t)
         assert idxs(d, f'.list[data-kind="{kind}"][data-role="prop"] .thumb') == np.asarray(run_["top_k_influences_indices"])[row, :3].tolist()
         assert idxs(d, f'.list[data-kind="{kind}"][data-role="opp"] .thumb') == np.asarray(run_["top_k_opponents_indices"])[row, :3].tolist()

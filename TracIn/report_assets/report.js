@@ -241,7 +241,7 @@
           esc(M.test.f[row]) + "</div><div>true class <b>" + esc(names[y]) + "</b>, predicted <b class=\"" + (y === p ? "pos" : "neg") + '">' +
           esc(names[p]) + "</b></div></div></div><div class=\"lists\">" +
           Object.entries(rec.l).map(([kind, l]) => "<div>" + listBlock(kind, "prop", l.pi, l.pv) + listBlock(kind, "opp", l.oi, l.ov) + "</div>").join("") +
-          (M.kinds.length < 2 ? '<div class="note small">only the ' + M.kinds[0] + " lists: see the overview for how to add normalised ones</div>" : "") +
+          (M.kinds.length < 2 ? '<div class="note small">only the ' + M.kinds[0] + " lists: the overview says how to add the other kind</div>" : "") +
           "</div></div>";
       });
     });
