@@ -256,7 +256,7 @@
     s.page = Math.min(s.page, Math.max(0, Math.ceil(total / PAGE.train) - 1));
     const from = s.page * PAGE.train, to = Math.min(total, from + PAGE.train);
     return Promise.all([trainRecords(from, to), current.idx === null ? null : trainRecord(current.idx)]).then(([recs, sel]) => {
-      let h = M.n_candidates ? "<h2>Mislabel candidates</h2><p class=\"small\">" + M.n_candidates + " highest-ranked by " + esc(M.default_detector) +
+      let h = M.n_candidates ? "<h2>Mislabel candidates</h2><p class=\"small\">" + M.n_candidates + " highest-ranked by " + esc(M.default_detector || "the rank column of mislabel_candidates.csv") +
         " (rows 1–" + M.n_candidates + "), then " + (total - M.n_candidates) + " more training images that appear in the shown lists or mispredictions.</p>"
         : '<h2>Training images</h2><div class="note">no mislabel table: python -m TracIn.mislabel_detection ranks the candidates; ' +
           "listed here are the training images that appear in the shown lists or mispredictions</div>";
