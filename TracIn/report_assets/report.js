@@ -60,6 +60,7 @@
   function fmt(v, d = 3) {
     if (v === null || v === undefined) return "–";
     const a = Math.abs(v);
+    if (Number.isInteger(v) && a < 1e6) return String(v);
     if (a >= 1e4 || (a !== 0 && a < 1e-3)) return v.toExponential(2);
     return (+v).toFixed(a >= 100 ? Math.min(d, 1) : d);
   }
