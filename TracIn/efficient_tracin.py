@@ -108,6 +108,8 @@ class TracInConfig:
             raise UserError("--proj_dim must be >= 0 (0: no projection, the exact per-example gradient)")
         if self.normalize not in NORMALIZE:
             raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
+        if self.cache_dir and self.num_shards > 1:
+            raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
 
@@ -145,7 +147,7 @@ def parse_args(argv=None) -> TracInConfig:
                         "counterfactual table); none: TracIn as in the paper; both: cosine of the two gradients per checkpoint "
                         "(default train; self-influence is never normalised)")
     p.add_argument("--cache_dir", default="", help="factor cache folder (default output_dir/factors; point a second run, "
-                   "e.g. --normalize train, at the first run's cache to score without a forward pass)")
+                   "e.g. with another --normalize, at the first run's cache to score without a forward pass; unsharded runs)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")
     p.add_argument("--merge", action="store_true", help="merge the --num_shards finished shards into the final outputs")
     a = p.parse_args(argv)
@@ -564,7 +566,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
                 "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block,
                 "factors": factor_setting(cfg, model0)}
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir and cfg.num_shards == 1 else work_dir / "factors"
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else work_dir / "factors"
     if not cfg.merge:
         check_images(train_list, train_ids)
         check_images(test_list, test_ids)

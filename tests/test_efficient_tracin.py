@@ -118,6 +118,7 @@ def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
     (["--lr_weights", "1", "2"], "has 2 values for 3 checkpoints"),
     (["--top_k", "0"], "out of range"),
     (["--normalize", "cosine"], "invalid choice"),
+    (["--cache_dir", "elsewhere", "--num_shards", "2"], "--cache_dir is for unsharded runs"),
 ])
 def test_bad_input_is_one_line_exit_2(prepared, ckpts, tmp_path, extra, message):
     argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(tmp_path / "o"),
