@@ -94,9 +94,10 @@ class InfluenceHook:
     def __init__(self, model: nn.Module, layers: Sequence[str], proj_dim: int = 0, proj_seed: int = 0,
                  project_linear: bool = False):
         modules = dict(model.named_modules())
-        missing = [name for name in layers if not isinstance(modules.get(name), SUPPORTED)]
+        missing = [name for name in layers if not isinstance(modules.get(name), SUPPORTED)
+                   or (isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1)]
         if missing:
-            raise ValueError(f"layer(s) {', '.join(missing)} are not nn.Linear or nn.Conv2d modules of the model; "
+            raise ValueError(f"layer(s) {', '.join(missing)} are not nn.Linear or nn.Conv2d (groups=1) modules of the model; "
                              f"supported types: {SUPPORTED_NAMES}")
         self.model = model
         self.layers = list(layers)
