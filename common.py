@@ -103,6 +103,15 @@ def cli(main: Callable[[list[str] | None], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def scheduled_lr(epoch: int, schedule: str, peak: float, epochs: int) -> float:
+    """train.py's learning rate during 1-based `epoch`: constant, or cosine from `peak` over `epochs`."""
+    import math
+
+    if schedule == "constant":
+        return peak
+    return 0.5 * peak * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
 def set_seed(seed: int) -> None:
     """The one seeding helper: Python, NumPy and torch (CPU and CUDA)."""
     import torch

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import OWNER_MARKER, UserError, atomic_path, mark_owned, owned_by, autocast, cli, ensure_output_dir, git_commit, nonneg_int, positive_float, positive_int, resolve_device, save_json, set_seed
+from common import OWNER_MARKER, UserError, scheduled_lr, atomic_path, mark_owned, owned_by, autocast, cli, ensure_output_dir, git_commit, nonneg_int, positive_float, positive_int, resolve_device, save_json, set_seed
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader, read_exclusions
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
@@ -80,10 +80,8 @@ def resolve_weights(arch: str, weights: str) -> str | None:
 
 
 def lr_at(epoch: int, args) -> float:
-    """Learning rate during 1-based `epoch`."""
-    if args.lr_schedule == "constant":
-        return args.learning_rate
-    return 0.5 * args.learning_rate * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+    """Learning rate during 1-based `epoch` (common.scheduled_lr with train.py's flags)."""
+    return scheduled_lr(epoch, args.lr_schedule, args.learning_rate, args.epochs)
 
 
 class Dist:

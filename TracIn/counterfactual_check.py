@@ -29,17 +29,15 @@ change exceeds the control's by more than both standard deviations.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_json
+from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_json, scheduled_lr
 from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 from model_architecture import load_checkpoint, model_from_checkpoint, model_to_device, predict
 from TracIn.clean_and_retrain import original_settings, train_without
@@ -140,11 +138,6 @@ def removal_set(lists, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- retraining
-def lr_at(epoch: int, settings: dict) -> float:
-    from train import lr_at as train_lr_at
-    return train_lr_at(epoch, SimpleNamespace(**settings))
-
-
 def retrain_head(x_train: torch.Tensor, y_train: np.ndarray, keep: np.ndarray, settings: dict, seed: int) -> torch.Tensor:
     """fc retrained on frozen features (bias as a column of ones) with train.py's optimiser, schedule and
     batch size; returns the weight (C, F + 1). Float64, CPU: a few seconds at demo size."""
@@ -157,7 +150,7 @@ def retrain_head(x_train: torch.Tensor, y_train: np.ndarray, keep: np.ndarray, s
     bs = settings["batch_size"]
     for epoch in range(1, settings["epochs"] + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, settings)
+            group["lr"] = scheduled_lr(epoch, settings["lr_schedule"], settings["learning_rate"], settings["epochs"])
         order = torch.randperm(len(x), generator=g)
         for b in range(0, len(x), bs):
             idx = order[b:b + bs]

@@ -194,7 +194,6 @@ def build(args) -> dict:
     k_run = r["top_k_influences_indices"].shape[1]
     show_k = min(args.show_k, k_run)
     test_ids = np.asarray(r["test_indices"])
-    train_ids = np.asarray(r["train_indices"])
 
     lists = {list_kind(r): r}
     candidates = [Path(args.compare_dir)] if args.compare_dir else [res_dir / "raw", res_dir / "normalized"]
