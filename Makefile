@@ -49,7 +49,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_tracin.py
 
-# Removes what the pipeline wrote; the tracked READMEs and anything else in models/ (weights) stay.
-clean-results:
-	find TracIn/results false_predictions -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
-	rm -rf models/checkpoints models/evaluation
+# Removes what the pipeline wrote and marked as its own; the tracked READMEs, weights and any file of yours stay.
+clean-results: $(STAMP)
+	$(PY) clean_results.py

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -128,6 +129,8 @@ def _ranged(kind, lo=None, hi=None, lo_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if lo is not None and (value <= lo if lo_open else value < lo):
             raise argparse.ArgumentTypeError(f"{value} is out of range (must be {'>' if lo_open else '>='} {lo})")
         if hi is not None and value > hi:
@@ -140,7 +143,18 @@ def _ranged(kind, lo=None, hi=None, lo_open=False):
 
 positive_int = _ranged(int, lo=1)
 nonneg_int = _ranged(int, lo=0)
+at_least_two = _ranged(int, lo=2)
 positive_float = _ranged(float, lo=0.0, lo_open=True)
+nonneg_float = _ranged(float, lo=0.0)
+
+
+def plain_name(text: str) -> str:
+    """argparse type of a name used inside a file name: letters, digits, '.', '_', '-' only, so it never leaves its folder."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or leading '.')")
+    return text
 
 
 def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False):
@@ -236,6 +250,17 @@ def remove_owned(folder: str | os.PathLike, tool: str) -> bool:
     return True
 
 
+def remove_inside_owned(path: str | os.PathLike, owner_root: str | os.PathLike, tool: str) -> None:
+    """Delete `path` (a file or folder) that lies inside `owner_root`, only if `tool` marked `owner_root` as its own."""
+    import shutil
+
+    path, owner_root = Path(path), Path(owner_root)
+    if not owned_by(owner_root, tool) or path.is_symlink() or not is_relative_to(path, owner_root) or \
+            path.resolve() == owner_root.resolve():
+        raise UserError(f"{path} is not inside a folder {tool} marked as its own; it is left untouched")
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def is_relative_to(a: Path, b: Path) -> bool:
     """Whether resolved path a equals or lies inside resolved path b."""
     a, b = Path(a).resolve(), Path(b).resolve()
@@ -278,3 +303,173 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes: the identity of a checkpoint or an input file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading result files: one line per bad file
+def read_json(path: str | os.PathLike, fix: str = "rerun the tool that wrote it") -> dict:
+    """A JSON object from `path`; a missing, unreadable or corrupt file is one UserError naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"cannot read {path} (not a JSON object); {fix}")
+    return value
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = "r", fix: str = "rerun the tool that wrote it") -> np.ndarray:
+    """np.load with a truncated or corrupt file turned into one UserError naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+
+
+def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str) -> "pandas.DataFrame":
+    """A CSV with the given columns ({name: 'int' | 'float' | 'str'}): a missing column, an empty file or a
+    cell of the wrong type is one UserError naming the file and the column."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as e:  # EmptyDataError and ParserError are ValueErrors
+        raise UserError(f"cannot read {path} as CSV ({str(e).splitlines()[0]}); {fix}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; {fix}")
+    for name, kind in columns.items():
+        if kind == "str":
+            table[name] = table[name].astype(str)
+            continue
+        values = pd.to_numeric(table[name], errors="coerce")
+        # a float column may have empty cells (NaN), never text; an int column neither
+        bad = (values.isna() | (values % 1 != 0)) if kind == "int" else (values.isna() & table[name].notna())
+        if bad.any():
+            raise UserError(f"{path}: column {name} has {table[name][bad].iloc[0]!r} (row {int(np.flatnonzero(bad)[0]) + 2}), "
+                            f"not a{'n integer' if kind == 'int' else ' number'}; {fix}")
+        table[name] = values.astype(np.int64 if kind == "int" else np.float64)
+    return table
+
+
+# ---------------------------------------------------------------- identities of inputs
+def identity_mismatch(recorded: dict | None, current: dict) -> str | None:
+    """The first key where a recorded input identity differs from the current one, as 'key: then X, now Y'; None if equal."""
+    recorded = recorded or {}
+    for key, now in current.items():
+        then = recorded.get(key)
+        if json.loads(json.dumps(then, default=str)) != json.loads(json.dumps(now, default=str)):
+            short = lambda v: (str(v)[:16] + "...") if len(str(v)) > 19 else str(v)
+            return f"{key}: then {short(then)}, now {short(now)}"
+    return None
+
+
+# ---------------------------------------------------------------- files in a shared folder: claimed, removed only if unchanged
+CLAIMS = ".written_files.json"
+
+
+def claim_files(folder: str | os.PathLike, names: list[str], tool: str) -> None:
+    """Record that `tool` wrote these files of `folder` (with their sha256), so that a later run may remove them,
+    and only while they are byte-identical to what was written (a user's own file of the same name is never touched)."""
+    folder = Path(folder)
+    claims = read_claims(folder)
+    for name in names:
+        claims[name] = {"tool": tool, "sha256": file_sha256(folder / name)}
+    save_json(folder / CLAIMS, claims)
+
+
+def read_claims(folder: Path) -> dict:
+    try:
+        claims = json.loads((folder / CLAIMS).read_text())
+        return claims if isinstance(claims, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remove_claimed(folder: str | os.PathLike, names: list[str]) -> list[str]:
+    """Remove those of `names` that a tool claimed in `folder` and that are unchanged since; returns the ones removed.
+    A file that changed, a symlink or a folder under a claimed name is left where it is."""
+    folder = Path(folder)
+    claims, removed = read_claims(folder), []
+    for name in names:
+        path = folder / name
+        entry = claims.get(name)
+        if entry is None or path.is_symlink() or not path.is_file():
+            continue
+        if file_sha256(path) == entry.get("sha256"):
+            path.unlink()
+            removed.append(name)
+        claims.pop(name, None)
+    if removed and claims:
+        save_json(folder / CLAIMS, claims)
+    elif removed:
+        (folder / CLAIMS).unlink(missing_ok=True)
+    return removed
+
+
+def remove_run_files(folder: str | os.PathLike, record: str) -> list[str]:
+    """Remove a results folder's run: the plain files its record (a JSON with a "files" list, written last by the
+    one results writer) names, then the record. Nothing the record does not name is touched."""
+    folder = Path(folder)
+    path = folder / record
+    if not path.is_file() or path.is_symlink():
+        return []
+    try:
+        files = json.loads(path.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        files = []
+    removed = []
+    for name in [n for n in files if isinstance(n, str) and Path(n).name == n and not n.startswith(".")] + [record]:
+        if (folder / name).is_file() and not (folder / name).is_symlink():
+            (folder / name).unlink()
+            removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------- folders: built beside, swapped in whole
+def check_replaceable(target: str | os.PathLike, tool: str, flag: str) -> Path:
+    """Refuse, before any work, a `target` folder that `tool` may not replace: a symlink, a file, or a non-empty
+    folder without `tool`'s marker. Returns the path."""
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise UserError(f"{flag} {target} is a {'symlink' if target.is_symlink() else 'file'}; pass a plain folder path")
+    if target.is_dir() and any(p.name != OWNER_MARKER for p in target.iterdir()) and not owned_by(target, tool):
+        raise UserError(f"{flag} {target} holds files that {tool} did not write (no {OWNER_MARKER} marker); "
+                        "they are left untouched: pass another folder")
+    return target
+
+
+@contextlib.contextmanager
+def building(target: str | os.PathLike, tool: str, flag: str) -> Iterator[Path]:
+    """Yield an empty folder beside `target`; on success it replaces `target` whole (marked as `tool`'s), and the old
+    folder is deleted, checked again for `tool`'s marker at that moment. On failure `target` is left as it was."""
+    import shutil
+
+    target = check_replaceable(target, tool, flag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+    try:
+        yield build
+        mark_owned(build, tool)
+        check_replaceable(target, tool, flag)  # again: it may have changed while we worked
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+        os.replace(build, target)
+        if old is not None:
+            if owned_by(old / "x", tool) or not any(p.name != OWNER_MARKER for p in (old / "x").iterdir()):
+                shutil.rmtree(old)
+    finally:
+        if build.exists():
+            shutil.rmtree(build)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from common import UserError
+from common import UserError, file_sha256
 
 # Animals-10 ships Italian folder names; anything else is kept as it is.
 ITALIAN_TO_ENGLISH = {
@@ -96,6 +96,29 @@ def list_split(data_dir: str | os.PathLike, split: str) -> SplitListing:
     return SplitListing(paths, np.asarray(labels, dtype=np.int64), class_names)
 
 
+def listing_key(listing: SplitListing) -> str:
+    """Content key of a split's image list: every file's path, label, size and mtime. Re-prepared, relabelled or
+    edited data gets a new key, so a result computed on other data is recognised even at the same path and size."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, label in zip(listing.paths, listing.labels):
+        st = os.stat(path)
+        h.update(f"{path}\0{int(label)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_identity(data_dir, images: bool = True) -> dict:
+    """What a result computed on `data_dir` records about it: the folder, the preparation (a hash of prepare_data.py's
+    manifest.csv, None without one) and each split's content key. images=False leaves out the split keys: the identity
+    of the preparation alone, which survives an image file deleted or edited since (the report shows a placeholder)."""
+    manifest = Path(data_dir) / "manifest.csv"
+    ident = {"data_dir": str(Path(data_dir).resolve()), "manifest_key": file_sha256(manifest)[:16] if manifest.is_file() else None}
+    if images:
+        ident.update({f"{split}_key": listing_key(list_split(data_dir, split)) for split in SPLITS})
+    return ident
+
+
 def build_transform(image_size: int, train: bool, hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Train: light random crop (+ optional flip). Eval: resize to image_size x image_size."""
     from torchvision import transforms as T
@@ -157,6 +180,20 @@ def read_exclusions(csv_path: str | os.PathLike, listing: SplitListing) -> np.nd
     import pandas as pd
 
     table = read_review_csv(csv_path, "--exclude", "drop")
+    if {"train_idx", "path"} <= set(table.columns):
+        # A review export names each image twice: its index then and its file. Both must still agree, or the data
+        # were re-prepared (or relabelled) since the review and the index now means another image.
+        idx = pd.to_numeric(table.train_idx, errors="coerce")
+        position = {str(Path(p).resolve()): i for i, p in enumerate(listing.paths)}
+        for row, (i, path) in enumerate(zip(idx, table.path.astype(str)), start=2):
+            now = position.get(str(Path(path).resolve()), -1)
+            if now < 0:
+                raise UserError(f"--exclude {csv_path}: row {row}: {path} is not a training image of this data (re-prepared or "
+                                "relabelled since the review?); review the current data again")
+            if i != now:
+                raise UserError(f"--exclude {csv_path}: row {row}: {path} is training image #{now} now, not #{table.train_idx.iloc[row - 2]}; the data changed "
+                                "since the review: review the current data again")
+        return np.unique(idx.to_numpy(dtype=np.int64))
     if "train_idx" in table.columns:
         idx = pd.to_numeric(table.train_idx, errors="coerce")
         bad = table[idx.isna() | (idx < 0) | (idx >= len(listing.paths)) | (idx % 1 != 0)]
@@ -190,3 +227,33 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         generator=generator,
         drop_last=drop_last,
     )
+
+
+FALSE_PREDICTION_COLUMNS = {"split": "str", "index": "int", "path": "str", "true_label": "str", "pred_label": "str",
+                            "confidence": "float"}
+
+
+def read_false_predictions(csv_path, data_dir, model_sha256: str | None = None, images: bool = True):
+    """false_prediction.py's table, checked: its columns and cell types, and the record beside it (the model and the
+    data it came from) against `data_dir` as it is now (and `model_sha256`, when given; images=False: the preparation
+    only, see data_identity). One UserError line otherwise."""
+    from common import identity_mismatch, read_json, read_table
+
+    csv_path = Path(csv_path)
+    fix = f"rerun false_prediction.py --data_dir {data_dir}"
+    if not csv_path.exists():
+        raise UserError(f"{csv_path} is missing; run false_prediction.py first")
+    record_path = csv_path.with_suffix(".json")
+    if not record_path.exists():
+        raise UserError(f"{csv_path} has no {record_path.name} beside it saying which model and data it came from; {fix}")
+    record = read_json(record_path, fix)
+    differs = identity_mismatch(record, data_identity(data_dir, images))
+    if differs:
+        raise UserError(f"{csv_path} was computed on other data than {data_dir} ({differs}); {fix}")
+    if model_sha256 is not None and record.get("model_sha256") != model_sha256:
+        raise UserError(f"{csv_path} lists the mistakes of {record.get('model')}, not of this --model; "
+                        f"rerun false_prediction.py with the same --model")
+    table = read_table(csv_path, FALSE_PREDICTION_COLUMNS, fix)
+    if not table.split.isin(SPLITS).all():
+        raise UserError(f"{csv_path}: column split has {table.split[~table.split.isin(SPLITS)].iloc[0]!r}, not train or test; {fix}")
+    return table, record

@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from common import UserError, cli
+from common import UserError, cli, read_json as read_checked_json
 
 
 def parse_args(argv=None):
@@ -23,7 +22,7 @@ def parse_args(argv=None):
 def read_json(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"{path} is missing; run the demo steps first (make demo)")
-    return json.loads(path.read_text())
+    return read_checked_json(path, "run the demo steps again (make demo)")
 
 
 def main(argv=None):

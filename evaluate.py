@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
+from common import UserError, claim_files, cli, file_sha256, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
+from data_utils import data_identity
 from model_architecture import evaluate_model, find_best_model, predictions_frame
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,13 @@ def main(argv=None):
     save_csv(out / f"confusion_matrix_{args.split}.csv", pd.DataFrame(m["confusion"], index=names, columns=names).rename_axis("true").reset_index())
     save_figure(out / f"confusion_matrix_{args.split}.png", plot_confusion(m["confusion"], names, f"{Path(model_path).name} ({args.split})"))
     save_json(out / f"metrics_{args.split}.json", {
-        "model": str(model_path), "split": args.split, "n": len(preds["labels"]),
+        "model": str(model_path), "model_sha256": file_sha256(model_path), **data_identity(args.data_dir, images=False),
+        "split": args.split, "n": len(preds["labels"]),
         "accuracy": m["accuracy"], "loss": m["loss"],
         "per_class_accuracy": dict(zip(names, map(float, m["per_class_accuracy"]))),
     })
+    claim_files(out, [f"predictions_{args.split}.csv", f"confusion_matrix_{args.split}.csv", f"confusion_matrix_{args.split}.png",
+                      f"metrics_{args.split}.json"], "evaluate.py")
     worst = sorted(zip(m["per_class_accuracy"], names))[:3]
     log.info(f"eval {args.split}: n={len(preds['labels'])} accuracy={m['accuracy']:.4f} loss={m['loss']:.4f} "
              f"| weakest classes: {', '.join(f'{n} {a:.3f}' for a, n in worst)} | outputs in {out}")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import cli, nonneg_int, positive_int, resolve_device, save_csv, save_figure
-from data_utils import load_rgb
+from common import claim_files, cli, file_sha256, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
+from data_utils import data_identity, load_rgb
 from model_architecture import evaluate_model, find_best_model, predictions_frame
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ def main(argv=None):
     table = pd.concat(frames, ignore_index=True)
     out = Path(args.out_dir)
     save_csv(out / "false_predictions.csv", table)
+    # what the table came from, compared by every reader (Grad-CAM, the misprediction analysis, the report)
+    save_json(out / "false_predictions.json", {"model": str(model_path), "model_sha256": file_sha256(model_path),
+                                               **data_identity(args.data_dir)})
     # the most confident mistakes, half from each split (test first), the rest filled from either
     ranked = table.sort_values("confidence", ascending=False)
     half = args.max_images // 2
@@ -78,6 +81,7 @@ def main(argv=None):
     shown = picks.sort_values(["split", "confidence"], ascending=[True, False])
     save_figure(out / "combined_mispredictions.png",
                 plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
+    claim_files(out, ["false_predictions.csv", "false_predictions.json", "combined_mispredictions.png"], "false_prediction")
     for line in lines:
         log.info(line)
     log.info(f"outputs: {out}/false_predictions.csv, {out}/combined_mispredictions.png")

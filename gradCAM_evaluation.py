@@ -21,12 +21,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import UserError, cli, nonneg_int, positive_int, resolve_device, save_figure
-from data_utils import build_transform, list_split, load_rgb
+from common import (UserError, building, check_replaceable, claim_files, cli, file_sha256, nonneg_int, positive_int,
+                    resolve_device, save_figure, save_json)
+from data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from model_architecture import find_best_model, load_checkpoint, model_from_checkpoint
 from TracIn.results import RECORD, load_results
 
 log = logging.getLogger(__name__)
+TOOL = "gradCAM_evaluation"
 
 
 class GradCAM:
@@ -167,12 +169,16 @@ def main(argv=None):
     layer = getattr(model, layer_name)
     tf = build_transform(ckpt["image_size"], train=False, mean=ckpt["mean"], std=ckpt["std"])
     names = test_list.class_names
-    fp_path = Path(args.false_predictions)
-    if not fp_path.exists():
-        raise UserError(f"{fp_path} is missing; run false_prediction.py first")
-    wrong = pd.read_csv(fp_path)
+    model_sha = file_sha256(model_path)
+    wrong, fp_record = read_false_predictions(args.false_predictions, args.data_dir, model_sha)
     wrong = wrong[wrong.split == "test"].head(args.max_images)
+    bad = wrong[~wrong.pred_label.isin(names) | (wrong["index"] < 0) | (wrong["index"] >= len(test_list.paths))]
+    if len(bad):
+        raise UserError(f"{args.false_predictions}: row of test image {bad['index'].iloc[0]} names no image or class of "
+                        f"{args.data_dir}; rerun false_prediction.py")
     outputs = []
+    gradcam_dir = Path(args.out_dir) / "gradcam"
+    check_replaceable(gradcam_dir, TOOL, "--out_dir")
     if len(wrong):
         cams = cams_for(model, layer, list(wrong.path), [names.index(c) for c in wrong.pred_label], tf, device)
         cols = min(8, len(wrong))
@@ -182,12 +188,22 @@ def main(argv=None):
             ax.axis("off")
         for ax, (_, r), c in zip(axes.ravel(), wrong.iterrows(), cams):
             overlay(ax, r.path, c, f"#{r['index']} {r.true_label} -> {r.pred_label}")
-        for (_, r), c in zip(wrong.iterrows(), cams):
-            save_overlay(Path(args.out_dir) / "gradcam" / f"test_{r['index']}.png", r.path, c)
+        # the per-image maps as one folder, swapped in whole, with what they were computed from
+        with building(gradcam_dir, TOOL, "--out_dir") as build:
+            for (_, r), c in zip(wrong.iterrows(), cams):
+                save_overlay(build / f"test_{r['index']}.png", r.path, c)
+            save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
+                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
         fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images", fontsize=9)
         fig.tight_layout()
         outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")
         save_figure(outputs[-1], fig)
+        claim_files(args.out_dir, [outputs[-1].name], TOOL)
+
+    else:  # no mispredicted test image: an empty maps folder, so no earlier model's maps stay behind
+        with building(gradcam_dir, TOOL, "--out_dir") as build:
+            save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
+                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
 
     res = Path(args.results_dir)
     if (res / RECORD).exists():
@@ -207,6 +223,7 @@ def main(argv=None):
         fig.tight_layout()
         outputs.append(res / f"gradcam_test_{t}_proponents.png")
         save_figure(outputs[-1], fig)
+        claim_files(res, [outputs[-1].name], TOOL)
     log.info("Grad-CAM: " + (", ".join(map(str, outputs)) if outputs else "nothing to show (no mispredictions, no TracIn results)"))
     return 0
 

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import (OWNER_MARKER, UserError, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
+from common import (OWNER_MARKER, UserError, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
                     owned_by, positive_int, quiet_worker, save_json)
 from data_utils import SPLITS, english_class_name, list_split, load_rgb, read_review_csv
 
@@ -204,13 +204,28 @@ def read_relabel(csv_path: str, out_dir: Path) -> dict[str, str]:
     manifest = out_dir / "manifest.csv"
     source_of = {}
     if manifest.exists():
-        m = pd.read_csv(manifest)
+        m = read_table(manifest, {"path": "str", "source_path": "str"}, f"re-prepare {out_dir} with --overwrite")
         source_of = {str(Path(p).resolve()): str(Path(s).resolve()) for p, s in zip(m.path, m.source_path)}
     out = {}
-    for path, new_class in zip(table.path.astype(str), table.new_class.astype(str)):
+    for row, (path, new_class) in enumerate(zip(table.path, table.new_class), start=2):
+        if not isinstance(path, str) or not path.strip() or not isinstance(new_class, str) or not new_class.strip():
+            raise UserError(f"--relabel {csv_path}: row {row} has an empty path or new_class cell; fill it in or drop the row")
         resolved = str(Path(path).resolve())
-        out[source_of.get(resolved, resolved)] = new_class.strip()
+        source = source_of.get(resolved, resolved)
+        if source in out and out[source] != new_class.strip():
+            raise UserError(f"--relabel {csv_path}: {path} is listed twice, as {out[source]} and as {new_class.strip()}; "
+                            "keep one row per image")
+        out[source] = new_class.strip()
     return out
+
+
+def saved_settings(out_dir: Path) -> dict | None:
+    """The arguments out_dir was prepared with; None when absent or unreadable (then it counts as other arguments)."""
+    try:
+        saved = json.loads((out_dir / "prepare_args.json").read_text())
+        return saved if isinstance(saved, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- main
@@ -226,8 +241,7 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
     if raw_dir.exists() and (is_relative_to(out_dir, raw_dir) or is_relative_to(raw_dir, out_dir)):
         raise UserError(f"--out_dir {out_dir} and --raw_dir {raw_dir} overlap (one is inside the other); "
                         "pass an --out_dir outside the raw data, e.g. data/processed")
-    saved = out_dir / "prepare_args.json"
-    if saved.exists() and json.loads(saved.read_text()) == settings:
+    if saved_settings(out_dir) == settings:
         return  # already prepared with these arguments: nothing will be replaced
     if out_dir.exists() and any(out_dir.iterdir()):
         if not owned_by(out_dir, TOOL):
@@ -252,8 +266,7 @@ def prepare(args) -> dict:
         settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
     settings["raw_dir"] = str(raw_dir.resolve())
     check_out_dir(raw_dir, out_dir, settings, args.overwrite)
-    saved = out_dir / "prepare_args.json"
-    if saved.exists() and json.loads(saved.read_text()) == settings:
+    if saved_settings(out_dir) == settings:
         log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
         return {"skipped_run": True}
 

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import OWNER_MARKER, UserError, scheduled_lr, atomic_path, mark_owned, owned_by, autocast, cli, ensure_output_dir, git_commit, nonneg_int, positive_float, positive_int, resolve_device, save_json, set_seed
-from data_utils import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, make_loader, read_exclusions
+from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast, cli, ensure_output_dir, git_commit,
+                    mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int, read_json,
+                    remove_inside_owned,
+                    resolve_device, save_csv, save_json, scheduled_lr, set_seed)
+from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
+                        read_exclusions)
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
@@ -38,18 +43,19 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--data_dir", default="data/processed", help="prepared data with train/ and test/ (default data/processed)")
     p.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision architecture (default resnet50)")
     p.add_argument("--epochs", type=positive_int, default=80, help="training epochs (default 80)")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size per process (default 32)")
+    p.add_argument("--batch_size", type=at_least_two, default=32, help="batch size per process, >= 2 for batch norm (default 32)")
     p.add_argument("--learning_rate", type=positive_float, default=1e-4, help="peak Adam learning rate (default 1e-4)")
     p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule over epochs (default constant)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay (default 0)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="Adam weight decay (default 0)")
     p.add_argument("--save_checkpoints_every", type=positive_int, default=10, help="save finetune_epoch_N.pth every N epochs (default 10)")
     p.add_argument("--checkpoint_dir", default="models/checkpoints", help="checkpoint folder (default models/checkpoints)")
     p.add_argument("--models_dir", default="models", help="where the best model goes (default models)")
-    p.add_argument("--dataset_tag", default="animals10", help="data set name in the best model's file name (default animals10)")
+    p.add_argument("--dataset_tag", type=plain_name, default="animals10",
+                   help="data set name in the best model's file name; letters, digits, '.', '_', '-' (default animals10)")
     p.add_argument("--image_size", type=positive_int, default=None, help="input size (default: the size prepare_data.py used, else 224)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (file in models/pretrained/, from download_weights.py), none, or a PATH to a state_dict (default imagenet)")
@@ -62,7 +68,21 @@ def parse_args(argv=None):
                    help="CSV of training images to leave out (column train_idx or path; with a decision column only rows "
                         "marked drop); default none")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints in checkpoint_dir instead of refusing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = given_flags(argv)
+    return args
+
+
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags written on the command line (not left at their defaults)."""
+    import sys
+
+    names = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            names.add((name[3:] if name.startswith("no-") else name).replace("-", "_"))
+    return names
 
 
 def resolve_weights(arch: str, weights: str) -> str | None:
@@ -129,21 +149,64 @@ class Dist:
             dist.destroy_process_group()
 
 
+# What defines a training run: a --resume must continue it with the very same settings.
+RESUME_KEYS = ("data_dir", "arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay",
+               "save_checkpoints_every", "image_size", "weights", "hflip", "seed", "exclude")
+RESUME_MAY_CHANGE = ("epochs",)  # continuing a run for more epochs is what --resume is for; said and recorded
+
+
+def resume_settings(args, ckpt_dir: Path) -> str:
+    """--resume: flags not given take the run's saved values; a given flag that differs is refused. Returns the run id."""
+    saved_path = ckpt_dir / "train_args.json"
+    if not saved_path.exists():
+        raise UserError(f"--resume: no {saved_path}; this folder holds no train.py run to continue")
+    saved = read_json(saved_path, "start over with --overwrite")
+    same = lambda k, a, b: (str(Path(a).resolve()) == str(Path(b).resolve())) if k in ("data_dir", "exclude") and a and b else a == b
+    given = getattr(args, "given", set())
+    differ = [k for k in RESUME_KEYS if k in saved and k in given and not same(k, getattr(args, k), saved[k])]
+    said = [k for k in differ if k in RESUME_MAY_CHANGE]
+    differ = [k for k in differ if k not in RESUME_MAY_CHANGE]
+    if said:  # more (or fewer) epochs: allowed, said here and recorded in train_args.json
+        args.changed_on_resume = list(saved.get("changed_on_resume", [])) + [
+            {k: {"run": saved[k], "now": getattr(args, k)} for k in said}]
+        log.warning("warning: --resume with " + ", ".join(f"--{k} {getattr(args, k)} (run: {saved[k]})" for k in said)
+                    + "; recorded in train_args.json")
+    elif saved.get("changed_on_resume"):
+        args.changed_on_resume = saved["changed_on_resume"]
+    if differ:
+        raise UserError("--resume continues the run in " + str(ckpt_dir) + " with its own settings; these differ: "
+                        + ", ".join(f"--{k} {getattr(args, k)} (run: {saved[k]})" for k in differ)
+                        + "; drop them, or start a new run with --overwrite or another --checkpoint_dir")
+    for k in RESUME_KEYS:
+        if k in saved and k not in given:
+            setattr(args, k, saved[k])
+    return saved.get("train_run") or uuid.uuid4().hex[:16]
+
+
 def train(args) -> dict:
     d = Dist(args.device)
     device = d.device
     if d.main:  # checked before any work: a folder we cannot write fails now, not after an epoch
         ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir")
         ensure_output_dir(args.models_dir, "--models_dir")
+    ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
+    train_run = uuid.uuid4().hex[:16]  # this training run's identity: in train_args.json, every checkpoint, the dynamics
+    if args.resume:
+        train_run = resume_settings(args, ckpt_dir)
     set_seed(args.seed + d.rank)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     if train_list.class_names != test_list.class_names:
         raise UserError(f"train and test class folders differ in {args.data_dir}")
     class_names = train_list.class_names
+    # checked before anything is replaced: a bad exclusion list changes nothing
+    excluded = read_exclusions(args.exclude, train_list) if args.exclude else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(train_list.paths)), excluded)
+    if len(kept) < 2:
+        raise UserError(f"--exclude {args.exclude} leaves {len(kept)} of {len(train_list.paths)} training images; "
+                        "training needs at least 2 (batch norm)")
     if args.image_size is None:
         prep = Path(args.data_dir) / "prepare_args.json"
-        args.image_size = json.loads(prep.read_text())["image_size"] if prep.exists() else 224
-    ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
+        args.image_size = int(read_json(prep, f"re-prepare {args.data_dir}").get("image_size", 224)) if prep.exists() else 224
 
     start_epoch, lr_history, best = 1, [], {"acc": -1.0, "loss": float("inf"), "path": None}
     resume = None
@@ -165,7 +228,7 @@ def train(args) -> dict:
             raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
         if d.main:  # only the files train.py writes; anything else in the folder stays
             for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
-                p.unlink(missing_ok=True)
+                remove_inside_owned(p, ckpt_dir, "train.py")
 
     model = build_model(args.arch, len(class_names), None if resume else resolve_weights(args.arch, args.weights))
     if resume:
@@ -178,11 +241,10 @@ def train(args) -> dict:
     if resume:
         optimizer.load_state_dict(resume["optimizer_state"])
 
-    excluded = read_exclusions(args.exclude, train_list) if args.exclude else np.zeros(0, dtype=np.int64)
-    kept = np.setdiff1d(np.arange(len(train_list.paths)), excluded)
     train_ds = ImageListDataset(train_list, build_transform(args.image_size, train=True, hflip=args.hflip), indices=kept)
     previous = load_dynamics(ckpt_dir, len(train_list.paths), class_names) if resume else None
-    dynamics = DynamicsRecorder(len(train_list.paths), args.epochs, class_names, args.data_dir, previous, start_epoch)
+    dynamics = DynamicsRecorder(len(train_list.paths), args.epochs, class_names, args.data_dir, previous, start_epoch,
+                                train_run=train_run)
     sampler = None
     if d.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, d.world, d.rank, shuffle=True, seed=args.seed)
@@ -196,9 +258,13 @@ def train(args) -> dict:
 
     if d.main:
         mark_owned(ckpt_dir, "train.py")
-        save_json(ckpt_dir / "train_args.json", {**vars(args), "git_commit": git_commit(), "world_size": d.world,
+        # The exclusions themselves (index and file), so that every retrain of this run leaves out the same images.
+        save_json(ckpt_dir / "train_args.json", {**{k: v for k, v in vars(args).items() if k != "given"}, "git_commit": git_commit(), "world_size": d.world,
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths),
-                                                 "n_excluded": int(len(excluded))})
+                                                 "n_excluded": int(len(excluded)), "train_run": train_run,
+                                                 "data_train_key": listing_key(train_list),
+                                                 "excluded": {"train_idx": excluded.tolist(),
+                                                              "path": [train_list.paths[i] for i in excluded]}})
         log.info(f"training {args.arch} on {len(kept)} train" + (f" ({len(excluded)} excluded)" if len(excluded) else "")
                  + f" / {len(test_list.paths)} test images, "
                  f"{len(class_names)} classes, {args.image_size}px, device {device}, world size {d.world}, epochs {start_epoch}..{args.epochs}")
@@ -249,15 +315,16 @@ def train(args) -> dict:
                      f"| {time.time() - t0:.1f}s")
             common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD, epoch=epoch, metrics=last_metrics)
+            run_tag = {"train_run": train_run}
             is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
             if is_ckpt:
                 # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
                 prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
-                save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common),
+                save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, extra=run_tag),
                                 ckpt_dir / f"finetune_epoch_{epoch}.pth")
             if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
                 path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
-                save_checkpoint(make_checkpoint(module, lr=lr, **common), path)
+                save_checkpoint(make_checkpoint(module, lr=lr, **common, extra=run_tag), path)
                 if best["path"] and Path(best["path"]) != path:
                     Path(best["path"]).unlink(missing_ok=True)
                 best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
@@ -265,7 +332,7 @@ def train(args) -> dict:
                     tmp.write_text(str(path) + "\n")
             dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
             save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
-                                            extra={"lr_history": lr_history, "best": best}), ckpt_dir / "last.pth")
+                                            extra={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
     if d.main:
         log.info(f"done: best val_acc {best['acc']:.4f} -> {best['path']}; checkpoints: "
                  f"{', '.join(p.name for p in find_checkpoints(ckpt_dir))} in {ckpt_dir}")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli, nonneg_int, save_csv, save_json
-from data_utils import list_split
-from TracIn.results import load_results
+from common import UserError, claim_files, cli, nonneg_int, save_csv, save_json
+from data_utils import list_split, read_false_predictions
+from TracIn.results import load_results, run_id
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,14 @@ def parse_args(argv=None):
 
 def analyze(args) -> dict:
     r = load_results(args.results_dir, data_dir=args.data_dir)
-    fp_path = Path(args.false_predictions)
-    if not fp_path.exists():
-        raise UserError(f"{fp_path} is missing; run false_prediction.py first")
-    fp = pd.read_csv(fp_path)
+    fp, _ = read_false_predictions(args.false_predictions, args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
+    for split, listing in (("train", train_list), ("test", test_list)):
+        rows = fp[fp.split == split]
+        bad = rows[(rows["index"] < 0) | (rows["index"] >= len(listing.paths))]
+        if len(bad):
+            raise UserError(f"{args.false_predictions}: {split} index {bad['index'].iloc[0]} is not an image of {args.data_dir}; "
+                            "rerun false_prediction.py")
     wrong_train = fp[fp.split == "train"].set_index("index")
     wrong_test = fp[fp.split == "test"].set_index("index")
     test_ids = np.asarray(r["test_indices"])
@@ -108,7 +111,10 @@ def analyze(args) -> dict:
         "error_propagation_rate": propagation, "cross_pairs": len(cross), "same_error_pairs": int(cross.same_error.sum()),
         "top_confusions": [f"{a} -> {b}: {n}" for (a, b), n in confusion.items()],
     }
+    summary["tracin_run"] = run_id(r.record)  # what these tables were computed from
     save_json(out / "misprediction_summary.json", summary)
+    claim_files(out, ["misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json"],
+                "analyze_misprediction_influences")
     return summary
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import cli, positive_int, save_csv, save_figure, save_json
+from common import building, check_replaceable, cli, positive_int, save_csv, save_figure, save_json
 from data_utils import list_split, load_rgb
-from TracIn.results import load_results
+from TracIn.results import load_results, run_id
 
 log = logging.getLogger(__name__)
+TOOL = "analyze_topk_results"
 
 
 def parse_args(argv=None):
@@ -192,45 +193,48 @@ def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
 
 def analyze(args) -> dict:
     plt = _plt()
+    check_replaceable(args.out_dir, TOOL, "--out_dir")
     r = load_results(args.results_dir, data_dir=args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
-    out = Path(args.out_dir)
-    save_figure(out / "score_distribution.png", score_distribution(r))
-    share = class_share(r, train_list, test_list)
-    save_csv(out / "class_proponent_share.csv", share.reset_index())
-    save_figure(out / "class_proponent_share.png", heatmap(share))
-    table = most_influential(r, train_list)
-    save_csv(out / "most_influential.csv", table)
-    save_figure(out / "most_influential.png", bar_chart(table, args.top_n))
+    # built beside and swapped in whole: no panel of an earlier run stays next to the new ones
+    with building(args.out_dir, TOOL, "--out_dir") as out:
+        save_figure(out / "score_distribution.png", score_distribution(r))
+        share = class_share(r, train_list, test_list)
+        save_csv(out / "class_proponent_share.csv", share.reset_index())
+        save_figure(out / "class_proponent_share.png", heatmap(share))
+        table = most_influential(r, train_list)
+        save_csv(out / "most_influential.csv", table)
+        save_figure(out / "most_influential.png", bar_chart(table, args.top_n))
 
-    # test predictions at the last checkpoint, as efficient_tracin recorded them
-    test_ids = np.asarray(r["test_indices"])
-    pred = dict(zip(test_ids.tolist(), np.asarray(test_list.class_names)[np.asarray(r["test_pred"])]))
-    wrong = [i for i, t in enumerate(test_ids) if pred.get(t) != test_list.class_names[test_list.labels[t]]]
-    right = [i for i, t in enumerate(test_ids) if pred.get(t) == test_list.class_names[test_list.labels[t]]]
-    chosen = right[: args.num_correct] + wrong[: args.max_panels]
-    for row in chosen:
-        save_figure(out / "panels" / f"test_{int(test_ids[row])}.png", panel(row, r, train_list, test_list, args.panel_k, pred.get(int(test_ids[row]))))
+        # test predictions at the last checkpoint, as efficient_tracin recorded them
+        test_ids = np.asarray(r["test_indices"])
+        pred = dict(zip(test_ids.tolist(), np.asarray(test_list.class_names)[np.asarray(r["test_pred"])]))
+        wrong = [i for i, t in enumerate(test_ids) if pred.get(t) != test_list.class_names[test_list.labels[t]]]
+        right = [i for i, t in enumerate(test_ids) if pred.get(t) == test_list.class_names[test_list.labels[t]]]
+        chosen = right[: args.num_correct] + wrong[: args.max_panels]
+        for row in chosen:
+            save_figure(out / "panels" / f"test_{int(test_ids[row])}.png", panel(row, r, train_list, test_list, args.panel_k, pred.get(int(test_ids[row]))))
 
-    fig = plt.figure(figsize=(13, 8.5))
-    gs = fig.add_gridspec(2, 2, width_ratios=[1.1, 1])
-    score_distribution(r, fig.add_subplot(gs[0, 0]))
-    heatmap(share, fig.add_subplot(gs[:, 1]))
-    bar_chart(table, min(args.top_n, 12), fig.add_subplot(gs[1, 0]))
-    prop, opp = np.asarray(r["top_k_influences_values"]), np.asarray(r["top_k_opponents_values"])
-    fig.suptitle(f"TracIn: {len(test_ids)} test x {len(r['train_indices'])} train, top-{prop.shape[1]}; "
-                 f"{len(wrong)} mispredicted test images; negative scores: {(prop < 0).mean():.1%} of proponents, "
-                 f"{(opp < 0).mean():.1%} of opponents", fontsize=10)
-    fig.tight_layout()
-    save_figure(out / "dashboard.png", fig)
-    save_figure(out / "concentration.png", lorenz(r))
-    summary = {"concentration": {kind: concentration(r[key], r["train_indices"], 10) for kind, key in
-                                 (("proponents", "top_k_influences_indices"), ("opponents", "top_k_opponents_indices"))},
-               "normalize": r.record.get("args", {}).get("normalize", "none"),
-               "proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
-               "same_class_proponent_share": float(np.mean(np.diag(share.to_numpy()))), "panels": len(chosen),
-               "mispredicted_test": len(wrong)}
-    save_json(out / "summary.json", summary)
+        fig = plt.figure(figsize=(13, 8.5))
+        gs = fig.add_gridspec(2, 2, width_ratios=[1.1, 1])
+        score_distribution(r, fig.add_subplot(gs[0, 0]))
+        heatmap(share, fig.add_subplot(gs[:, 1]))
+        bar_chart(table, min(args.top_n, 12), fig.add_subplot(gs[1, 0]))
+        prop, opp = np.asarray(r["top_k_influences_values"]), np.asarray(r["top_k_opponents_values"])
+        fig.suptitle(f"TracIn: {len(test_ids)} test x {len(r['train_indices'])} train, top-{prop.shape[1]}; "
+                     f"{len(wrong)} mispredicted test images; negative scores: {(prop < 0).mean():.1%} of proponents, "
+                     f"{(opp < 0).mean():.1%} of opponents", fontsize=10)
+        fig.tight_layout()
+        save_figure(out / "dashboard.png", fig)
+        save_figure(out / "concentration.png", lorenz(r))
+        summary = {"concentration": {kind: concentration(r[key], r["train_indices"], 10) for kind, key in
+                                     (("proponents", "top_k_influences_indices"), ("opponents", "top_k_opponents_indices"))},
+                   "normalize": r.record.get("args", {}).get("normalize", "none"),
+                   "proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
+                   "same_class_proponent_share": float(np.mean(np.diag(share.to_numpy()))), "panels": len(chosen),
+                   "mispredicted_test": len(wrong)}
+        summary["tracin_run"] = run_id(r.record)  # what this folder was computed from
+        save_json(out / "summary.json", summary)
     return summary
 
 

@@ -17,9 +17,7 @@ exclusion list it trained with).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import REPO_ROOT, UserError, cli, fraction, nonneg_int, positive_int, save_csv, save_json
-from data_utils import list_split
+from common import (UserError, check_replaceable, cli, fraction, mark_owned, nonneg_int, positive_int, read_json, read_table,
+                    remove_inside_owned, save_csv, save_json)
+from data_utils import list_split, listing_key
 from model_architecture import find_checkpoints, load_checkpoint
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
-from TracIn.results import load_results
+from TracIn.results import load_results, run_id
 from TracIn.training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
+TOOL = "clean_and_retrain"
 TRAIN_FLAGS = ("arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay", "image_size", "weights", "seed", "hflip")
 
 
@@ -60,18 +60,42 @@ def original_settings(checkpoint_dir: Path) -> dict:
     if not path.exists():
         raise UserError(f"{checkpoint_dir} has no train_args.json: its checkpoints do not record how they were trained "
                         "(seed, schedule); pass the --checkpoint_dir of a train.py run")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "retrain with this version of train.py first")
     missing = [k for k in TRAIN_FLAGS if k not in saved]
     if missing:
         raise UserError(f"{path} does not record {', '.join(missing)}; retrain with this version of train.py first")
     return {k: saved[k] for k in TRAIN_FLAGS}
 
 
+def original_exclusions(checkpoint_dir: Path, train_list) -> np.ndarray:
+    """The training images the original run left out (train.py --exclude): every retrain leaves them out too.
+    Refused when the data changed since that run (the indices would name other images)."""
+    saved = read_json(Path(checkpoint_dir) / "train_args.json", "retrain with this version of train.py first")
+    excluded = np.asarray((saved.get("excluded") or {}).get("train_idx", []), dtype=np.int64)
+    key = saved.get("data_train_key")
+    if key is not None and key != listing_key(train_list):
+        raise UserError(f"the training data changed since the run in {checkpoint_dir} (content key then {key}, now "
+                        f"{listing_key(train_list)}); retrain it on this data first")
+    if len(excluded) and key is None:
+        raise UserError(f"{checkpoint_dir}/train_args.json records exclusions but not the data they index; retrain with this "
+                        "version of train.py first")
+    return excluded
+
+
+def claim_arms_folder(out: Path, tool: str, flag: str) -> Path:
+    """The folder of a removal experiment's arms: new, empty or already `tool`'s; marked as `tool`'s before any arm."""
+    check_replaceable(out, tool, flag)
+    mark_owned(out, tool)
+    return out
+
+
 def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, num_workers: int, device: str,
-                  tag: str) -> Path:
+                  tag: str, owner: Path, tool: str) -> Path:
     """train.py with `settings` (see original_settings) on the training split less `drop` (split indices),
-    in its own process as a user runs it; returns the last checkpoint. Shared with counterfactual_check."""
-    shutil.rmtree(arm_dir, ignore_errors=True)
+    in its own process as a user runs it; returns the last checkpoint. Shared with counterfactual_check.
+    A previous arm folder is deleted only inside `owner`, a folder `tool` marked as its own."""
+    if arm_dir.exists():
+        remove_inside_owned(arm_dir, owner, tool)
     arm_dir.mkdir(parents=True)
     exclude = arm_dir / "exclude.csv"
     save_csv(exclude, pd.DataFrame({"train_idx": np.sort(drop), "path": np.asarray(train_list.paths)[np.sort(drop)]}))
@@ -85,7 +109,7 @@ def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray
             argv.append("--hflip" if v else "--no-hflip")
         elif v is not None:
             argv += [f"--{k}", str(v)]
-    rc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *argv]).returncode
+    rc = subprocess.run([sys.executable, "-m", "train", *argv]).returncode
     if rc != 0:
         raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
     return find_checkpoints(arm_dir / "checkpoints")[-1]
@@ -103,22 +127,28 @@ def run(args) -> dict:
     train_ids = np.asarray(r["train_indices"])
     if len(train_ids) != len(train_list.paths):
         raise UserError(f"{args.results_dir} scored a --train_subset; clean-and-retrain needs every training image scored")
-    scores = detector_scores(r, load_dynamics(ckpt_dir, len(train_list.paths), train_list.class_names), train_ids)
+    dynamics = load_dynamics(ckpt_dir, len(train_list.paths), train_list.class_names,
+                             train_runs=[c.get("train_run") for c in r.record["checkpoints"]])
+    scores = detector_scores(r, dynamics, train_ids)
     if args.score not in scores:
         raise UserError(f"--score {args.score} is not available for these results (available: {', '.join(scores)})")
+    already = original_exclusions(ckpt_dir, train_list)  # left out of the original run: out of every arm too
     m = int(round(args.fraction * len(train_ids)))
-    top = lambda s: train_ids[np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[:m]]
+    open_ids = ~np.isin(train_ids, already)
+    top = lambda s: train_ids[open_ids][np.argsort(-np.nan_to_num(s[open_ids], nan=-np.inf), kind="stable")[:m]]
     arms = ([("none", np.zeros(0, dtype=np.int64))] if not args.no_reference else [])
     arms += [(args.score, top(scores[args.score]))]
     if args.score != "self_influence":
         arms.append(("self_influence", top(scores["self_influence"])))
-    arms += [(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids, size=m, replace=False)) for s in range(args.random_seeds)]
-    out = Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain")
+    arms += [(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids[open_ids], size=m, replace=False))
+             for s in range(args.random_seeds)]
+    out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain"), TOOL, "--out_dir")
     gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
-    bad = set(pd.read_csv(gt_path).train_index) if gt_path.exists() else None
+    bad = set(read_table(gt_path, {"train_index": "int"}, f"re-prepare {args.data_dir}").train_index) if gt_path.exists() else None
     results = {}
     for name, drop in arms:
-        last = train_without(out / name, settings, args.data_dir, drop, train_list, args.num_workers, args.device, "clean_and_retrain")
+        last = train_without(out / name, settings, args.data_dir, np.union1d(drop, already), train_list, args.num_workers,
+                             args.device, "clean_and_retrain", out, TOOL)
         acc = float(load_checkpoint(last)["metrics"]["val_acc"])
         results[name] = {"test_accuracy": acc, "dropped": int(len(drop)),
                          "dropped_truly_mislabeled": None if bad is None else int(len(set(drop.tolist()) & bad))}
@@ -127,7 +157,8 @@ def run(args) -> dict:
     summary = {
         "fraction": args.fraction, "score": args.score, "settings": settings, "arms": results,
         "random_mean": float(rand.mean()), "random_std": float(rand.std(ddof=1)) if len(rand) > 1 else float("nan"),
-        "random_range": [float(rand.min()), float(rand.max())],
+        "random_range": [float(rand.min()), float(rand.max())], "originally_excluded": int(len(already)),
+        "tracin_run": run_id(r.record),
         "gain_over_random": results[args.score]["test_accuracy"] - float(rand.mean()),
         "self_influence_gain_over_random": results["self_influence"]["test_accuracy"] - float(rand.mean()),
     }

@@ -30,22 +30,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_json, scheduled_lr
+from common import UserError, cli, nonneg_int, positive_int, remove_inside_owned, resolve_device, save_json, scheduled_lr
 from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 from model_architecture import load_checkpoint, model_from_checkpoint, model_to_device, predict
-from TracIn.clean_and_retrain import original_settings, train_without
+from TracIn.clean_and_retrain import claim_arms_folder, original_exclusions, original_settings, train_without
 from TracIn.efficient_tracin import (FactorView, NormalizedView, TracInConfig, choose_subset, factor_views, load_checkpoints,
                                      logit_figures, score_topk, self_influence_from_view)
-from TracIn.results import load_results
+from TracIn.results import load_results, run_id
 
 log = logging.getLogger(__name__)
+TOOL = "counterfactual_check"
 METHODS = ("tracin", "tracin_normalized", "knn", "random")
 
 
@@ -76,7 +76,7 @@ class RunFactors:
 
     def __init__(self, results_dir: str, data_dir: str, device, num_workers: int):
         r = load_results(results_dir, data_dir=data_dir)
-        rec = r.record
+        rec = self.record = r.record
         if rec["args"].get("train_subset", 0) or rec["args"].get("num_shards", 1) > 1:
             raise UserError(f"{results_dir} scored a --train_subset or ran in shards; the check needs one unsharded run "
                             "over every training image")
@@ -211,7 +211,10 @@ def run(args) -> dict:
         settings["arch"] = args.arch
     if args.epochs:
         settings["epochs"] = args.epochs
-    out = ensure_output_dir(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain, "--out_dir")
+    if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
+        claim_arms_folder(Path(args.results_dir) / "counterfactual", TOOL, "--results_dir")
+    out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), TOOL, "--out_dir")
+    already = original_exclusions(ckpt_dir, fac.train_list)  # left out of the original run: out of every arm too
 
     train_labels, test_labels = fac.train_list.labels, fac.test_list.labels
     if args.test_ids:
@@ -251,6 +254,7 @@ def run(args) -> dict:
             else:
                 drop = removal_set(lists[m], k)
             t0 = time.time()
+            drop = np.union1d(drop, already)
             if args.retrain == "head":
                 keep = np.ones(fac.n_train, dtype=bool)
                 keep[drop] = False
@@ -258,11 +262,11 @@ def run(args) -> dict:
             else:
                 arm_dir = out / "arms" / f"{m}-k{k}-seed{seed}"
                 last = train_without(arm_dir, {**settings, "seed": seed}, args.data_dir, drop, fac.train_list,
-                                     args.num_workers, args.device, "counterfactual")
+                                     args.num_workers, args.device, "counterfactual", out, TOOL)
                 logits = full_test_logits(last, args.data_dir, args.num_workers, device)
                 np.save(arm_dir / "test_logits.npy", logits)
                 for sub in ("checkpoints", "models"):  # a few hundred MB per arm otherwise; exclude.csv and logits stay
-                    shutil.rmtree(arm_dir / sub, ignore_errors=True)
+                    remove_inside_owned(arm_dir / sub, out, TOOL)
             loss, margin, _ = logit_figures(logits[None], test_labels)
             pred = logits.argmax(1)
             raw.append({"method": m, "k": k, "seed": s, "train_seed": seed, "removed": int(len(drop)),
@@ -278,7 +282,8 @@ def run(args) -> dict:
     result = {
         "retrain": args.retrain, "settings": settings, "methods": methods, "k": ks, "seeds": args.seeds,
         "group": group.tolist(), "group_labels": test_labels[group].tolist(), "n_train": fac.n_train,
-        "results_dir": str(args.results_dir), "tracin_layers": fac.layers, "summary": summary, "arms": raw,
+        "results_dir": str(args.results_dir), "tracin_run": run_id(fac.record), "originally_excluded": int(len(already)),
+        "tracin_layers": fac.layers, "summary": summary, "arms": raw,
         "lists": {m: v.tolist() for m, v in lists.items()}, "seconds": time.time() - t_start,
     }
     save_json(out / "counterfactual.json", result)

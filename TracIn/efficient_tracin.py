@@ -49,13 +49,13 @@ import pandas as pd
 import torch
 from numpy.lib.format import open_memmap
 
-from common import (OWNER_MARKER, UserError, autocast, cli, ensure_output_dir, git_commit, mark_owned, nonneg_int, owned_by,
+from common import (OWNER_MARKER, file_sha256, is_relative_to, load_npy, read_json, remove_inside_owned, UserError, autocast, cli, ensure_output_dir, git_commit, mark_owned, nonneg_int, owned_by,
                     positive_float, positive_int, remove_owned, resolve_device, save_json, save_npy)
-from data_utils import ImageListDataset, eval_transform, list_split
+from data_utils import ImageListDataset, data_identity, eval_transform, list_split, listing_key
 from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
 from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, target_layers,
                                     self_influence)
-from TracIn.results import write_run
+from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, write_run
 
 log = logging.getLogger(__name__)
 TOOL = "efficient_tracin"
@@ -162,14 +162,6 @@ def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoints(cfg: TracInConfig, class_names: list[str]):
     paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
     if not paths:
@@ -184,15 +176,6 @@ def load_checkpoints(cfg: TracInConfig, class_names: list[str]):
     lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
     shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
     return paths, ckpts, lrs, shas
-
-
-def image_list_key(listing) -> str:
-    """Hash of every file's path, label, size and mtime: re-prepared or edited data gets a new key."""
-    h = hashlib.sha256()
-    for path, label in zip(listing.paths, listing.labels):
-        st = os.stat(path)
-        h.update(f"{path}\0{int(label)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def check_images(listing, ids: np.ndarray) -> None:
@@ -225,21 +208,30 @@ class CheckpointFactors:
     """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the
     whole split, memory-mapped, with per-row done flags."""
 
-    def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict):
+    def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict, cache_root: Path):
         self.root, self.n = root, n
-        root.mkdir(parents=True, exist_ok=True)
         meta_path = root / "meta.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()) != json.loads(json.dumps(meta)):
+        try:
+            saved = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        except (OSError, ValueError):
+            saved = None  # corrupt: treated as never finished
+        if saved is not None and saved != json.loads(json.dumps(meta)):
             raise UserError(f"factor cache {root} belongs to another setting; pass --overwrite to recompute it")
-        if not meta_path.exists():
-            save_json(meta_path, meta)
+        if saved is None and root.exists():
+            # meta.json is written only once every array is allocated: without it (a full disk or a kill while
+            # allocating, or a corrupt file) the folder holds no finished rows and starts over.
+            remove_inside_owned(root, cache_root, TOOL)
+        root.mkdir(parents=True, exist_ok=True)
         shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
         self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
         self.logits = self._open("logits.npy", (n, n_classes))
         self.done_path = root / "done.npy"
-        self.done = np.load(self.done_path) if self.done_path.exists() else np.zeros(n, dtype=bool)
+        self.done = load_npy(self.done_path, None, "pass --overwrite to recompute the factor cache") if self.done_path.exists() \
+            else np.zeros(n, dtype=bool)
         if self.done.shape != (n,):
             raise UserError(f"factor cache {root} does not match the split; pass --overwrite to recompute it")
+        if saved is None:
+            save_json(meta_path, meta)
         self._last_sync = time.time()
 
     @staticmethod
@@ -249,15 +241,19 @@ class CheckpointFactors:
 
     def _open(self, name, shape):
         path = self.root / name
+        fix = "pass --overwrite to recompute the factor cache"
         if path.exists():
-            arr = np.load(path, mmap_mode="r+")
+            arr = load_npy(path, "r+", fix)
             if arr.shape != shape or arr.dtype != np.float32:
-                raise UserError(f"factor cache {path} has the wrong shape; pass --overwrite to recompute it")
+                raise UserError(f"factor cache {path} has the wrong shape; {fix}")
             return arr
-        arr = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-        # Reserve the blocks now: a full disk is then an ENOSPC here, never a SIGBUS mid-run.
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        try:
+            arr = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            # Reserve the blocks now: a full disk is then an ENOSPC here, never a SIGBUS mid-run.
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:  # name the file (and so the full disk), not the current folder
+            raise OSError(e.errno, e.strerror, str(path)) from None
         return arr
 
     def write(self, rows: np.ndarray, factors: dict, logits: torch.Tensor):
@@ -293,7 +289,7 @@ def factor_setting(cfg, model) -> dict:
 def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg, setting: dict) -> list[CheckpointFactors]:
     """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
     setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
-    split_dir = cache_root / f"{split}-{image_list_key(listing)}"
+    split_dir = cache_root / f"{split}-{listing_key(listing)}"
     roots = [split_dir / f"{sha[:16]}-{setting_key}" for sha in shas]
     n = len(listing.paths)
     need = sum(CheckpointFactors.new_bytes(r, n, dims, n_classes) for r in roots)
@@ -303,7 +299,7 @@ def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cf
         raise UserError(f"the factor cache needs {need / 2**20:.1f} MiB in {cache_root} but only {free / 2**20:.1f} MiB "
                         "are free; free space or pass another --output_dir")
     meta = lambda sha: {"split": split, "n": n, "checkpoint_sha256": sha, **setting}
-    return [CheckpointFactors(r, n, dims, n_classes, meta(sha)) for r, sha in zip(roots, shas)]
+    return [CheckpointFactors(r, n, dims, n_classes, meta(sha), cache_root) for r, sha in zip(roots, shas)]
 
 
 def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: np.ndarray, transform, batch_size,
@@ -512,28 +508,33 @@ def merge_shards(out: Path, num_shards: int, identity: dict, device):
     missing = [d.name for d in dirs if not (d / "complete.json").exists()]
     if missing:
         raise UserError(f"shard(s) {', '.join(missing)} in {out / 'shards'} are not finished; run them before --merge")
-    stale = [d.name for d in dirs if json.loads((d / "complete.json").read_text()).get("identity") != json.loads(json.dumps(identity))]
+    fix = "rerun that shard"
+    complete = {d.name: read_json(d / "complete.json", fix) for d in dirs}
+    stale = [d.name for d in dirs if complete[d.name].get("identity") != json.loads(json.dumps(identity))]
     if stale:
         raise UserError(f"shard(s) {', '.join(stale)} in {out / 'shards'} were run with other arguments; rerun them with these")
     tracker, parts = None, {k: [] for k in SHARD_PARTS}
     for d in dirs:
-        state = {k: torch.from_numpy(np.load(d / f"{k}.npy")) for k in SHARD_ARRAYS}
+        state = {k: torch.from_numpy(np.array(load_npy(d / f"{k}.npy", None, fix))) for k in SHARD_ARRAYS}
         t = TopKInfluenceTracker.from_state(state, device=device)
         tracker = t if tracker is None else tracker.merge(t)
         for k in parts:
             if (d / f"{k}.npy").exists():
-                parts[k].append(np.load(d / f"{k}.npy"))
+                parts[k].append(load_npy(d / f"{k}.npy", None, fix))
     axis = {k: 1 for k in SHARD_PARTS if k.endswith("_per_ckpt")}
     merged = {k: (np.concatenate(v, axis=axis.get(k, 0)) if v else None) for k, v in parts.items()}
     merged["tracker"] = tracker
-    seconds = sum(json.loads((d / "complete.json").read_text())["seconds"] for d in dirs)
-    return merged, np.load(dirs[0] / "test_pred.npy"), seconds
+    seconds = sum(float(complete[d.name].get("seconds", 0.0)) for d in dirs)
+    return merged, load_npy(dirs[0] / "test_pred.npy", None, fix), seconds
 
 
 def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     """One unsharded run, one shard (--num_shards > 1), or the merge of finished shards (--merge)."""
     t_start = time.time()
     device = resolve_device(cfg.device)
+    if cfg.cache_dir and is_relative_to(Path(cfg.output_dir), Path(cfg.cache_dir)):  # --overwrite clears the cache
+        raise UserError(f"--cache_dir {cfg.cache_dir} is (or holds) the --output_dir {cfg.output_dir}; a folder is a cache or an "
+                        "output, not both: pass a cache folder of its own (default output_dir/factors)")
     out = ensure_output_dir(cfg.output_dir, "--output_dir")
     train_list, test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
     if train_list.class_names != test_list.class_names:
@@ -560,11 +561,14 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     # What the scores depend on (the factors' own identity is their cache key).
-    identity = {"data_dir": str(Path(cfg.data_dir).resolve()), "checkpoint_sha256": shas, "lr_weights": lrs,
+    data_id = data_identity(cfg.data_dir)
+    identity = {**data_id, "checkpoint_sha256": shas, "lr_weights": lrs,
                 "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
                 "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block,
                 "factors": factor_setting(cfg, model0)}
+    if cfg.merge or cfg.num_shards == 1:  # a folder or symlink where a results file goes: refused before any work
+        check_writable_names(out, [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD])
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else work_dir / "factors"
     if not cfg.merge:
@@ -647,17 +651,19 @@ def write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, tes
     }
     record = {
         "args": asdict(cfg), "identity": identity, "git_commit": git_commit(), "device": str(device),
-        "data": {"data_dir": str(Path(cfg.data_dir).resolve()), "n_train_split": len(train_list.paths),
+        "data": {**{k: identity[k] for k in ("data_dir", "manifest_key", "train_key", "test_key")}, "n_train_split": len(train_list.paths),
                  "n_test_split": len(test_list.paths), "class_names": list(train_list.class_names)},
-        "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr} for p, c, sha, lr in zip(paths, ckpts, shas, lrs)],
+        "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr, "train_run": c.get("train_run")}
+                        for p, c, sha, lr in zip(paths, ckpts, shas, lrs)],
         "layers": cfg.layers, "summary": summary,
     }
-    previous = out / "run.json"
-    if previous.exists():
-        old = json.loads(previous.read_text()).get("args", {}).get("normalize", "none")
-        if old != cfg.normalize:
-            log.warning(f"warning: replacing results of --normalize {old} in {out} with --normalize {cfg.normalize} "
-                        "(use another --output_dir to keep both)")
+    try:  # a corrupt or foreign record is simply replaced
+        old = json.loads((out / "run.json").read_text())["args"]["normalize"]
+    except (OSError, ValueError, KeyError, TypeError):
+        old = cfg.normalize
+    if old != cfg.normalize:
+        log.warning(f"warning: replacing results of --normalize {old} in {out} with --normalize {cfg.normalize} "
+                    "(use another --output_dir to keep both)")
     write_run(out, arrays, {"top_k_influences.csv": table}, record)
     log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(ckpts)} checkpoints, "
              f"layers {','.join(cfg.layers)}) in {summary['seconds_total']:.1f}s "

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli, save_csv, save_figure, save_json
+from common import UserError, claim_files, cli, read_table, save_csv, save_figure, save_json
 from data_utils import list_split
-from TracIn.results import load_results
+from TracIn.results import load_results, run_id
 from TracIn.training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     out = Path(out_dir) if out_dir else results_dir
     r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
-    dynamics = load_dynamics(checkpoint_dir, len(listing.paths), listing.class_names)
+    dynamics = load_dynamics(checkpoint_dir, len(listing.paths), listing.class_names,
+                             train_runs=[c.get("train_run") for c in r.record["checkpoints"]])
     train_ids, pred = np.asarray(r["train_indices"]), np.asarray(r["train_pred_last"])
     scores = detector_scores(r, dynamics, train_ids)
     if score not in scores:
@@ -142,17 +143,22 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
         **{name: v[order] for name, v in scores.items()},
     })
     gt_path = Path(data_dir) / "mislabeled_ground_truth.csv"
-    report = {"n_train": int(len(train_ids)), "score": score, "detectors": list(scores)}
+    # what the table was computed from: a reader compares it with the TracIn run it sits beside
+    report = {"n_train": int(len(train_ids)), "score": score, "detectors": list(scores), "tracin_run": run_id(r.record),
+              "train_run": None if dynamics is None else str(dynamics.get("train_run", ""))}
+    written = ["mislabel_candidates.csv", "mislabel_detection.json"]
     if gt_path.exists():
-        gt = pd.read_csv(gt_path)
+        gt = read_table(gt_path, {"train_index": "int"}, f"re-prepare {data_dir}")
         is_bad = np.isin(train_ids, gt.train_index.to_numpy())
         table["truly_mislabeled"] = is_bad[order]
         report["n_mislabeled"] = int(is_bad.sum())
         report["metrics"] = {name: evaluate(np.nan_to_num(v, nan=-np.inf), is_bad) for name, v in scores.items()}
         shown = {name: v for name, v in scores.items() if name in (score, "self_influence", "self_influence_rank", "loss_last", "aum")}
         save_figure(out / "mislabel_detection.png", plot_curves(shown, is_bad))
-        save_json(out / "mislabel_detection.json", report)
+        written.append("mislabel_detection.png")
     save_csv(out / "mislabel_candidates.csv", table)
+    save_json(out / "mislabel_detection.json", report)
+    claim_files(out, written, "mislabel_detection")
     return report
 
 

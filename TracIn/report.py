@@ -23,7 +23,6 @@ has gone since the run shows a placeholder.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -36,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, cli, ensure_output_dir, nonneg_int, positive_int, quiet_worker
-from data_utils import SplitListing, list_split
-from TracIn.results import RECORD, index_of, load_results
+from common import (UserError, building, check_replaceable, cli, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
+                    read_table)
+from data_utils import SplitListing, data_identity, list_split, read_false_predictions
+from TracIn.results import RECORD, index_of, load_results, run_id
 
 log = logging.getLogger(__name__)
+TOOL = "report"
 ASSETS = Path(__file__).parent / "report_assets"
 THUMB = 96
 TEST_CHUNK, TRAIN_CHUNK = 100, 200
@@ -81,18 +82,29 @@ def _thumb(job) -> bool:
         return False
 
 
-def make_thumbnails(wanted: dict[str, str], num_workers: int) -> tuple[int, int, list[str]]:
-    """wanted: thumbnail path -> source image. Makes the missing or outdated ones; returns (made, kept, missing sources)."""
+def source_key(src: str) -> str | None:
+    """What a thumbnail was made from: the source's path, size and mtime (None: the source is gone)."""
+    try:
+        st = os.stat(src)
+    except OSError:
+        return None
+    return f"{os.path.abspath(src)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def make_thumbnails(wanted: dict[str, str], num_workers: int, index: dict) -> tuple[int, int, list[str]]:
+    """wanted: thumbnail path -> source image; index: thumbnail path -> source_key it was made from (updated).
+    Reuses a thumbnail only when made from this very file (path, size, mtime): another data set's or a
+    re-prepared image's thumbnail at the same name is made anew. Returns (made, kept, missing sources)."""
     jobs, kept, missing = [], 0, []
     for dst, src in wanted.items():
-        try:
-            src_mtime = os.stat(src).st_mtime_ns
-        except OSError:
+        key = source_key(src)
+        if key is None:
             missing.append(src)
             continue
-        if os.path.exists(dst) and os.stat(dst).st_mtime_ns >= src_mtime:
+        if os.path.exists(dst) and index.get(dst) == key:
             kept += 1
         else:
+            index[dst] = key
             jobs.append((src, dst))
     for d in {os.path.dirname(d) for d in wanted}:
         os.makedirs(d, exist_ok=True)
@@ -102,6 +114,9 @@ def make_thumbnails(wanted: dict[str, str], num_workers: int) -> tuple[int, int,
     else:
         ok = [_thumb(j) for j in jobs]
     missing += [src for (src, _), good in zip(jobs, ok) if not good]
+    for (src, dst), good in zip(jobs, ok):
+        if not good:
+            index.pop(dst, None)
     return sum(ok), kept, missing
 
 
@@ -119,8 +134,62 @@ def rounded(values, digits: int = 4) -> list:
     return out
 
 
-def read_optional_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+def read_optional_json(path: Path, notes: list[str]):
+    """An optional JSON input: None (with a note) when absent or unreadable; the report never fails on it."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        notes.append(f"{path} skipped: cannot read it ({str(e).splitlines()[0]})")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def derived_json(path: Path, this_run: str, notes: list[str]):
+    """A derived output's record, only when it was computed from this TracIn run (its tracin_run key)."""
+    value = read_optional_json(path, notes)
+    if value is not None and value.get("tracin_run") != this_run:
+        notes.append(f"{path.parent / path.name} skipped: it was computed from another TracIn run "
+                     f"({value.get('tracin_run') or 'unknown'}, this one is {this_run}); rerun the tool that wrote it")
+        return None
+    return value
+
+
+def gradcam_matches(cam_dir: Path, fp_record: dict, notes: list[str]) -> bool:
+    """Whether the Grad-CAM maps in cam_dir were made with the model and data of the mispredictions table."""
+    if not cam_dir.is_dir():
+        return False
+    ident = read_optional_json(cam_dir / "identity.json", notes) or {}
+    keys = ("model_sha256", "data_dir", "manifest_key")
+    if any(ident.get(k) != fp_record.get(k) for k in keys):
+        notes.append(f"Grad-CAM maps in {cam_dir} skipped: made with another model or data than the mispredictions table "
+                     "(rerun python gradCAM_evaluation.py)")
+        return False
+    return True
+
+
+def number(value):
+    """A value from a result file as a finite number or None: never text that could reach the page as markup."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(v):
+        return None
+    return int(v) if v.is_integer() and abs(v) < 2**53 else v
+
+
+def text(value) -> str | None:
+    """A value from a result file as plain text (the page sets it with textContent or escapes it)."""
+    return None if value is None else str(value)
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def split_listing(data_dir, split: str, record: dict, notes: list[str]) -> SplitListing:
@@ -137,7 +206,7 @@ def split_listing(data_dir, split: str, record: dict, notes: list[str]) -> Split
         return listing
     manifest = Path(data_dir) / "manifest.csv"
     if manifest.exists():
-        m = pd.read_csv(manifest)
+        m = read_table(manifest, {"split": "str", "index": "int", "path": "str", "label": "int"}, f"re-prepare {data_dir}")
         m = m[m.split == split].sort_values("index")
         if len(m) == n:
             notes.append(f"{split}: the folder no longer matches the run ({0 if listing is None else len(listing.paths)} "
@@ -151,7 +220,7 @@ KINDS = {"none": "raw", "train": "normalized", "both": "cosine"}
 
 
 def list_kind(run) -> str:
-    return KINDS[run.record["args"].get("normalize", "none")]
+    return KINDS.get(str(run.record.get("args", {}).get("normalize", "none")), "raw")
 
 
 def comparable_run(main, path: Path, notes: list[str]):
@@ -188,7 +257,14 @@ def build(args) -> dict:
     notes: list[str] = []
     if Path(args.data_dir).resolve() != Path(r.record["data"]["data_dir"]):
         raise UserError(f"{res_dir} was computed on --data_dir {r.record['data']['data_dir']}, not {args.data_dir}")
-    out = ensure_output_dir(args.out_dir or res_dir / "report", "--out_dir")
+    # The preparation must be the run's (a re-prepared folder is refused); an image file gone or edited since only
+    # gets a placeholder and a note.
+    differs = identity_mismatch(r.record["data"], data_identity(args.data_dir, images=False))
+    if differs:
+        raise UserError(f"{args.data_dir} was prepared again since TracIn ran on it ({differs}); rerun "
+                        f"TracIn/efficient_tracin.py --output_dir {res_dir}")
+    out = check_replaceable(args.out_dir or res_dir / "report", TOOL, "--out_dir")  # only a folder the report wrote
+    this_run = run_id(r.record)
     train_list, test_list = (split_listing(args.data_dir, split, r.record, notes) for split in ("train", "test"))
     names = list(train_list.class_names)
     k_run = r["top_k_influences_indices"].shape[1]
@@ -211,26 +287,41 @@ def build(args) -> dict:
     # mislabel candidates (optional)
     cand_path = res_dir / "mislabel_candidates.csv"
     detectors, cand = [], None
-    if cand_path.exists():
-        cand = pd.read_csv(cand_path).sort_values("rank").head(args.candidates)
+    det_json = derived_json(res_dir / "mislabel_detection.json", this_run, notes)
+    if cand_path.exists() and det_json is not None:
         skip = {"rank", "train_idx", "path", "given_class", "predicted_class", "truly_mislabeled"}
-        detectors = [c for c in cand.columns if c not in skip]
-    else:
+        try:
+            header = pd.read_csv(cand_path, nrows=0).columns
+        except (OSError, ValueError):
+            header = []  # read_table below names the file
+        detectors = [str(c) for c in header if c not in skip]
+        cand = read_table(cand_path, {"rank": "int", "train_idx": "int", **{d: "float" for d in detectors}},
+                          "rerun python -m TracIn.mislabel_detection")
+        cand = cand[(cand.train_idx >= 0) & (cand.train_idx < len(train_list.paths))].sort_values("rank").head(args.candidates)
+    elif not cand_path.exists():
         notes.append("no mislabel table (python -m TracIn.mislabel_detection writes mislabel_candidates.csv)")
-    det_json = read_optional_json(res_dir / "mislabel_detection.json")
 
     # mispredictions (optional), with Grad-CAM where present
     fp_dir = Path(args.false_predictions)
-    mis_rows = []
+    mis_rows, cams_ok = [], False
     if (fp_dir / "false_predictions.csv").exists():
-        fp = pd.read_csv(fp_dir / "false_predictions.csv")
-        for row in fp.to_dict("records"):
-            cam = fp_dir / "gradcam" / f"test_{row['index']}.png"
-            mis_rows.append({"split": row["split"], "i": int(row["index"]), "true": row["true_label"], "pred": row["pred_label"],
-                             "conf": rounded([row["confidence"]], 3)[0],
-                             "cam": cam.name if row["split"] == "test" and cam.exists() else None})
-        if not any(m["cam"] for m in mis_rows):
-            notes.append("no Grad-CAM maps (python gradCAM_evaluation.py writes false_predictions/gradcam/)")
+        try:
+            fp, fp_record = read_false_predictions(fp_dir / "false_predictions.csv", args.data_dir, images=False)
+        except UserError as e:
+            fp, fp_record = None, None
+            notes.append(f"mispredictions skipped: {e}")
+        if fp is not None:
+            cams_ok = gradcam_matches(fp_dir / "gradcam", fp_record, notes)
+            sizes = {"train": len(train_list.paths), "test": len(test_list.paths)}
+            for row in fp.to_dict("records"):
+                if not 0 <= row["index"] < sizes[row["split"]]:
+                    continue
+                cam = fp_dir / "gradcam" / f"test_{row['index']}.png"
+                mis_rows.append({"split": row["split"], "i": int(row["index"]), "true": str(row["true_label"]),
+                                 "pred": str(row["pred_label"]), "conf": rounded([row["confidence"]], 3)[0],
+                                 "cam": cam.name if cams_ok and row["split"] == "test" and cam.exists() else None})
+            if not any(m["cam"] for m in mis_rows) and cams_ok:
+                notes.append("no Grad-CAM maps (python gradCAM_evaluation.py writes false_predictions/gradcam/)")
     else:
         notes.append(f"no mispredictions table ({fp_dir / 'false_predictions.csv'}; python false_prediction.py)")
 
@@ -252,15 +343,15 @@ def build(args) -> dict:
     n_prop, n_opp = np.bincount(prop_i.ravel(), minlength=n_train), np.bincount(opp_i.ravel(), minlength=n_train)
     top_p, top_o = influenced(prop_i, prop_v, test_ids, True), influenced(opp_i, opp_v, test_ids, False)
     pred_last = r.train_values("train_pred_last", np.arange(n_train)) if "train_pred_last" in r else np.full(n_train, np.nan)
-    cand_by_idx = {} if cand is None else {int(row.train_idx): row for row in cand.itertuples(index=False)}
+    cand_by_idx = {} if cand is None else {int(row["train_idx"]): row for row in cand.to_dict("records")}
     train_records = []
     for i in order:
         c = cand_by_idx.get(i)
         train_records.append({
             "i": i, "y": int(train_list.labels[i]), "p": None if np.isnan(pred_last[i]) else int(pred_last[i]),
             "f": os.path.basename(train_list.paths[i]), "path": train_list.paths[i],
-            "r": None if c is None else int(c.rank), "s": None if c is None else rounded([getattr(c, d) for d in detectors]),
-            "bad": None if c is None or not hasattr(c, "truly_mislabeled") else bool(c.truly_mislabeled),
+            "r": None if c is None else int(c["rank"]), "s": None if c is None else rounded([c[d] for d in detectors]),
+            "bad": None if c is None or "truly_mislabeled" not in c else str(c["truly_mislabeled"]).strip().lower() == "true",
             "np": int(n_prop[i]), "no": int(n_opp[i]),
             "tp": top_p.get(i, ([], [])), "to": top_o.get(i, ([], [])),
         })
@@ -279,41 +370,44 @@ def build(args) -> dict:
                               "ov": rounded(run["top_k_opponents_values"][rr, :show_k])}
         test_records.append(rec)
 
-    # thumbnails: every test image of the run and every training image the report shows
-    thumbs = {str(out / "thumbs" / "test" / f"{t}.jpg"): test_list.paths[t] for t in test_ids}
-    thumbs.update({str(out / "thumbs" / "train" / f"{i}.jpg"): train_list.paths[i] for i in order})
-    thumbs.update({str(out / "thumbs" / "test" / f"{m['i']}.jpg"): test_list.paths[m["i"]] for m in mis_rows if m["split"] == "test"})
-    t_thumbs = time.time()
-    made, kept, missing = make_thumbnails(thumbs, args.num_workers)
-    t_thumbs = time.time() - t_thumbs
-    if missing:
-        notes.append(f"{len(missing)} image file(s) could not be read since the run (placeholders shown), e.g. {missing[0]}")
+    # figures that exist and belong to this run
+    analysis_ok = derived_json(res_dir / "analysis" / "summary.json", this_run, notes) is not None
+    fig_candidates = [(res_dir / "analysis" / "dashboard.png", "TracIn dashboard", analysis_ok),
+                      (res_dir / "analysis" / "concentration.png", "concentration of the top-10 lists", analysis_ok),
+                      (res_dir / "mislabel_detection.png", "mislabel detectors against injected noise", det_json is not None),
+                      (Path(args.eval_dir) / "confusion_matrix_test.png", "confusion matrix (test)", True),
+                      (fp_dir / "gradcam_mispredictions.png", "Grad-CAM of mispredicted test images", cams_ok)]
+    figures = [(p, t) for p, t, ok in fig_candidates if ok and p.exists()]
 
-    # figures that exist
-    fig_candidates = [(res_dir / "analysis" / "dashboard.png", "TracIn dashboard"),
-                      (res_dir / "analysis" / "concentration.png", "concentration of the top-10 lists"),
-                      (res_dir / "mislabel_detection.png", "mislabel detectors against injected noise"),
-                      (Path(args.eval_dir) / "confusion_matrix_test.png", "confusion matrix (test)"),
-                      (fp_dir / "gradcam_mispredictions.png", "Grad-CAM of mispredicted test images")]
-    figures = [(p, t) for p, t in fig_candidates if p.exists()]
-
-    evaluation = read_optional_json(Path(args.eval_dir) / "metrics_test.json")
-    counterfactual = {p.parent.name: read_optional_json(p) for p in sorted(res_dir.glob("counterfactual/*/counterfactual.json"))}
-    run_id = hashlib.sha256(json.dumps(r.record["identity"], sort_keys=True).encode()).hexdigest()[:16]
-    summary = r.record["summary"]
+    evaluation = read_optional_json(Path(args.eval_dir) / "metrics_test.json", notes)
+    if evaluation is not None and identity_mismatch(evaluation, data_identity(args.data_dir, images=False)):
+        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: computed on other data (rerun evaluate.py)")
+        evaluation = None
+    counterfactual = {}
+    for path in sorted(res_dir.glob("counterfactual/*/counterfactual.json")):
+        cf = derived_json(path, this_run, notes)
+        if cf is not None:
+            counterfactual[path.parent.name] = cf
+    summary = r.record.get("summary", {})
     meta = {
-        "run_id": run_id, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": names, "show_k": show_k, "top_k": int(k_run),
-        "kinds": list(lists), "notes": notes, "detectors": detectors, "default_detector": None if det_json is None else det_json.get("score"),
-        "run": {"n_train": summary["n_train"], "n_test": summary["n_test"], "n_checkpoints": summary["n_checkpoints"],
-                "layers": r.record.get("layers"), "normalize": r.record["args"].get("normalize", "none"),
-                "seconds": rounded([summary["seconds_total"]], 3)[0], "data_dir": r.record["data"]["data_dir"],
-                "checkpoints": [{"path": c["path"], "epoch": c["epoch"], "lr": c["lr"]} for c in r.record["checkpoints"]]},
-        "evaluation": None if evaluation is None else {k: evaluation[k] for k in ("accuracy", "loss", "n", "model") if k in evaluation},
-        "mislabel": None if det_json is None else {"score": det_json.get("score"), "n_mislabeled": det_json.get("n_mislabeled"),
-                                                   "metrics": det_json.get("metrics")},
-        "counterfactual": {k: {"retrain": v["retrain"], "k": v["k"], "seeds": v["seeds"], "n_group": len(v["group"]),
-                               "summary": {m: {f: v["summary"][m].get(f) for f in ("removed", "d_loss_mean", "d_loss_std", "d_flips_mean", "beats_random")}
-                                           for m in v["summary"]}} for k, v in counterfactual.items() if v},
+        "run_id": this_run, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": names, "show_k": show_k, "top_k": int(k_run),
+        "kinds": list(lists), "notes": notes, "detectors": detectors,
+        "default_detector": None if det_json is None else text(det_json.get("score")),
+        "run": {"n_train": len(r["train_indices"]), "n_test": len(test_ids), "n_checkpoints": len(r.record.get("checkpoints", [])),
+                "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"].get("normalize", "none")),
+                "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
+                "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
+                                for c in r.record.get("checkpoints", [])]},
+        "evaluation": None if evaluation is None else {"accuracy": number(evaluation.get("accuracy")), "loss": number(evaluation.get("loss")),
+                                                       "n": number(evaluation.get("n")), "model": text(evaluation.get("model"))},
+        "mislabel": None if det_json is None or not isinstance(det_json.get("metrics"), dict) else {
+            "score": text(det_json.get("score")), "n_mislabeled": number(det_json.get("n_mislabeled")),
+            "metrics": {text(d): {text(k): number(v) for k, v in m.items()} for d, m in det_json["metrics"].items() if isinstance(m, dict)}},
+        "counterfactual": {text(k): {"retrain": text(v.get("retrain")), "seeds": number(v.get("seeds")), "n_group": len(v.get("group", [])),
+                                     "summary": {text(m): {f: number(row.get(f)) for f in ("removed", "d_loss_mean", "d_loss_std", "d_flips_mean")}
+                                                 | {"beats_random": bool(row.get("beats_random"))}
+                                                 for m, row in v.get("summary", {}).items() if isinstance(row, dict)}}
+                           for k, v in counterfactual.items()},
         "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
         "test": {"i": test_ids.tolist(), "y": test_list.labels[test_ids].tolist(), "p": np.asarray(r["test_pred"]).tolist(),
                  "f": [os.path.basename(test_list.paths[t]) for t in test_ids]},
@@ -321,39 +415,47 @@ def build(args) -> dict:
         "n_candidates": 0 if cand is None else len(cand), "mispredictions": len(mis_rows),
     }
 
-    # write: a fresh build folder, swapped in; index.html last
-    build_dir = out / f".build-{os.getpid()}"
-    shutil.rmtree(build_dir, ignore_errors=True)
-    try:
-        (build_dir / "data").mkdir(parents=True)
-        (build_dir / "figures").mkdir()
+    # write: the whole report folder built beside the old one and swapped in (report.js, data, index.html, ...);
+    # thumbnails of the old one are carried over (hard links) and reused only when made from the very same file
+    with building(out, TOOL, "--out_dir") as build:
+        index = {}
+        if (out / "thumbs").is_dir() and owned_by(out, TOOL):
+            shutil.copytree(out / "thumbs", build / "thumbs", copy_function=link_or_copy)
+            try:
+                index = {str(build / k): v for k, v in json.loads((out / "thumbs" / "index.json").read_text()).items()}
+            except (OSError, ValueError, AttributeError):
+                index = {}
+        # every test image of the run and every training image the report shows
+        thumbs = {str(build / "thumbs" / "test" / f"{t}.jpg"): test_list.paths[t] for t in test_ids}
+        thumbs.update({str(build / "thumbs" / "train" / f"{i}.jpg"): train_list.paths[i] for i in order})
+        thumbs.update({str(build / "thumbs" / "test" / f"{m['i']}.jpg"): test_list.paths[m["i"]] for m in mis_rows if m["split"] == "test"})
+        t_thumbs = time.time()
+        made, kept, missing = make_thumbnails(thumbs, args.num_workers, index)
+        t_thumbs = time.time() - t_thumbs
+        (build / "thumbs").mkdir(exist_ok=True)
+        (build / "thumbs" / "index.json").write_text(json.dumps({str(Path(k).relative_to(build)): v for k, v in index.items()
+                                                                 if k in thumbs}))
+        if missing:
+            notes.append(f"{len(missing)} image file(s) could not be read since the run (placeholders shown), e.g. {missing[0]}")
+        (build / "data").mkdir()
+        (build / "figures").mkdir()
         for c in range(0, len(test_records), TEST_CHUNK):
-            js_file(build_dir / "data" / f"test_{c // TEST_CHUNK}.js", "REPORT_CHUNK", "test", c // TEST_CHUNK,
+            js_file(build / "data" / f"test_{c // TEST_CHUNK}.js", "REPORT_CHUNK", "test", c // TEST_CHUNK,
                     test_records[c:c + TEST_CHUNK])
         for c in range(0, len(train_records), TRAIN_CHUNK):
-            js_file(build_dir / "data" / f"train_{c // TRAIN_CHUNK}.js", "REPORT_CHUNK", "train", c // TRAIN_CHUNK,
+            js_file(build / "data" / f"train_{c // TRAIN_CHUNK}.js", "REPORT_CHUNK", "train", c // TRAIN_CHUNK,
                     train_records[c:c + TRAIN_CHUNK])
-        js_file(build_dir / "data" / "mis_0.js", "REPORT_CHUNK", "mis", 0, mis_rows)
-        js_file(build_dir / "data" / "meta.js", "REPORT_META", meta)
+        js_file(build / "data" / "mis_0.js", "REPORT_CHUNK", "mis", 0, mis_rows)
+        js_file(build / "data" / "meta.js", "REPORT_META", meta)
         for p, _ in figures:
-            shutil.copy2(p, build_dir / "figures" / p.name)
+            shutil.copy2(p, build / "figures" / p.name)
         if any(m["cam"] for m in mis_rows):
-            shutil.copytree(fp_dir / "gradcam", build_dir / "gradcam")
-        for name in ("report.js", "report.css"):
-            shutil.copy2(ASSETS / name, build_dir / name)
-        (out / "index.html").unlink(missing_ok=True)
-        for name in ("data", "figures", "gradcam", "report.js", "report.css"):
-            old = out / name
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink(missing_ok=True)
-            if (build_dir / name).exists():
-                os.replace(build_dir / name, old)
-        shutil.copy2(ASSETS / "index.html", build_dir / "index.html")
-        os.replace(build_dir / "index.html", out / "index.html")
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
+            (build / "gradcam").mkdir()
+            for m in mis_rows:
+                if m["cam"]:
+                    shutil.copy2(fp_dir / "gradcam" / m["cam"], build / "gradcam" / m["cam"])
+        for name in ("report.js", "report.css", "index.html"):
+            shutil.copy2(ASSETS / name, build / name)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     stats = {"seconds": time.time() - t0, "seconds_thumbnails": t_thumbs, "thumbnails_made": made, "thumbnails_kept": kept,
              "missing_images": len(missing), "bytes": size, "test_images": len(test_records), "training_images": len(train_records),

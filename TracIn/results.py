@@ -7,24 +7,28 @@
 
 Writing (`write_run`): every file goes to a staging folder first; then the old record
 (run.json) is removed, the new files replace the old ones, files this run did not write
-(and analysis outputs derived from the previous run) are removed, and the record is moved in
-last. So a results folder holds one complete run or no record at all, and a run that fails
+(and analysis outputs derived from the previous run, only those their tool marked as its own) are
+removed, and the record is moved in last. So a results folder holds one complete run or no record at all, and a run that fails
 before the swap leaves the previous results exactly as they were.
 
-Loading (`load_results`): refuses a folder without a record, and results computed on another
-data folder, with other split sizes or class names, naming the flag that fixes it.
+Loading (`load_results`): refuses a folder without a record, a corrupt record or array (one line naming the
+file), and results computed on another data folder or on this folder as it was before being re-prepared
+(each split's content key differs), naming what differs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, save_csv, save_json, save_npy
+from common import (UserError, identity_mismatch, load_npy, owned_by, read_json, remove_claimed, remove_owned, save_csv,
+                    save_json, save_npy)
 
 RECORD = "run.json"
 # Arrays of one run: [n_test, k] top-k lists, row/column index maps, per-image figures.
@@ -41,11 +45,29 @@ ARRAYS = (
 )
 REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)
-# Outputs of the analysis scripts computed from a run; removed when a new run lands.
-DERIVED = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
-           "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json",
-           "analysis", "gradcam_test_*_proponents.png", "clean_and_retrain",
-           "counterfactual", "raw", "normalized", "report")
+# Outputs of the analysis tools computed from a run, removed when a new run lands, but only what each tool marked as
+# its own: files it claimed (common.claim_files; removed only while byte-identical) and folders with its marker.
+# A user's file or folder of the same name is never touched; raw/ and normalized/ are runs of their own (the report
+# checks that they match) and stay.
+DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
+                 "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
+DERIVED_DIRS = {"analysis": "analyze_topk_results", "clean_and_retrain": "clean_and_retrain",
+                "counterfactual": "counterfactual_check", "report": "report"}
+
+
+def run_id(record: dict) -> str:
+    """A short key of what a run's scores depend on (data content, checkpoints, arguments): derived files record it."""
+    return hashlib.sha256(json.dumps(record["identity"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_writable_names(out: Path, names) -> None:
+    """Before anything changes: every file the swap replaces is absent or a plain file (not a folder or a symlink),
+    so the swap cannot stop halfway."""
+    for name in names:
+        path = out / name
+        if path.is_symlink() or path.is_dir():
+            raise UserError(f"{path} is a {'symlink' if path.is_symlink() else 'folder'}, where the results file {name} goes; "
+                            "nothing was changed: move it away or pass another --output_dir")
 
 
 def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
@@ -54,8 +76,9 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
     if unknown:
         raise ValueError(f"not a results file of TracIn/results.py: {unknown}")
     out = Path(out)
-    staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    own_files = [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD]
+    check_writable_names(out, own_files)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         written = []
         for name, array in arrays.items():
@@ -66,16 +89,18 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
             save_csv(staging / name, frame)
             written.append(name)
         save_json(staging / RECORD, {**record, "files": sorted(written)})
+        check_writable_names(out, own_files)
         # The swap: no record while the files change, so a reader never mixes two runs.
         (out / RECORD).unlink(missing_ok=True)
-        for name in [f"{a}.npy" for a in ARRAYS] + list(TABLES):
+        for name in own_files[:-1]:
             if name in written:
                 os.replace(staging / name, out / name)
             else:
                 (out / name).unlink(missing_ok=True)
-        for pattern in DERIVED:
-            for path in out.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_claimed(out, list(DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
+        for name, tool in DERIVED_DIRS.items():
+            if (out / name).is_dir() and not (out / name).is_symlink() and owned_by(out / name, tool):
+                remove_owned(out / name, tool)
         os.replace(staging / RECORD, out / RECORD)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -138,7 +163,10 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
     if not record_path.exists():
         raise UserError(f"{results_dir} holds no complete TracIn run (no {RECORD}); run TracIn/efficient_tracin.py "
                         f"--output_dir {results_dir} first")
-    record = json.loads(record_path.read_text())
+    fix = f"rerun TracIn/efficient_tracin.py --output_dir {results_dir}"
+    record = read_json(record_path, fix)
+    if not isinstance(record.get("identity"), dict) or not isinstance(record.get("data"), dict):
+        raise UserError(f"{record_path} is not a TracIn run record (no identity); {fix}")
     files = set(record.get("files", []))
     missing = [n for n in list(REQUIRED) + list(need) if f"{n}.npy" not in files or not (results_dir / f"{n}.npy").exists()]
     if missing:
@@ -146,20 +174,20 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
         raise UserError(f"{results_dir} lacks {', '.join(missing)}.npy{hint}; rerun TracIn/efficient_tracin.py")
     if data_dir is not None:
         check_data(record, data_dir, results_dir)
-    arrays = {n: np.load(results_dir / f"{n}.npy", mmap_mode="r") for n in ARRAYS if f"{n}.npy" in files}
+    arrays = {n: load_npy(results_dir / f"{n}.npy", "r", fix) for n in ARRAYS if f"{n}.npy" in files}
     return TracInResults(results_dir, record, arrays)
 
 
 def check_data(record: dict, data_dir, results_dir) -> None:
-    """Refuse to index results with a data folder other than the one they were computed on."""
-    from data_utils import list_split
+    """Refuse to index results with data other than those they were computed on: another folder, or the same folder
+    re-prepared, relabelled or edited since (each split's content key: paths, labels, sizes, mtimes)."""
+    from data_utils import data_identity
 
     data = record["data"]
     if Path(data_dir).resolve() != Path(data["data_dir"]):
         raise UserError(f"{results_dir} was computed on --data_dir {data['data_dir']}, not {data_dir}; "
                         f"pass --data_dir {data['data_dir']} (or rerun TracIn on this data)")
-    for split in ("train", "test"):
-        listing = list_split(data_dir, split)
-        if len(listing.paths) != data[f"n_{split}_split"] or listing.class_names != data["class_names"]:
-            raise UserError(f"{data_dir} changed since TracIn ran on it ({split}: {len(listing.paths)} images now, "
-                            f"{data[f'n_{split}_split']} then); rerun TracIn/efficient_tracin.py")
+    differs = identity_mismatch(data, data_identity(data_dir))
+    if differs:
+        raise UserError(f"{data_dir} changed since TracIn ran on it ({differs}); rerun TracIn/efficient_tracin.py "
+                        f"--output_dir {results_dir}")

@@ -9,6 +9,7 @@ checkpoint_dir/training_dynamics.npz after every epoch, indexed like the manifes
     loss, margin   float32 [epochs, n_train]   NaN where an image was not seen that epoch
     correct        int8    [epochs, n_train]   1 / 0, -1 where not seen
     class_names, n_train, data_dir             what the rows mean (checked on load)
+    train_run                                  the training run's id (also in each of its checkpoints)
 
     from TracIn.training_dynamics import load_dynamics
     dyn = load_dynamics("models/checkpoints", n_train=4000, class_names=[...])
@@ -28,8 +29,9 @@ class DynamicsRecorder:
     """Collects one epoch's per-image figures; `rows()` gives them for an all-reduce under DDP."""
 
     def __init__(self, n_train: int, epochs: int, class_names: list[str], data_dir: str, previous: dict | None = None,
-                 start_epoch: int = 1):
+                 start_epoch: int = 1, train_run: str = ""):
         self.n, self.class_names, self.data_dir = n_train, list(class_names), str(Path(data_dir).resolve())
+        self.train_run = train_run
         self.loss = np.full((epochs, n_train), np.nan, dtype=np.float32)
         self.margin = np.full((epochs, n_train), np.nan, dtype=np.float32)
         self.correct = np.full((epochs, n_train), -1, dtype=np.int8)
@@ -73,14 +75,17 @@ class DynamicsRecorder:
         with atomic_path(Path(checkpoint_dir) / FILE) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, loss=self.loss[:epochs_done], margin=self.margin[:epochs_done], correct=self.correct[:epochs_done],
-                         class_names=np.asarray(self.class_names), n_train=np.int64(self.n), data_dir=np.asarray(self.data_dir))
+                         class_names=np.asarray(self.class_names), n_train=np.int64(self.n), data_dir=np.asarray(self.data_dir),
+                         train_run=np.asarray(self.train_run))
 
 
-def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required: bool = False) -> dict | None:
+def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required: bool = False,
+                  train_runs: list | None = None) -> dict | None:
     """The dynamics file of `checkpoint_dir`, checked against the data it will be indexed with.
 
     Returns None when there is no file (and not required); raises UserError for a file of
-    another data set (other n or class list), naming the flag to fix.
+    another data set (other n or class list), naming the flag to fix, and, given `train_runs` (the run ids of the
+    checkpoints a TracIn run used), for the dynamics of another training run.
     """
     path = Path(checkpoint_dir) / FILE
     if not path.exists():
@@ -90,10 +95,16 @@ def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required
     try:
         with np.load(path) as z:
             dyn = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     names = [str(c) for c in dyn["class_names"]]
     if int(dyn["n_train"]) != n_train or names != list(class_names):
         raise UserError(f"{path} belongs to another data set ({int(dyn['n_train'])} training images, classes {names}; "
                         f"this data has {n_train}, {list(class_names)}); pass the matching --checkpoint_dir or --data_dir")
+    if train_runs is not None:
+        mine = str(dyn["train_run"]) if "train_run" in dyn else ""
+        if not mine or any(r != mine for r in train_runs):
+            raise UserError(f"{path} was recorded by training run {mine or '(unknown)'}, but the TracIn results come from the "
+                            f"checkpoints of run {', '.join(sorted({str(r) for r in train_runs}))}; pass the --checkpoint_dir of "
+                            "the training run whose checkpoints TracIn used")
     return dyn

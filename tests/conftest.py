@@ -138,3 +138,39 @@ def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_s
                                         std=IMAGENET_STD, epoch=t + 1, lr=lrs[t], metrics={}),
                         ckpt_dir / f"finetune_epoch_{t + 1}.pth")
     return sorted(ckpt_dir.glob("finetune_epoch_*.pth"))
+
+
+def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64):
+    """A hand-made mispredictions table with the record false_prediction.py writes beside it (model and data)."""
+    import json
+    from pathlib import Path
+
+    from data_utils import data_identity
+
+    csv_path = Path(csv_path)
+    frame.to_csv(csv_path, index=False)
+    csv_path.with_suffix(".json").write_text(json.dumps({"model": "hand-made", "model_sha256": model_sha256,
+                                                         **data_identity(data_dir)}))
+    return csv_path
+
+
+# ---------------------------------------------------------------- headless Chromium for the report's browser tests
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium + chromium-driver driven by selenium; skipped with its reason where they are not installed."""
+    import shutil
+
+    chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("no Chromium: install Debian's chromium and chromium-driver (.ci/run does, as root)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900"):
+        options.add_argument(a)
+    options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()

@@ -15,7 +15,7 @@ import prepare_data
 from data_utils import list_split, read_exclusions
 from TracIn import efficient_tracin as et, mislabel_detection, report
 from TracIn.results import load_results
-from tests.conftest import make_random_checkpoints, make_raw_tree
+from tests.conftest import make_random_checkpoints, make_raw_tree, write_false_predictions
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
@@ -42,9 +42,9 @@ def run(tmp_path_factory):
     pred, ids = np.asarray(r["test_pred"]), np.asarray(r["test_indices"])
     wrong = ids[pred != test.labels[ids]]
     (root / "fp").mkdir()
-    pd.DataFrame({"split": "test", "index": wrong, "path": np.asarray(test.paths)[wrong],
-                  "true_label": np.asarray(names)[test.labels[wrong]], "pred_label": np.asarray(names)[pred[pred != test.labels[ids]]],
-                  "confidence": 0.5, "true_class_prob": 0.2}).to_csv(root / "fp" / "false_predictions.csv", index=False)
+    write_false_predictions(root / "fp" / "false_predictions.csv", pd.DataFrame({
+        "split": "test", "index": wrong, "path": np.asarray(test.paths)[wrong], "true_label": np.asarray(names)[test.labels[wrong]],
+        "pred_label": np.asarray(names)[pred[pred != test.labels[ids]]], "confidence": 0.5, "true_class_prob": 0.2}), data)
     gone = int(ids[-1])
     os.remove(test.paths[gone])  # an image file that went missing since the run
     args = ["--results_dir", str(root / "res"), "--data_dir", str(data), "--false_predictions", str(root / "fp"),
@@ -80,23 +80,6 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
     notes = " ".join(meta(bare / "report")["notes"])
     for missing in ("only the normalized lists", "no mislabel table", "no mispredictions table"):
         assert missing in notes
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no Chromium: install Debian's chromium and chromium-driver (.ci/run does, as root)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900"):
-        options.add_argument(a)
-    options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def wait_for(driver, script, timeout=10.0):

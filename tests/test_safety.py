@@ -69,19 +69,6 @@ def test_prepare_replaces_its_own_folder_with_overwrite(tmp_path):
     assert (out / "manifest.csv").exists()
 
 
-def test_make_clean_results_keeps_tracked_readmes(tmp_path):
-    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
-    for d in ("TracIn/results", "false_predictions", "models/checkpoints", "models/evaluation"):
-        (tmp_path / d).mkdir(parents=True)
-        (tmp_path / d / "out.npy").write_bytes(b"x")
-    for d in ("TracIn/results", "false_predictions", "models"):
-        (tmp_path / d / "README.md").write_text("tracked")
-    (tmp_path / "models" / "my_weights.pth").write_bytes(b"keep")
-    subprocess.run(["make", "-s", "clean-results"], cwd=tmp_path, check=True, capture_output=True)
-    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["Makefile", "TracIn/results/README.md", "false_predictions/README.md", "models/README.md", "models/my_weights.pth"]
-
-
 # ---------------------------------------------------------------- one error line
 def test_prepare_with_worker_pool_prints_no_traceback(tmp_path):
     raw = make_raw_tree(tmp_path / "raw", per_class=40)

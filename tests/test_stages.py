@@ -12,7 +12,7 @@ from common import UserError
 from data_utils import list_split
 from TracIn import analyze_misprediction_influences, analyze_topk_results, efficient_tracin as et, mislabel_detection
 from TracIn.results import ARRAYS, index_of, load_results
-from tests.conftest import make_random_checkpoints
+from tests.conftest import make_random_checkpoints, write_false_predictions
 
 
 @pytest.fixture
@@ -105,7 +105,9 @@ def test_a_failed_run_leaves_the_previous_results_and_blocks_nothing(data, tmp_p
 def test_files_a_run_does_not_write_are_removed(data, tmp_path):
     d, _ = data
     tracin(data, tmp_path / "out")
-    (tmp_path / "out" / "mislabel_candidates.csv").write_text("stale")
+    assert mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d),  # derived from this run
+                                    "--checkpoint_dir", str(data[1][0].parent)]) == 0
+    assert (tmp_path / "out" / "mislabel_candidates.csv").exists()
     tracin(data, tmp_path / "out", "--no_self_influence")
     assert not (tmp_path / "out" / "self_influence.npy").exists()
     assert not (tmp_path / "out" / "mislabel_candidates.csv").exists()
@@ -123,7 +125,7 @@ def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_
     ids = np.asarray(r["train_indices"])
     rows = [("train", int(j), train_list.paths[j], "cat", "dog", 0.9) for j in range(len(train_list.paths))]
     rows.append(("test", 0, list_split(d, "test").paths[0], "cat", "dog", 0.9))
-    pd.DataFrame(rows, columns=["split", "index", "path", "true_label", "pred_label", "confidence"]).to_csv(fp, index=False)
+    write_false_predictions(fp, pd.DataFrame(rows, columns=["split", "index", "path", "true_label", "pred_label", "confidence"]), d)
     analyze_misprediction_influences.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d),
                                            "--false_predictions", str(fp)])
     per = pd.read_csv(tmp_path / "out" / "misprediction_influence_analysis.csv").set_index("train_idx")

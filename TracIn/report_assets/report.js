@@ -58,13 +58,15 @@
   // ------------------------------------------------------------ helpers
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   function fmt(v, d = 3) {
-    if (v === null || v === undefined) return "–";
+    if (v === null || v === undefined || v === "") return "–";
+    v = Number(v);  // a number or "–", never text from a file
+    if (!Number.isFinite(v)) return "–";
     const a = Math.abs(v);
     if (Number.isInteger(v) && a < 1e6) return String(v);
     if (a >= 1e4 || (a !== 0 && a < 1e-3)) return v.toExponential(2);
     return (+v).toFixed(a >= 100 ? Math.min(d, 1) : d);
   }
-  const signed = (v) => (v === null ? "–" : (v > 0 ? "+" : "") + fmt(v));
+  const signed = (v) => (v === null ? "–" : (Number(v) > 0 ? "+" : "") + fmt(v));
   function img(split, idx, big) {
     return '<img loading="lazy" alt="' + split + " #" + idx + '" src="thumbs/' + split + "/" + idx + '.jpg"' +
       (big ? ' class="big"' : "") + ">";
@@ -164,14 +166,14 @@
        ["report built", M.built]].map((kv) => '<tr><th class="l">' + kv[0] + '</th><td class="l">' + esc(kv[1]) + "</td></tr>").join("") + "</table>";
     if (M.notes.length) h += "<h3>Missing or skipped</h3>" + M.notes.map((n) => '<div class="note">' + esc(n) + "</div>").join("");
     if (M.mislabel && M.mislabel.metrics) {
-      h += "<h2>Mislabel detectors</h2><p class=\"small\">" + M.mislabel.n_mislabeled + " injected label errors; default ranking: " +
+      h += "<h2>Mislabel detectors</h2><p class=\"small\">" + fmt(M.mislabel.n_mislabeled, 0) + " injected label errors; default ranking: " +
         esc(M.mislabel.score) + '</p><table id="mislabel-table"><tr><th class="l">detector</th><th>recall@5%</th><th>recall@10%</th><th>recall@20%</th><th>AP</th><th>ROC AUC</th></tr>' +
         Object.entries(M.mislabel.metrics).map(([d, m]) => '<tr><td class="l">' + esc(d) + (d === M.mislabel.score ? " (default)" : "") + "</td><td>" +
           [m.recall_at_5pct, m.recall_at_10pct, m.recall_at_20pct, m.average_precision, m.roc_auc].map((v) => fmt(v)).join("</td><td>") + "</td></tr>").join("") + "</table>";
     }
     for (const [kind, cf] of Object.entries(M.counterfactual)) {
-      h += "<h2>Counterfactual check (" + esc(kind) + " retrain)</h2><p class=\"small\">" + cf.n_group + " test images; each method's top k " +
-        "proponents of them removed, retrained with " + cf.seeds + " seeds; change of the group's mean loss against nothing removed (mean ± std).</p>" +
+      h += "<h2>Counterfactual check (" + esc(kind) + " retrain)</h2><p class=\"small\">" + fmt(cf.n_group, 0) + " test images; each method's top k " +
+        "proponents of them removed, retrained with " + fmt(cf.seeds, 0) + " seeds; change of the group's mean loss against nothing removed (mean ± std).</p>" +
         '<table><tr><th class="l">method</th><th>removed</th><th>Δ loss</th><th>flips</th><th>vs random</th></tr>' +
         Object.entries(cf.summary).map(([m, s]) => '<tr><td class="l">' + esc(m) + "</td><td>" + fmt(s.removed, 0) + "</td><td>" + signed(s.d_loss_mean) +
           " ± " + fmt(s.d_loss_std) + "</td><td>" + fmt(s.d_flips_mean, 1) + "</td><td>" + (m.startsWith("random") ? "" : s.beats_random ? "beats" : "no") + "</td></tr>").join("") + "</table>";
@@ -296,8 +298,8 @@
         '</select></label><span class="small">training images are judged by their given label, injected noise included</span></div>' +
         (rows.length ? "" : '<div class="note">no mispredictions table (python false_prediction.py)</div>') + pager("mis", s.page, shown.length) +
         '<table id="mis-table"><tr><th class="l">split</th><th></th><th>index</th><th class="l">true</th><th class="l">predicted</th><th>confidence</th><th class="l">Grad-CAM (predicted class)</th></tr>' +
-        shown.slice(s.page * PAGE.mis, (s.page + 1) * PAGE.mis).map((r) => '<tr class="clickable" data-split="' + r.split + '" data-idx="' + r.i + '"><td class="l">' + r.split +
-          '</td><td><img width="48" height="48" loading="lazy" alt="" src="thumbs/' + r.split + "/" + r.i + '.jpg"></td><td>' + r.i + '</td><td class="l">' + esc(r.true) +
+        shown.slice(s.page * PAGE.mis, (s.page + 1) * PAGE.mis).map((r) => '<tr class="clickable" data-split="' + esc(r.split) + '" data-idx="' + fmt(r.i, 0) + '"><td class="l">' + esc(r.split) +
+          '</td><td><img width="48" height="48" loading="lazy" alt="" src="thumbs/' + esc(r.split) + "/" + fmt(r.i, 0) + '.jpg"></td><td>' + fmt(r.i, 0) + '</td><td class="l">' + esc(r.true) +
           '</td><td class="l">' + esc(r.pred) + "</td><td>" + fmt(r.conf) + '</td><td class="l">' +
           (r.cam ? '<img width="64" height="64" loading="lazy" alt="Grad-CAM" src="gradcam/' + esc(r.cam) + '">' : '<span class="small">–</span>') + "</td></tr>").join("") + "</table>";
       document.getElementById("f-split").addEventListener("change", (e) => { s.split = e.target.value; s.page = 0; renderMis(); });
