@@ -336,7 +336,7 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = "r", fix: str = "r
         raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
 
 
-def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str) -> "pandas.DataFrame":
+def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str):
     """A CSV with the given columns ({name: 'int' | 'float' | 'str'}): a missing column, an empty file or a
     cell of the wrong type is one UserError naming the file and the column."""
     import pandas as pd

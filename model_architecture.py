@@ -266,3 +266,16 @@ def predictions_frame(listing, preds: dict, split: str) -> pd.DataFrame:
         "confidence": probs.max(1),
         "true_class_prob": probs[np.arange(len(pred)), preds["labels"]],
     })
+
+
+def logit_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-example cross-entropy, logit margin (given-label logit minus the largest other logit;
+    Pleiss et al. 2020) and EL2N error norm |softmax - onehot| (Paul et al. 2021) from logits
+    (..., n, C) and labels (n,)."""
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).expand(z.shape[:-1])
+    given = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    loss = torch.logsumexp(z, -1) - given
+    other = z.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
+    el2n = (torch.softmax(z, -1) - torch.nn.functional.one_hot(y, z.shape[-1]).double()).norm(dim=-1)
+    return tuple(v.numpy().astype(np.float32) for v in (loss, given - other, el2n))

@@ -32,16 +32,17 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from common import UserError, cli, nonneg_int, positive_int, remove_inside_owned, resolve_device, save_json, scheduled_lr
 from data_utils import ImageListDataset, eval_transform, list_split, make_loader
-from model_architecture import load_checkpoint, model_from_checkpoint, model_to_device, predict
+from model_architecture import load_checkpoint, logit_figures, model_from_checkpoint, model_to_device, predict
 from TracIn.clean_and_retrain import claim_arms_folder, original_exclusions, original_settings, train_without
-from TracIn.efficient_tracin import (FactorView, NormalizedView, TracInConfig, choose_subset, factor_views, load_checkpoints,
-                                     logit_figures, score_topk, self_influence_from_view)
+from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints
+from TracIn.scores import NormalizedView, score_topk, self_influence_from_view
 from TracIn.results import load_results, run_id
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,11 @@ class RunFactors:
         if rec["args"].get("train_subset", 0) or rec["args"].get("num_shards", 1) > 1:
             raise UserError(f"{results_dir} scored a --train_subset or ran in shards; the check needs one unsharded run "
                             "over every training image")
-        fields = set(TracInConfig.__dataclass_fields__)
-        self.cfg = TracInConfig(**{**{k: v for k, v in rec["args"].items() if k in fields},
-                                   "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
-                                   "num_workers": num_workers, "overwrite": False,
-                                   "checkpoints": [c["path"] for c in rec["checkpoints"]],
-                                   "lr_weights": [c["lr"] for c in rec["checkpoints"]]})
+        # the run's own settings (run.json), with this check's data, device and the checkpoints it recorded
+        self.cfg = SimpleNamespace(**{**rec["args"], "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
+                                      "num_workers": num_workers, "overwrite": False,
+                                      "checkpoints": [c["path"] for c in rec["checkpoints"]],
+                                      "lr_weights": [c["lr"] for c in rec["checkpoints"]]})
         self.train_list, self.test_list = list_split(data_dir, "train"), list_split(data_dir, "test")
         self.paths, self.ckpts, self.lrs, shas = load_checkpoints(self.cfg, self.train_list.class_names)
         changed = [str(p) for p, s, c in zip(self.paths, shas, rec["checkpoints"]) if s != c["sha256"]]

@@ -32,33 +32,27 @@ index refers to the full split's order in data/processed/manifest.csv.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from numpy.lib.format import open_memmap
 
-from common import (OWNER_MARKER, file_sha256, is_relative_to, load_npy, read_json, remove_inside_owned, UserError, autocast, cli, ensure_output_dir, git_commit, mark_owned, nonneg_int, owned_by,
-                    positive_float, positive_int, remove_owned, resolve_device, save_json, save_npy)
-from data_utils import ImageListDataset, data_identity, eval_transform, list_split, listing_key
-from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
-from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch, target_layers,
-                                    self_influence)
+from common import (OWNER_MARKER, UserError, cli, ensure_output_dir, git_commit, is_relative_to, mark_owned, nonneg_int,
+                    owned_by, positive_float, positive_int, remove_owned, resolve_device, save_json, save_npy)
+from data_utils import data_identity, list_split
+from model_architecture import model_from_checkpoint
+from TracIn.factors import TOOL, check_images, choose_subset, factor_setting, load_checkpoints, make_hook
+from TracIn.influence_utils import target_layers
 from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, write_run
+from TracIn.scores import factors_and_scores
+from TracIn.shards import SHARD_ARRAYS, SHARD_PARTS, merge_shards
 
 log = logging.getLogger(__name__)
-TOOL = "efficient_tracin"
 NORMALIZE = ("none", "train", "both")
 
 
@@ -143,7 +137,7 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
     p.add_argument("--normalize", choices=NORMALIZE, default="train",
-                   help="train: divide by the training image's gradient norm per checkpoint (chosen by the README's "
+                   help="train: divide by the training image's gradient norm per checkpoint (chosen by docs/counterfactual.md's "
                         "counterfactual table); none: TracIn as in the paper; both: cosine of the two gradients per checkpoint "
                         "(default train; self-influence is never normalised)")
     p.add_argument("--cache_dir", default="", help="factor cache folder (default output_dir/factors; point a second run, "
@@ -152,380 +146,6 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--merge", action="store_true", help="merge the --num_shards finished shards into the final outputs")
     a = p.parse_args(argv)
     return TracInConfig(**{k: v for k, v in vars(a).items() if k != "no_self_influence"}, self_influence=not a.no_self_influence)
-
-
-# ---------------------------------------------------------------- setup
-def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
-    """A sorted seeded random subset of range(n) of `size` (0: all of it)."""
-    if size == 0 or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-
-
-def load_checkpoints(cfg: TracInConfig, class_names: list[str]):
-    paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
-    if not paths:
-        raise UserError(f"no checkpoints: no finetune_epoch_*.pth in {cfg.checkpoint_dir} (train first or pass --checkpoints)")
-    ckpts = [load_checkpoint(p, class_names=class_names) for p in paths]
-    first = ckpts[0]
-    for p, c in zip(paths, ckpts):
-        if (c["arch"], c["image_size"], c["mean"], c["std"]) != (first["arch"], first["image_size"], first["mean"], first["std"]):
-            raise UserError(f"{p} differs from {paths[0]} in arch, image size or normalisation; TracIn needs one model family")
-    if cfg.lr_weights and len(cfg.lr_weights) != len(paths):
-        raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
-    lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
-    shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
-    return paths, ckpts, lrs, shas
-
-
-def check_images(listing, ids: np.ndarray) -> None:
-    """Cheap check of every image a run will read, before hours of forward passes.
-
-    Decoding every file would cost minutes on Animals-10; instead each file's header is parsed
-    (PIL.Image.open reads a few bytes) and a JPEG must end with its EOI marker, which is what a
-    truncated file lacks. A file that passes but still fails to decode stops the run with one line.
-    """
-    from PIL import Image
-
-    for i in ids:
-        path = listing.paths[int(i)]
-        try:
-            with Image.open(path) as im:
-                im.size  # header parsed
-                is_jpeg = im.format == "JPEG"
-            if is_jpeg:
-                with open(path, "rb") as f:
-                    f.seek(-2, os.SEEK_END)
-                    if f.read(2) != b"\xff\xd9":
-                        raise OSError("truncated JPEG (no end-of-image marker)")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}; re-run prepare_data.py "
-                            "or remove the file") from None
-
-
-# ---------------------------------------------------------------- stage 1: factors
-class CheckpointFactors:
-    """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the
-    whole split, memory-mapped, with per-row done flags."""
-
-    def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict, cache_root: Path):
-        self.root, self.n = root, n
-        meta_path = root / "meta.json"
-        try:
-            saved = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        except (OSError, ValueError):
-            saved = None  # corrupt: treated as never finished
-        if saved is not None and saved != json.loads(json.dumps(meta)):
-            raise UserError(f"factor cache {root} belongs to another setting; pass --overwrite to recompute it")
-        if saved is None and root.exists():
-            # meta.json is written only once every array is allocated: without it (a full disk or a kill while
-            # allocating, or a corrupt file) the folder holds no finished rows and starts over.
-            remove_inside_owned(root, cache_root, TOOL)
-        root.mkdir(parents=True, exist_ok=True)
-        shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
-        self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
-        self.logits = self._open("logits.npy", (n, n_classes))
-        self.done_path = root / "done.npy"
-        self.done = load_npy(self.done_path, None, "pass --overwrite to recompute the factor cache") if self.done_path.exists() \
-            else np.zeros(n, dtype=bool)
-        if self.done.shape != (n,):
-            raise UserError(f"factor cache {root} does not match the split; pass --overwrite to recompute it")
-        if saved is None:
-            save_json(meta_path, meta)
-        self._last_sync = time.time()
-
-    @staticmethod
-    def new_bytes(root: Path, n: int, dims: dict, n_classes: int) -> int:
-        """Disk space a not yet existing cache folder will take."""
-        return 0 if (root / "meta.json").exists() else 4 * n * (sum(a + d for a, d in dims.values()) + n_classes) + n
-
-    def _open(self, name, shape):
-        path = self.root / name
-        fix = "pass --overwrite to recompute the factor cache"
-        if path.exists():
-            arr = load_npy(path, "r+", fix)
-            if arr.shape != shape or arr.dtype != np.float32:
-                raise UserError(f"factor cache {path} has the wrong shape; {fix}")
-            return arr
-        try:
-            arr = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-            # Reserve the blocks now: a full disk is then an ENOSPC here, never a SIGBUS mid-run.
-            with open(path, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-        except OSError as e:  # name the file (and so the full disk), not the current folder
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        return arr
-
-    def write(self, rows: np.ndarray, factors: dict, logits: torch.Tensor):
-        for layer, (a, d) in factors.items():
-            self.arrays[(layer, "A")][rows] = a.float().cpu().numpy()
-            self.arrays[(layer, "D")][rows] = d.float().cpu().numpy()
-        self.logits[rows] = logits.float().cpu().numpy()
-        self.done[rows] = True
-
-    def sync(self, force: bool = True, every_s: float = 10.0):
-        """Flush the factors, then the done flags: a flag on disk never claims unwritten rows."""
-        if not force and time.time() - self._last_sync < every_s:
-            return
-        for arr in list(self.arrays.values()) + [self.logits]:
-            arr.flush()
-        save_npy(self.done_path, self.done)
-        self._last_sync = time.time()
-
-
-def make_hook(model, cfg) -> InfluenceHook:
-    return InfluenceHook(model, cfg.layers, proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
-
-
-def factor_setting(cfg, model) -> dict:
-    """What the cached factors depend on besides the checkpoint and the images. Projection settings
-    count only when some layer is projected, so exact (linear-only) caches keep their key."""
-    setting = {"layers": list(cfg.layers), "amp": bool(cfg.amp)}
-    if any(make_hook(model, cfg).projected.values()):
-        setting.update(proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
-    return setting
-
-
-def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg, setting: dict) -> list[CheckpointFactors]:
-    """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
-    setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
-    split_dir = cache_root / f"{split}-{listing_key(listing)}"
-    roots = [split_dir / f"{sha[:16]}-{setting_key}" for sha in shas]
-    n = len(listing.paths)
-    need = sum(CheckpointFactors.new_bytes(r, n, dims, n_classes) for r in roots)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(cache_root).free
-    if need > free:
-        raise UserError(f"the factor cache needs {need / 2**20:.1f} MiB in {cache_root} but only {free / 2**20:.1f} MiB "
-                        "are free; free space or pass another --output_dir")
-    meta = lambda sha: {"split": split, "n": n, "checkpoint_sha256": sha, **setting}
-    return [CheckpointFactors(r, n, dims, n_classes, meta(sha), cache_root) for r, sha in zip(roots, shas)]
-
-
-def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: np.ndarray, transform, batch_size,
-                    num_workers, device, desc, stop_after=None, amp: bool = False) -> int:
-    """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
-
-    Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
-    bits) in every run. Returns the number of forward batches run now.
-    """
-    from tqdm import tqdm
-
-    need = ids[~np.all([c.done[ids] for c in caches], axis=0)]
-    if len(need) == 0:
-        return 0
-    dataset = ImageListDataset(listing, transform, need)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
-    done_now = 0
-    with contextlib.ExitStack() as stack:
-        hooks = [stack.enter_context(make_hook(m, cfg)) for m in models]
-        for c in caches:
-            stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
-        for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
-            x, y, rows = batch_to_device(x, device), y.to(device, non_blocking=True), idx.numpy()
-            for cache, hook in zip(caches, hooks):  # the batch visits every checkpoint before the next is read
-                todo = ~cache.done[rows]
-                if not todo.any():
-                    continue
-                with autocast(device) if amp else contextlib.nullcontext():
-                    factors, logits, _ = hook.factors(x, y)
-                keep = torch.from_numpy(todo).to(device)
-                cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
-                cache.sync(force=False)
-            done_now += 1
-            if kill_after and done_now == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop_after is not None and done_now >= stop_after:
-                raise KeyboardInterrupt("stopped on request (test hook)")
-    return done_now
-
-
-class FactorView:
-    """The factors of chosen rows (`ids`, split indices) across checkpoints, loaded by row slice."""
-
-    def __init__(self, caches: list[CheckpointFactors], ids: np.ndarray):
-        self.caches, self.ids = caches, np.asarray(ids)
-
-    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        sel = self.ids[rows]
-        return tuple(torch.from_numpy(self.caches[t].arrays[(layer, k)][sel]).to(device) for k in ("A", "D"))
-
-    def nbytes(self) -> int:
-        return sum(4 * len(self.ids) * a.shape[1] for c in self.caches for a in c.arrays.values())
-
-    def resident(self, device) -> "ResidentFactors":
-        """All chosen factors copied once to `device` (the GPU fast path: no host transfer per block)."""
-        return ResidentFactors({(t, l, k): torch.from_numpy(a[self.ids]).to(device)
-                                for t, c in enumerate(self.caches) for (l, k), a in c.arrays.items()})
-
-    def logits(self) -> np.ndarray:
-        """(n_ckpt, n_rows, C) float32."""
-        return np.stack([c.logits[self.ids] for c in self.caches])
-
-
-class ResidentFactors:
-    """Factors held as device tensors, with FactorView's `load` interface."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
-
-    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tensors[(t, layer, "A")][rows], self.tensors[(t, layer, "D")][rows]
-
-
-class NormalizedView:
-    """A factor view whose per-checkpoint gradients have unit norm: every layer's D rows of checkpoint t
-    are divided by |g_t| = sqrt(sum_l |a_l|^2 |d_l|^2), which divides the whole per-example gradient
-    (Hammoudeh & Lowd's renormalised influence; the TracIn authors' cosine variant when both sides are)."""
-
-    def __init__(self, view, sq_norms: np.ndarray, device):
-        norms = np.sqrt(np.asarray(sq_norms, dtype=np.float64))  # (n_ckpt, n_rows)
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)  # a zero gradient scores 0 anyway
-        self.view, self.inv = view, torch.from_numpy(inv.astype(np.float32)).to(device)
-
-    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        a, d = self.view.load(t, layer, rows, device)
-        return a, d * self.inv[t, rows].unsqueeze(1).to(d.dtype)
-
-
-def logit_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-example cross-entropy, logit margin (given-label logit minus the largest other logit;
-    Pleiss et al. 2020) and EL2N error norm |softmax - onehot| (Paul et al. 2021) from logits
-    (..., n, C) and labels (n,)."""
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).expand(z.shape[:-1])
-    given = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    loss = torch.logsumexp(z, -1) - given
-    other = z.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
-    el2n = (torch.softmax(z, -1) - torch.nn.functional.one_hot(y, z.shape[-1]).double()).norm(dim=-1)
-    return tuple(v.numpy().astype(np.float32) for v in (loss, given - other, el2n))
-
-
-# ---------------------------------------------------------------- stage 2: scores
-def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,
-               top_k: int, test_block: int, train_block: int, train_ids: np.ndarray, device) -> TopKInfluenceTracker:
-    """Blocked exact TracIn + streaming top-k; train_ids maps local train rows to split indices."""
-    n_ckpt = len(lrs)
-    tracker = TopKInfluenceTracker(n_test, top_k, device=device)
-    ids = torch.from_numpy(np.asarray(train_ids)).to(device)
-    for r0 in range(0, n_test, test_block):
-        rows = slice(r0, min(r0 + test_block, n_test))
-        te = [{l: test_view.load(t, l, rows, device) for l in layers} for t in range(n_ckpt)]
-        for c0 in range(0, n_train, train_block):
-            cols = slice(c0, min(c0 + train_block, n_train))
-            tr = [{l: train_view.load(t, l, cols, device) for l in layers} for t in range(n_ckpt)]
-            tracker.update(compute_ghost_influence_batch(te, tr, lrs), ids[cols], rows=rows)
-    return tracker
-
-
-def self_influence_from_view(view, n: int, layers, n_ckpt: int, block: int, device) -> np.ndarray:
-    """Per-checkpoint squared gradient norms |g_t|^2, (n_ckpt, n) float64: influence_utils.self_influence
-    of each checkpoint alone over row blocks of a factor view. TracIn's self-influence is lrs @ this."""
-    out = np.zeros((n_ckpt, n), dtype=np.float64)
-    for c0 in range(0, n, block):
-        rows = slice(c0, min(c0 + block, n))
-        for t in range(n_ckpt):
-            factors = {l: tuple(x.double() for x in view.load(t, l, rows, device)) for l in layers}
-            out[t, rows] = self_influence([factors], [1.0]).cpu().numpy()
-    return out
-
-
-def fits_on_device(views: dict, device) -> bool:
-    """GPU fast path: hold every factor on the device when they take under half its free memory."""
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(v.nbytes() for v in views.values()) < 0.5 * free
-
-
-# ---------------------------------------------------------------- the run
-def factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
-    """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
-    Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
-    models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
-    dims = make_hook(models[0], cfg).dims
-    setting = factor_setting(cfg, models[0])
-    tf = eval_transform(ckpts[0])
-    n_classes = int(ckpts[0]["num_classes"])
-    caches, computed, views = {}, {}, {}
-    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg, setting)
-    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        computed[split] = extract_factors(caches[split], models, cfg, listing, ids, tf, cfg.batch_size,
-                                          cfg.num_workers, device, f"factors {split}", stop_after,
-                                          amp=cfg.amp and device.type == "cuda")
-        views[split] = FactorView(caches[split], ids)
-    return views, computed, dims
-
-
-def compute(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
-    """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
-    t0 = time.time()
-    views, computed, dims = factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root,
-                                         stop_after)
-    t_factors = time.time() - t0
-    t0 = time.time()
-    scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views
-    sq_norms, self_inf = None, None
-    if cfg.self_influence or cfg.normalize != "none":
-        sq_norms = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, len(lrs), cfg.train_block, device)
-    if cfg.self_influence:  # always TracIn's own definition, whatever --normalize is
-        self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
-    score_views = dict(scoring)
-    if cfg.normalize != "none":
-        score_views["train"] = NormalizedView(scoring["train"], sq_norms, device)
-    if cfg.normalize == "both":
-        te_norms = self_influence_from_view(scoring["test"], len(test_ids), cfg.layers, len(lrs), cfg.test_block, device)
-        score_views["test"] = NormalizedView(scoring["test"], te_norms, device)
-    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
-                         cfg.test_block, cfg.train_block, train_ids, device)
-    if not cfg.self_influence:
-        sq_norms = None
-    train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
-    loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
-    parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
-             "loss_last": loss[-1], "pred_last": train_logits[-1].argmax(1).astype(np.int64),
-             "loss_per_ckpt": loss, "margin_per_ckpt": margin, "el2n_per_ckpt": el2n,
-             "grad_sq_norm_per_ckpt": None if sq_norms is None else sq_norms.astype(np.float32)}
-    extra = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
-             "layer_dims": {l: list(d) for l, d in dims.items()}}
-    test_pred = views["test"].logits()[-1].argmax(1).astype(np.int64)
-    return tracker, parts, test_pred, extra
-
-
-SHARD_ARRAYS = ("prop_values", "prop_indices", "opp_values", "opp_indices")
-SHARD_PARTS = ("self_influence", "train_ids", "loss_last", "pred_last", "loss_per_ckpt", "margin_per_ckpt", "el2n_per_ckpt",
-               "grad_sq_norm_per_ckpt")
-
-
-def merge_shards(out: Path, num_shards: int, identity: dict, device):
-    """Exact merge: top-k trackers merge, per-image arrays concatenate in shard order."""
-    if num_shards < 2:
-        raise UserError("--merge needs --num_shards N (N >= 2), the number of shards that were run")
-    dirs = [out / "shards" / f"shard_{i:03d}" for i in range(num_shards)]
-    missing = [d.name for d in dirs if not (d / "complete.json").exists()]
-    if missing:
-        raise UserError(f"shard(s) {', '.join(missing)} in {out / 'shards'} are not finished; run them before --merge")
-    fix = "rerun that shard"
-    complete = {d.name: read_json(d / "complete.json", fix) for d in dirs}
-    stale = [d.name for d in dirs if complete[d.name].get("identity") != json.loads(json.dumps(identity))]
-    if stale:
-        raise UserError(f"shard(s) {', '.join(stale)} in {out / 'shards'} were run with other arguments; rerun them with these")
-    tracker, parts = None, {k: [] for k in SHARD_PARTS}
-    for d in dirs:
-        state = {k: torch.from_numpy(np.array(load_npy(d / f"{k}.npy", None, fix))) for k in SHARD_ARRAYS}
-        t = TopKInfluenceTracker.from_state(state, device=device)
-        tracker = t if tracker is None else tracker.merge(t)
-        for k in parts:
-            if (d / f"{k}.npy").exists():
-                parts[k].append(load_npy(d / f"{k}.npy", None, fix))
-    axis = {k: 1 for k in SHARD_PARTS if k.endswith("_per_ckpt")}
-    merged = {k: (np.concatenate(v, axis=axis.get(k, 0)) if v else None) for k, v in parts.items()}
-    merged["tracker"] = tracker
-    seconds = sum(float(complete[d.name].get("seconds", 0.0)) for d in dirs)
-    return merged, load_npy(dirs[0] / "test_pred.npy", None, fix), seconds
 
 
 def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
@@ -590,7 +210,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
         if cfg.num_shards > 1:
             mark_owned(work_dir, TOOL)
             (work_dir / "complete.json").unlink(missing_ok=True)
-        tracker, parts, test_pred, summary_extra = compute(cfg, device, ckpts, shas, lrs, train_list, test_list, shard_ids,
+        tracker, parts, test_pred, summary_extra = factors_and_scores(cfg, device, ckpts, shas, lrs, train_list, test_list, shard_ids,
                                                            test_ids, cache_root, _stop_after_batches)
         if cfg.num_shards > 1:
             for name in SHARD_ARRAYS:

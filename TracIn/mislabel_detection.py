@@ -15,7 +15,7 @@ Detectors (higher = more suspicious), all from data the pipeline already compute
   as epochs + 1), from training_dynamics.npz;
 - opponent_count: appearances in the top-k opponent lists of the test images;
 - ensemble (the default): the mean rank quantile of loss_last and aum (loss_last alone without
-  training dynamics); chosen by the README's table over 8 data set x noise cells.
+  training dynamics); chosen by the table in docs/mislabel.md over 8 data set x noise cells.
 
 Writes results_dir/mislabel_candidates.csv ranked by --score (column `rank`; every detector is a
 column). Where data_dir/mislabeled_ground_truth.csv exists (injected label noise) it also writes
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 FRACTIONS = (0.05, 0.10, 0.20)
 DETECTORS = ("ensemble", "aum", "loss_mean", "el2n", "self_influence_rank", "self_influence", "loss_last", "forgetting",
              "opponent_count")
-# Chosen by the README's table (8 cells: 2 data sets x 2 noise kinds x 2 rates): the rank mean of
+# Chosen by the table in docs/mislabel.md (8 cells: 2 data sets x 2 noise kinds x 2 rates): the rank mean of
 # the final model's loss and the training run's AUM beats every single detector in every cell.
 ENSEMBLE_MEMBERS = ("loss_last", "aum")
 DEFAULT_SCORE = "ensemble"
@@ -198,7 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint_dir", default="models/checkpoints",
                    help="train.py's folder with training_dynamics.npz, for aum and forgetting (default models/checkpoints)")
     p.add_argument("--score", choices=DETECTORS, default=DEFAULT_SCORE,
-                   help=f"detector that orders mislabel_candidates.csv (default {DEFAULT_SCORE}; see the README's table)")
+                   help=f"detector that orders mislabel_candidates.csv (default {DEFAULT_SCORE}; see docs/mislabel.md)")
     p.add_argument("--out_dir", default=None, help="where to write (default: --results_dir)")
     return p.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""The counterfactual removal check on two embedded real data sets in two settings: the README's table.
+"""The counterfactual removal check on two embedded real data sets in two settings: the table in docs/counterfactual.md.
 
     $ python -m bench.bench_counterfactual                 # about 45 min on 2 cores
     $ python -m bench.bench_counterfactual --sets digits   # a quicker look

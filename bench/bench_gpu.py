@@ -48,7 +48,7 @@ def parse_args():
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers (default min(16, cores))")
     p.add_argument("--work_dir", default=None, help="scratch folder for JPEGs, checkpoints and outputs (default a temp dir)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto: cuda if there is one (default); cpu measures rates for the CPU row of the README (part 0 skipped)")
+                   help="auto: cuda if there is one (default); cpu measures rates for the CPU row of docs/scale.md (part 0 skipped)")
     p.add_argument("--skip_e2e", action="store_true", help="skip part 4 (the end-to-end run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device is there")
     return p.parse_args()
@@ -195,7 +195,8 @@ def part2_factor_pass(device, args, amp):
 
 
 def part3_scoring(device, args):
-    from TracIn.efficient_tracin import ResidentFactors, score_topk
+    from TracIn.factors import ResidentFactors
+    from TracIn.scores import score_topk
     from TracIn.influence_utils import self_influence
 
     g = torch.Generator(device=device).manual_seed(0)

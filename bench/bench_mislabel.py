@@ -1,6 +1,6 @@
 """Every mislabel detector on two embedded real data sets x two noise kinds x two noise rates.
 
-    $ python -m bench.bench_mislabel                     # the README's table (about 30 min on 2 cores)
+    $ python -m bench.bench_mislabel                     # the table in docs/mislabel.md (about 30 min on 2 cores)
     $ python -m bench.bench_mislabel --sets digits --rates 0.1 --epochs 2    # a quick look
 
 Each cell runs the demo's pipeline (prepare with injected noise -> train.py with the demo's

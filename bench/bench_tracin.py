@@ -149,7 +149,8 @@ def part1(args):
 
 def memory_child(n_train, n_test, top_k):
     """Score random factors; print peak RssAnon (MiB) and seconds as JSON."""
-    from TracIn.efficient_tracin import CheckpointFactors, FactorView, score_topk
+    from TracIn.factors import CheckpointFactors, FactorView
+    from TracIn.scores import score_topk
 
     peak = [0]
     stop = threading.Event()
@@ -167,7 +168,7 @@ def memory_child(n_train, n_test, top_k):
         stores = {}
         rng = np.random.default_rng(0)
         for split, n in (("train", n_train), ("test", n_test)):
-            s = CheckpointFactors(Path(d) / split, n, dims, 10, {"split": split})
+            s = CheckpointFactors(Path(d) / split, n, dims, 10, {"split": split}, Path(d))
             for r0 in range(0, n, 20000):
                 r = slice(r0, min(r0 + 20000, n))
                 s.arrays[("fc", "A")][r] = rng.standard_normal((r.stop - r.start, 2049), dtype=np.float32)

@@ -10,7 +10,7 @@ import torch
 
 from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import efficient_tracin as et
+from TracIn import efficient_tracin as et, scores
 from tests.conftest import make_random_checkpoints
 
 
@@ -165,7 +165,7 @@ def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path
     """The GPU path (all factors copied to the device once) is exercised here on the CPU."""
     run(prepared, ckpts, tmp_path / "memmap")
     calls = []
-    monkeypatch.setattr(et, "fits_on_device", lambda stores, device: calls.append(device) or True)
+    monkeypatch.setattr(scores, "fits_on_device", lambda stores, device: calls.append(device) or True)
     run(prepared, ckpts, tmp_path / "resident")
     assert calls, "the resident path was not taken"
     a, b = load_outputs(tmp_path / "memmap"), load_outputs(tmp_path / "resident")

@@ -19,7 +19,7 @@ import train
 from common import UserError, os_error_message
 from data_utils import data_identity, list_split, read_exclusions
 from TracIn import (analyze_misprediction_influences, analyze_topk_results, clean_and_retrain, counterfactual_check,
-                    efficient_tracin as et, mislabel_detection, report)
+                    efficient_tracin as et, factors, mislabel_detection, report)
 from TracIn.results import load_results, run_id
 from tests.conftest import make_random_checkpoints, make_raw_tree, write_false_predictions
 from tests.test_report import wait_for
@@ -362,7 +362,7 @@ def test_corrupt_cache_and_a_failed_allocation_are_recomputed(world, tmp_path, m
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(et.os, "posix_fallocate", full)
+    monkeypatch.setattr(factors.os, "posix_fallocate", full)
     with pytest.raises(OSError) as e:
         tracin(c, tmp_path / "new")
     assert str(tmp_path / "new" / "factors") in e.value.filename

@@ -10,6 +10,7 @@ import prepare_data
 import train
 from common import UserError
 from data_utils import list_split
+from model_architecture import logit_figures
 from TracIn import clean_and_retrain, efficient_tracin as et
 from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
 from TracIn.results import load_results
@@ -26,7 +27,7 @@ def test_detectors_against_direct_numpy():
     n_ckpt, n, C, E = 3, 7, 4, 5
     logits = rng.normal(size=(n_ckpt, n, C))
     labels = rng.integers(0, C, n)
-    loss, margin, el2n = et.logit_figures(logits, labels)
+    loss, margin, el2n = logit_figures(logits, labels)
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     onehot = np.eye(C)[labels]
     np.testing.assert_allclose(loss, -np.log(p[:, np.arange(n), labels]), rtol=1e-5)

@@ -1,0 +1,278 @@
+"""Stage 1 of TracIn: per-example factors (a, d) of the target layers and the logits, cached on disk.
+
+    from TracIn.factors import factor_views
+    views, computed, dims = factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root)
+    a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
+
+The cache is output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<layers key>/: memory-mapped .npy over
+the whole split with per-row done flags, so any subset reuses rows already computed, a new checkpoint costs only its
+own forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale cache. A killed run resumes
+where it stopped and gives the same bits. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
+interface: FactorView (from the cache), ResidentFactors (held on the GPU), scores.NormalizedView (unit gradients).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+
+from common import UserError, autocast, file_sha256, load_npy, remove_inside_owned, save_json, save_npy
+from data_utils import ImageListDataset, eval_transform, listing_key
+from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
+from TracIn.influence_utils import InfluenceHook
+
+TOOL = "efficient_tracin"  # the owner of every factor cache folder
+
+
+def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """A sorted seeded random subset of range(n) of `size` (0: all of it)."""
+    if size == 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def load_checkpoints(cfg, class_names: list[str]):
+    """The run's checkpoints (cfg.checkpoints, or every finetune_epoch_*.pth of cfg.checkpoint_dir), checked to be one
+    model family; returns (paths, checkpoint dicts, lr_t per checkpoint, sha256 per file)."""
+    paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
+    if not paths:
+        raise UserError(f"no checkpoints: no finetune_epoch_*.pth in {cfg.checkpoint_dir} (train first or pass --checkpoints)")
+    ckpts = [load_checkpoint(p, class_names=class_names) for p in paths]
+    first = ckpts[0]
+    for p, c in zip(paths, ckpts):
+        if (c["arch"], c["image_size"], c["mean"], c["std"]) != (first["arch"], first["image_size"], first["mean"], first["std"]):
+            raise UserError(f"{p} differs from {paths[0]} in arch, image size or normalisation; TracIn needs one model family")
+    if cfg.lr_weights and len(cfg.lr_weights) != len(paths):
+        raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
+    lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
+    shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
+    return paths, ckpts, lrs, shas
+
+
+def check_images(listing, ids: np.ndarray) -> None:
+    """Cheap check of every image a run will read, before hours of forward passes.
+
+    Decoding every file would cost minutes on Animals-10; instead each file's header is parsed
+    (PIL.Image.open reads a few bytes) and a JPEG must end with its EOI marker, which is what a
+    truncated file lacks. A file that passes but still fails to decode stops the run with one line.
+    """
+    from PIL import Image
+
+    for i in ids:
+        path = listing.paths[int(i)]
+        try:
+            with Image.open(path) as im:
+                im.size  # header parsed
+                is_jpeg = im.format == "JPEG"
+            if is_jpeg:
+                with open(path, "rb") as f:
+                    f.seek(-2, os.SEEK_END)
+                    if f.read(2) != b"\xff\xd9":
+                        raise OSError("truncated JPEG (no end-of-image marker)")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}; re-run prepare_data.py "
+                            "or remove the file") from None
+
+
+
+# ---------------------------------------------------------------- the cache
+class CheckpointFactors:
+    """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the
+    whole split, memory-mapped, with per-row done flags."""
+
+    def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict, cache_root: Path):
+        self.root, self.n = root, n
+        meta_path = root / "meta.json"
+        try:
+            saved = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        except (OSError, ValueError):
+            saved = None  # corrupt: treated as never finished
+        if saved is not None and saved != json.loads(json.dumps(meta)):
+            raise UserError(f"factor cache {root} belongs to another setting; pass --overwrite to recompute it")
+        if saved is None and root.exists():
+            # meta.json is written only once every array is allocated: without it (a full disk or a kill while
+            # allocating, or a corrupt file) the folder holds no finished rows and starts over.
+            remove_inside_owned(root, cache_root, TOOL)
+        root.mkdir(parents=True, exist_ok=True)
+        shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
+        self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
+        self.logits = self._open("logits.npy", (n, n_classes))
+        self.done_path = root / "done.npy"
+        self.done = load_npy(self.done_path, None, "pass --overwrite to recompute the factor cache") if self.done_path.exists() \
+            else np.zeros(n, dtype=bool)
+        if self.done.shape != (n,):
+            raise UserError(f"factor cache {root} does not match the split; pass --overwrite to recompute it")
+        if saved is None:
+            save_json(meta_path, meta)
+        self._last_sync = time.time()
+
+    @staticmethod
+    def new_bytes(root: Path, n: int, dims: dict, n_classes: int) -> int:
+        """Disk space a not yet existing cache folder will take."""
+        return 0 if (root / "meta.json").exists() else 4 * n * (sum(a + d for a, d in dims.values()) + n_classes) + n
+
+    def _open(self, name, shape):
+        path = self.root / name
+        fix = "pass --overwrite to recompute the factor cache"
+        if path.exists():
+            arr = load_npy(path, "r+", fix)
+            if arr.shape != shape or arr.dtype != np.float32:
+                raise UserError(f"factor cache {path} has the wrong shape; {fix}")
+            return arr
+        try:
+            arr = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            # Reserve the blocks now: a full disk is then an ENOSPC here, never a SIGBUS mid-run.
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:  # name the file (and so the full disk), not the current folder
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        return arr
+
+    def write(self, rows: np.ndarray, factors: dict, logits: torch.Tensor):
+        for layer, (a, d) in factors.items():
+            self.arrays[(layer, "A")][rows] = a.float().cpu().numpy()
+            self.arrays[(layer, "D")][rows] = d.float().cpu().numpy()
+        self.logits[rows] = logits.float().cpu().numpy()
+        self.done[rows] = True
+
+    def sync(self, force: bool = True, every_s: float = 10.0):
+        """Flush the factors, then the done flags: a flag on disk never claims unwritten rows."""
+        if not force and time.time() - self._last_sync < every_s:
+            return
+        for arr in list(self.arrays.values()) + [self.logits]:
+            arr.flush()
+        save_npy(self.done_path, self.done)
+        self._last_sync = time.time()
+
+
+def make_hook(model, cfg) -> InfluenceHook:
+    return InfluenceHook(model, cfg.layers, proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
+
+
+def factor_setting(cfg, model) -> dict:
+    """What the cached factors depend on besides the checkpoint and the images. Projection settings
+    count only when some layer is projected, so exact (linear-only) caches keep their key."""
+    setting = {"layers": list(cfg.layers), "amp": bool(cfg.amp)}
+    if any(make_hook(model, cfg).projected.values()):
+        setting.update(proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
+    return setting
+
+
+def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg, setting: dict) -> list[CheckpointFactors]:
+    """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
+    setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
+    split_dir = cache_root / f"{split}-{listing_key(listing)}"
+    roots = [split_dir / f"{sha[:16]}-{setting_key}" for sha in shas]
+    n = len(listing.paths)
+    need = sum(CheckpointFactors.new_bytes(r, n, dims, n_classes) for r in roots)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_root).free
+    if need > free:
+        raise UserError(f"the factor cache needs {need / 2**20:.1f} MiB in {cache_root} but only {free / 2**20:.1f} MiB "
+                        "are free; free space or pass another --output_dir")
+    meta = lambda sha: {"split": split, "n": n, "checkpoint_sha256": sha, **setting}
+    return [CheckpointFactors(r, n, dims, n_classes, meta(sha), cache_root) for r, sha in zip(roots, shas)]
+
+
+def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: np.ndarray, transform, batch_size,
+                    num_workers, device, desc, stop_after=None, amp: bool = False) -> int:
+    """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
+
+    Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
+    bits) in every run. Returns the number of forward batches run now.
+    """
+    from tqdm import tqdm
+
+    need = ids[~np.all([c.done[ids] for c in caches], axis=0)]
+    if len(need) == 0:
+        return 0
+    dataset = ImageListDataset(listing, transform, need)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
+    done_now = 0
+    with contextlib.ExitStack() as stack:
+        hooks = [stack.enter_context(make_hook(m, cfg)) for m in models]
+        for c in caches:
+            stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
+        for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
+            x, y, rows = batch_to_device(x, device), y.to(device, non_blocking=True), idx.numpy()
+            for cache, hook in zip(caches, hooks):  # the batch visits every checkpoint before the next is read
+                todo = ~cache.done[rows]
+                if not todo.any():
+                    continue
+                with autocast(device) if amp else contextlib.nullcontext():
+                    factors, logits, _ = hook.factors(x, y)
+                keep = torch.from_numpy(todo).to(device)
+                cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
+                cache.sync(force=False)
+            done_now += 1
+            if kill_after and done_now == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop_after is not None and done_now >= stop_after:
+                raise KeyboardInterrupt("stopped on request (test hook)")
+    return done_now
+
+
+class FactorView:
+    """The factors of chosen rows (`ids`, split indices) across checkpoints, loaded by row slice."""
+
+    def __init__(self, caches: list[CheckpointFactors], ids: np.ndarray):
+        self.caches, self.ids = caches, np.asarray(ids)
+
+    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = self.ids[rows]
+        return tuple(torch.from_numpy(self.caches[t].arrays[(layer, k)][sel]).to(device) for k in ("A", "D"))
+
+    def nbytes(self) -> int:
+        return sum(4 * len(self.ids) * a.shape[1] for c in self.caches for a in c.arrays.values())
+
+    def resident(self, device) -> "ResidentFactors":
+        """All chosen factors copied once to `device` (the GPU fast path: no host transfer per block)."""
+        return ResidentFactors({(t, l, k): torch.from_numpy(a[self.ids]).to(device)
+                                for t, c in enumerate(self.caches) for (l, k), a in c.arrays.items()})
+
+    def logits(self) -> np.ndarray:
+        """(n_ckpt, n_rows, C) float32."""
+        return np.stack([c.logits[self.ids] for c in self.caches])
+
+
+class ResidentFactors:
+    """Factors held as device tensors, with FactorView's `load` interface."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[(t, layer, "A")][rows], self.tensors[(t, layer, "D")][rows]
+
+
+
+def factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+    """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
+    Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
+    models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
+    dims = make_hook(models[0], cfg).dims
+    setting = factor_setting(cfg, models[0])
+    tf = eval_transform(ckpts[0])
+    n_classes = int(ckpts[0]["num_classes"])
+    caches, computed, views = {}, {}, {}
+    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
+        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg, setting)
+    for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
+        computed[split] = extract_factors(caches[split], models, cfg, listing, ids, tf, cfg.batch_size,
+                                          cfg.num_workers, device, f"factors {split}", stop_after,
+                                          amp=cfg.amp and device.type == "cuda")
+        views[split] = FactorView(caches[split], ids)
+    return views, computed, dims
+
+

@@ -1,0 +1,360 @@
+"""Linear datamodeling score (LDS): how well a method's scores predict what retraining on random subsets does.
+
+    $ python -m TracIn.lds                                   # fc retrained on 200 random halves (seconds each)
+    $ python -m TracIn.lds --num_subsets 400 --n_test 300    # more subsets and test images; earlier records are reused
+
+LDS (Park et al., "TRAK", ICML 2023, eq. 4): draw random subsets S_1..S_m of the training set (--fraction of it),
+retrain on each, and record every test image's margin f(x; S_j) (given-label logit minus the largest other).
+A method's scores tau(x, z) predict f(x; S_j) by sum_{z in S_j} tau(x, z); its LDS for test image x is the
+Spearman correlation over j between prediction and margin, averaged over the test images (with a bootstrap
+interval over test images).
+
+Retraining here is --retrain head: the fc layer retrained on the last checkpoint's cached features with the
+original run's optimiser, schedule, batch size and epochs (counterfactual_check.retrain_head), so 200 subsets
+take minutes on a CPU. Each subset is one record in out_dir/subsets/ (written atomically, keyed by the TracIn
+run and the subset settings): a killed run continues where it stopped, and any scoring method, new or old, is
+evaluated against the same retrains without retraining. The original run's exclusions stay out of every subset.
+
+Methods, all from the TracIn run's factor cache (no forward pass):
+- tracin: sum_t lr_t <g_t(x), g_t(z)> (the paper), tracin_normalized: training gradients of unit norm per checkpoint,
+  tracin_last: the last checkpoint's <g(x), g(z)> alone (what influence_last becomes without curvature);
+- influence: an influence function g(x)^T (H_t + lambda I)^{-1} g(z) for the fc layer, summed over checkpoints
+  with lr_t like TracIn, where H_t is the fc Gauss-Newton matrix (1/n) sum_i Lambda_i (x) a_i a_i^T of softmax
+  cross-entropy (Lambda_i = diag(p_i) - p_i p_i^T) in its eigenvalue-corrected Kronecker form (EK-FAC; George et
+  al. 2018, Grosse et al. 2023): eigenbases of E[Lambda] and E[a a^T], the exact curvature along each pair of
+  eigenvectors. Whitening keeps the ghost form: no per-example gradient is built (a head of at most EXACT_MAX
+  weights gets the exact matrix, solved densely). influence_last: the last
+  checkpoint only. The damping lambda (relative to the mean curvature) is swept over orders of magnitude and
+  chosen on the first --select_subsets subsets, which are then left out of the reported LDS.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (UserError, cli, fraction, identity_mismatch, nonneg_int, positive_int, read_json, resolve_device,
+                    save_json)
+from TracIn.clean_and_retrain import original_exclusions, original_settings
+from TracIn.counterfactual_check import RunFactors, retrain_head
+from model_architecture import logit_figures
+from TracIn.factors import FactorView, choose_subset
+from TracIn.results import run_id
+
+log = logging.getLogger(__name__)
+TOOL = "lds"
+METHODS = ("tracin", "tracin_normalized", "tracin_last", "influence", "influence_last")
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # times the mean curvature
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output with its factor cache (default TracIn/results)")
+    p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
+    p.add_argument("--checkpoint_dir", default=None, help="the original run (train_args.json; default: the checkpoints' folder)")
+    p.add_argument("--out_dir", default=None, help="subset records and lds.json (default results_dir/lds)")
+    p.add_argument("--retrain", choices=("head",), default="head", help="head: fc retrained on cached features (default head)")
+    p.add_argument("--num_subsets", type=positive_int, default=200, help="random training subsets, each retrained (default 200)")
+    p.add_argument("--select_subsets", type=nonneg_int, default=50,
+                   help="the first N subsets choose the damping and are left out of the reported LDS (default 50)")
+    p.add_argument("--fraction", type=fraction(0.0, 1.0, lo_open=True), default=0.5, help="share of the training set per subset (default 0.5)")
+    p.add_argument("--models_per_subset", type=positive_int, default=1, help="retrains per subset (seeds), margins averaged (default 1)")
+    p.add_argument("--n_test", type=positive_int, default=200, help="seeded test images the LDS is measured on (default 200)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets and the test images (default 0)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods scored (default all)")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N] for the scores (default cpu)")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers if the factor cache lacks rows (default 2)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- the score itself
+def spearman_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Spearman correlation per column between pred and actual, both (n_subsets, n_test); NaN where constant."""
+    def ranks(x):
+        order = np.argsort(x, axis=0, kind="stable")
+        r = np.empty_like(order, dtype=np.float64)
+        np.put_along_axis(r, order, np.arange(len(x), dtype=np.float64)[:, None].repeat(x.shape[1], 1), axis=0)
+        # ties share their mean rank
+        for j in range(x.shape[1]):
+            col = x[:, j]
+            if len(np.unique(col)) < len(col):
+                _, inv, counts = np.unique(col, return_inverse=True, return_counts=True)
+                sums = np.bincount(inv, weights=r[:, j])
+                r[:, j] = (sums / counts)[inv]
+        return r
+
+    rp, ra = ranks(pred), ranks(actual)
+    rp -= rp.mean(0)
+    ra -= ra.mean(0)
+    denom = np.sqrt((rp ** 2).sum(0) * (ra ** 2).sum(0))
+    return np.where(denom > 0, (rp * ra).sum(0) / np.where(denom > 0, denom, 1), np.nan)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """Per test image: Spearman over subsets of sum_{z in S_j} scores[x, z] against margins[j, x].
+
+    Args: scores (n_test, n_train), masks (n_subsets, n_train) bool, margins (n_subsets, n_test)."""
+    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (n_subsets, n_test)
+    return spearman_rows(pred, margins)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over resampled test images."""
+    v = values[np.isfinite(values)]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+# ---------------------------------------------------------------- scores from the factor cache
+def tracin_scores(test_view, train_view, layers, lrs, normalize: bool, only: int | None = None) -> np.ndarray:
+    """(n_test, n_train) TracIn scores, float64, from two factor views (every row of each); `only`: that checkpoint
+    alone, weight 1."""
+    cpu = torch.device("cpu")
+    out = 0.0
+    for t, lr in enumerate(lrs):
+        if only is not None:
+            if t != only:
+                continue
+            lr = 1.0
+        te = {l: [x.double() for x in test_view.load(t, l, slice(None), cpu)] for l in layers}
+        tr = {l: [x.double() for x in train_view.load(t, l, slice(None), cpu)] for l in layers}
+        block = sum((te[l][0] @ tr[l][0].T) * (te[l][1] @ tr[l][1].T) for l in layers)
+        if normalize:
+            sq = sum((tr[l][0] ** 2).sum(1) * (tr[l][1] ** 2).sum(1) for l in layers)
+            block = block / torch.where(sq > 0, sq.sqrt(), torch.ones_like(sq))
+        out = out + lr * block
+    return out.numpy()
+
+
+EXACT_MAX = 4096  # heads up to this many weights get the exact Gauss-Newton matrix (ResNet50's fc on 10 classes: 20,490)
+
+
+def dense_gauss_newton(a: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(1/n) sum_i Lambda_i (x) a_i a_i^T as a dense (C F, C F) float64 matrix, in the row-major order of W (C, F):
+    the exact Hessian of the mean softmax cross-entropy of logits = a W^T in W (the model is linear in W)."""
+    a, p = a.double(), torch.softmax(logits.double(), 1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]       # (n, C, C)
+    h = torch.einsum("ncd,nf,ng->cfdg", lam, a, a) / len(a)           # (C, F, C, F)
+    c, f = p.shape[1], a.shape[1]
+    return h.reshape(c * f, c * f)
+
+
+class FcCurvature:
+    """The fc layer's Gauss-Newton matrix of softmax cross-entropy at one checkpoint, H = (1/n) sum_i Lambda_i (x) a_i a_i^T
+    with Lambda_i = diag(p_i) - p_i p_i^T, in eigenvalue-corrected Kronecker form: eigenbases Q_L of mean(Lambda_i) and
+    Q_A of mean(a_i a_i^T), and the exact curvature s[k, l] = (1/n) sum_i (q_k^T Lambda_i q_k) (q_l^T a_i)^2 along
+    each product of eigenvectors. (Q_L (x) Q_A) diag(s) (Q_L (x) Q_A)^T equals H when H is Kronecker-diagonalisable
+    by those bases and is its closest such approximation otherwise (EK-FAC).
+
+    Args: a (n, F) fc inputs with the bias column, logits (n, C) of the training images."""
+
+    def __init__(self, a: torch.Tensor, logits: torch.Tensor, exact_max: int = EXACT_MAX):
+        a, p = a.double(), torch.softmax(logits.double(), 1)
+        n = len(a)
+        lam_mean = torch.diag(p.mean(0)) - p.T @ p / n
+        self.q_l = torch.linalg.eigh(lam_mean).eigenvectors          # (C, C)
+        self.q_a = torch.linalg.eigh(a.T @ a / n).eigenvectors       # (F, F)
+        pq = p @ self.q_l                                              # (n, C): p_i . q_k
+        u = p @ self.q_l ** 2 - pq ** 2                                # (n, C): q_k^T Lambda_i q_k
+        self.s = u.T @ (a @ self.q_a) ** 2 / n                         # (C, F)
+        # A small head (C x F <= exact_max) gets the exact matrix instead: dense, solved directly.
+        self.dense = dense_gauss_newton(a, logits) if self.s.numel() <= exact_max else None
+
+    def scores(self, a_te, d_te, a_tr, d_tr, damping: float) -> torch.Tensor:
+        """g_te^T (H + damping * mean(s) I)^{-1} g_tr for every pair, with g = d a^T, (n_te, n_tr). In the eigenbasis the
+        gradient stays an outer product (Q_L^T d)(Q_A^T a)^T, so the sum over the C x F entries splits by k."""
+        lam = damping * float(self.s.mean())
+        if self.dense is not None:
+            g_te = (d_te.double()[:, :, None] * a_te.double()[:, None, :]).flatten(1)  # (n, C * F), W's row-major order
+            g_tr = (d_tr.double()[:, :, None] * a_tr.double()[:, None, :]).flatten(1)
+            eye = torch.eye(len(self.dense), dtype=torch.float64)
+            return g_te @ torch.linalg.solve(self.dense + lam * eye, g_tr.T)
+        at, ar = a_te.double() @ self.q_a, a_tr.double() @ self.q_a    # (n, F)
+        dt, dr = d_te.double() @ self.q_l, d_tr.double() @ self.q_l    # (n, C)
+        out = torch.zeros(len(at), len(ar), dtype=torch.float64)
+        for k in range(self.s.shape[0]):
+            out += torch.outer(dt[:, k], dr[:, k]) * ((at / (self.s[k] + lam)) @ ar.T)
+        return out
+
+
+def influence_scores(test_view, train_view, train_logits: np.ndarray, lrs, dampings, last_only: bool) -> dict[float, np.ndarray]:
+    """{damping: (n_test, n_train)} fc influence (EK-FAC Gauss-Newton), summed over checkpoints with lr_t, or the last."""
+    cpu = torch.device("cpu")
+    steps = [len(lrs) - 1] if last_only else range(len(lrs))
+    out = {lam: 0.0 for lam in dampings}
+    for t in steps:
+        a_tr, d_tr = train_view.load(t, "fc", slice(None), cpu)
+        a_te, d_te = test_view.load(t, "fc", slice(None), cpu)
+        curv = FcCurvature(a_tr, torch.from_numpy(np.asarray(train_logits[t])))
+        weight = 1.0 if last_only else lrs[t]
+        for lam in dampings:
+            out[lam] = out[lam] + weight * curv.scores(a_te, d_te, a_tr, d_tr, lam).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- the subset records
+def subset_indices(candidates: np.ndarray, fraction: float, seed: int, j: int) -> np.ndarray:
+    """Subset j: a seeded draw of round(fraction * len(candidates)) training images, sorted."""
+    m = int(round(fraction * len(candidates)))
+    return np.sort(np.random.default_rng([seed, j]).choice(candidates, size=m, replace=False))
+
+
+class SubsetStore:
+    """One .npz per subset in out/subsets/ (train indices, test margins and losses), under an identity saved in
+    out/store.json: records of another TracIn run, data or subset setting are never mixed in."""
+
+    def __init__(self, out: Path, identity: dict):
+        self.dir = out / "subsets"
+        saved = out / "store.json"
+        if saved.exists():
+            differs = identity_mismatch(read_json(saved, "pass another --out_dir"), identity)
+            if differs:
+                raise UserError(f"{out} holds LDS records of another setting ({differs}); pass another --out_dir")
+        else:
+            save_json(saved, identity)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, j: int) -> Path:
+        return self.dir / f"subset_{j:05d}.npz"
+
+    def has(self, j: int) -> bool:
+        return self.path(j).exists()
+
+    def save(self, j: int, train_idx: np.ndarray, margin: np.ndarray, loss: np.ndarray, accuracy: float) -> None:
+        from common import atomic_path
+
+        with atomic_path(self.path(j)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, train_idx=train_idx.astype(np.int32), margin=margin.astype(np.float32), loss=loss.astype(np.float32),
+                         accuracy=np.float64(accuracy))
+
+    def load(self, j: int) -> dict:
+        try:
+            with np.load(self.path(j)) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
+
+
+def fill_store(store: SubsetStore, x_train, y_train, x_test, y_test, settings: dict, candidates: np.ndarray, args,
+               stop_after: int | None = None) -> int:
+    """Retrain every subset the store lacks; returns how many were retrained now."""
+    done = 0
+    for j in range(args.num_subsets):
+        if store.has(j):
+            continue
+        idx = subset_indices(candidates, args.fraction, args.seed, j)
+        keep = np.zeros(len(y_train), dtype=bool)
+        keep[idx] = True
+        logits = 0.0
+        margins, losses = [], []
+        for m in range(args.models_per_subset):
+            w = retrain_head(x_train, y_train, keep, settings, int(settings["seed"]) + 1000 * j + m)
+            logits = (x_test @ w.T).numpy()
+            loss, margin, _ = logit_figures(logits[None], y_test)
+            margins.append(margin[0])
+            losses.append(loss[0])
+        store.save(j, idx, np.mean(margins, 0), np.mean(losses, 0), float((logits.argmax(1) == y_test).mean()))
+        done += 1
+        if stop_after is not None and done >= stop_after:
+            raise KeyboardInterrupt("stopped on request (test hook)")
+    return done
+
+
+def evaluate(args, stop_after: int | None = None) -> dict:
+    t0 = time.time()
+    if args.select_subsets >= args.num_subsets:
+        raise UserError(f"--select_subsets {args.select_subsets} leaves no subset to report of --num_subsets {args.num_subsets}")
+    device = resolve_device(args.device)
+    fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
+    settings = original_settings(ckpt_dir)
+    excluded = original_exclusions(ckpt_dir, fac.train_list)
+    candidates = np.setdiff1d(np.arange(fac.n_train), excluded)
+    out = Path(args.out_dir or Path(args.results_dir) / "lds")
+    identity = {"tracin_run": run_id(fac.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
+                "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
+    store = SubsetStore(out, identity)
+    x_train, x_test = fac.features("train"), fac.features("test")
+    y_train, y_test = fac.train_list.labels, fac.test_list.labels
+    t1 = time.time()
+    retrained = fill_store(store, x_train, y_train, x_test, y_test, settings, candidates, args, stop_after)
+    seconds_retrain = time.time() - t1
+
+    records = [store.load(j) for j in range(args.num_subsets)]
+    group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
+    masks = np.zeros((args.num_subsets, fac.n_train), dtype=bool)
+    for j, r in enumerate(records):
+        masks[j, r["train_idx"]] = True
+    margins = np.stack([r["margin"][group] for r in records])  # (n_subsets, n_group)
+    select, report = slice(0, args.select_subsets), slice(args.select_subsets, args.num_subsets)
+
+    test_view = FactorView(fac.test_caches, group)
+    t2 = time.time()
+    candidates_scores: dict[str, dict] = {}
+    if "tracin" in args.methods:
+        candidates_scores["tracin"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=False)}
+    if "tracin_last" in args.methods:  # the baseline of influence_last: the same checkpoint, no curvature
+        candidates_scores["tracin_last"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=False,
+                                                                only=len(fac.lrs) - 1)}
+    if "tracin_normalized" in args.methods:
+        candidates_scores["tracin_normalized"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=True)}
+    for name, last in (("influence", False), ("influence_last", True)):
+        if name in args.methods:
+            if "fc" not in fac.layers:
+                raise UserError(f"{name} needs the fc layer's factors; the TracIn run scored {', '.join(fac.layers)}")
+            candidates_scores[name] = influence_scores(test_view, fac.train_view, fac.train_view.logits(), fac.lrs, DAMPINGS, last)
+    seconds_scores = time.time() - t2
+
+    methods = {}
+    for name, by_damping in candidates_scores.items():
+        sweep = {}
+        for lam, s in by_damping.items():
+            sel = lds(s, masks[select], margins[select]) if args.select_subsets >= 3 else np.full(len(group), np.nan)
+            rep = lds(s, masks[report], margins[report])
+            sweep[lam] = {"select": float(np.nanmean(sel)), "report": float(np.nanmean(rep)), "per_test": rep}
+        # the damping is chosen on the held-apart subsets only
+        chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
+        per_test = sweep[chosen]["per_test"]
+        lo, hi = bootstrap_interval(per_test, args.bootstrap, args.seed)
+        methods[name] = {"lds": float(np.nanmean(per_test)), "ci95": [lo, hi], "damping": chosen,
+                         "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
+                         "per_test": per_test.tolist()}
+    accuracy = np.asarray([float(r["accuracy"]) for r in records])
+    result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
+              "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),
+              "test_group": group.tolist(), "subset_model_accuracy": float(accuracy.mean()),
+              "subset_model_accuracy_std": float(accuracy.std()), "methods": methods, "tracin_run": run_id(fac.record),
+              "retrained_now": retrained, "seconds_retrain": seconds_retrain, "seconds_scores": seconds_scores,
+              "seconds": time.time() - t0}
+    save_json(out / "lds.json", result)
+    return result
+
+
+def table(result: dict) -> list[str]:
+    lines = [f"LDS ({result['retrain']} retrain, {result['reported_subsets']} reported subsets of {result['fraction']:.0%}, "
+             f"{result['n_test']} test images; subset models' accuracy {result['subset_model_accuracy']:.4f}):"]
+    for name, m in result["methods"].items():
+        lines.append(f"  {name:<18} {m['lds']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+                     + (f"  damping {m['damping']:g} x mean curvature" if m["damping"] is not None else ""))
+        if m["sweep"]:
+            lines.append("      damping sweep (select / report): " + ", ".join(
+                f"{float(k):g}: {v['select']:.3f}/{v['report']:.3f}" for k, v in m["sweep"].items()))
+    return lines
+
+
+def main(argv=None):
+    result = evaluate(parse_args(argv))
+    for line in table(result):
+        log.info(line)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

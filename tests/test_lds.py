@@ -1,0 +1,111 @@
+"""The linear datamodeling score and the fc influence function: LDS against a hand computation and scipy, the
+Gauss-Newton matrix against autograd's Hessian in float64, the eigenvalue-corrected (EK-FAC) scores against the
+dense computation, influence against leave-one-out retraining of a linear model, and a killed LDS run resumed."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from TracIn import lds
+
+
+def test_lds_equals_a_hand_computation():
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, -1.0, 0.0]])           # (n_test, n_train)
+    masks = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
+    margins = np.array([[0.1, 0.4], [0.3, 0.1], [0.2, 0.9], [0.5, 0.2]])
+    # test 0: predictions 3, 5, 4, 6 rank like the margins: 1. test 1: predictions 2, -1, 3, 2 (a tie, mean ranks
+    # 1.5, 0, 3, 1.5) against margin ranks 2, 0, 3, 1: centred products 0 + 2.25 + 2.25 + 0 over sqrt(4.5 * 5)
+    np.testing.assert_allclose(lds.lds(scores, masks, margins), [1.0, 4.5 / np.sqrt(4.5 * 5)])
+    rng = np.random.default_rng(0)
+    pred, actual = rng.normal(size=(30, 5)).round(1), rng.normal(size=(30, 5))
+    np.testing.assert_allclose(lds.spearman_rows(pred, actual), [spearmanr(pred[:, j], actual[:, j])[0] for j in range(5)])
+
+
+def tiny_head(n=9, f=4, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.cat([torch.randn(n, f - 1, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
+    w = torch.randn(c, f, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    return a, w, y
+
+
+def test_gauss_newton_equals_the_autograd_hessian_of_softmax_cross_entropy():
+    a, w, y = tiny_head()
+    loss = lambda flat: torch.nn.functional.cross_entropy(a @ flat.view_as(w).T, y)
+    hessian = torch.autograd.functional.hessian(loss, w.flatten())
+    torch.testing.assert_close(lds.dense_gauss_newton(a, a @ w.T), hessian, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_eigenvalue_corrected_scores_equal_the_dense_computation(n):
+    a, w, y = tiny_head(n=n)
+    logits = a @ w.T
+    d = torch.softmax(logits, 1) - torch.nn.functional.one_hot(y, 3).double()  # dL/dlogits per example
+    curv = lds.FcCurvature(a, logits, exact_max=0)  # the EK-FAC path
+    q = torch.kron(curv.q_l, curv.q_a)
+    h = lds.dense_gauss_newton(a, logits)
+    # s is the exact curvature along each product of eigenvectors
+    torch.testing.assert_close(curv.s.flatten(), torch.diagonal(q.T @ h @ q), rtol=1e-9, atol=1e-12)
+    lam = 0.1 * float(curv.s.mean())
+    ekfac = q @ torch.diag(curv.s.flatten()) @ q.T + lam * torch.eye(len(h), dtype=torch.float64)
+    g = (d[:, :, None] * a[:, None, :]).flatten(1)
+    torch.testing.assert_close(curv.scores(a, d, a, d, 0.1), g @ torch.linalg.solve(ekfac, g.T), rtol=1e-8, atol=1e-10)
+    if n == 1:  # one example: H is a Kronecker product, diagonal in those bases, and EK-FAC is exact
+        exact = lds.FcCurvature(a, logits)  # the dense path
+        torch.testing.assert_close(curv.scores(a, d, a, d, 0.1), exact.scores(a, d, a, d, 0.1), rtol=1e-7, atol=1e-10)
+
+
+def test_influence_predicts_leave_one_out_retraining_of_a_linear_model():
+    """Softmax regression with an L2 term trained to convergence: the change of a test loss when a training example is
+    left out is predicted by (1/n) g_test^T (H + l2 I)^{-1} g_j; Spearman over the examples > 0.9."""
+    g = torch.Generator().manual_seed(3)
+    n, f, c, l2 = 40, 5, 3, 1e-2
+    x = torch.cat([torch.randn(n, f - 1, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[:8] = (y[:8] + 1) % c  # some hard examples, so that removals matter
+    x_te = torch.cat([torch.randn(6, f - 1, generator=g, dtype=torch.float64), torch.ones(6, 1, dtype=torch.float64)], 1)
+    y_te = torch.randint(0, c, (6,), generator=g)
+
+    def fit(keep):
+        w = torch.zeros(c, f, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x[keep] @ w.T, y[keep], reduction="sum") / n + 0.5 * l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return w.detach()
+
+    w = fit(torch.ones(n, dtype=torch.bool))
+    curv = lds.FcCurvature(x, x @ w.T)
+    assert curv.dense is not None
+    d = lambda xs, ys: torch.softmax(xs @ w.T, 1) - torch.nn.functional.one_hot(ys, c).double()
+    damping = l2 / float(curv.s.mean())  # the damping is relative to the mean curvature
+    scores = curv.scores(x_te, d(x_te, y_te), x, d(x, y), damping) / n  # (n_test, n_train)
+    base = torch.nn.functional.cross_entropy(x_te @ w.T, y_te, reduction="none")
+    actual = torch.stack([torch.nn.functional.cross_entropy(x_te @ fit(torch.arange(n) != j).T, y_te, reduction="none") - base
+                          for j in range(n)], 1)  # (n_test, n_train): loss change when j is left out
+    rho = [spearmanr(scores[t].numpy(), actual[t].numpy())[0] for t in range(len(y_te))]
+    print("leave-one-out Spearman per test image:", np.round(rho, 3))
+    assert min(rho) > 0.9, rho
+
+
+def test_a_killed_lds_run_resumes_to_identical_records(prepared, trained, tmp_path):
+    base = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--num_subsets", "8", "--select_subsets", "3",
+            "--n_test", "6", "--num_workers", "0", "--methods", "tracin", "influence"]
+    with pytest.raises(KeyboardInterrupt):
+        lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a")]), stop_after=3)
+    assert len(list((tmp_path / "a" / "subsets").glob("*.npz"))) == 3
+    resumed = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a")]))
+    fresh = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "b")]))
+    assert resumed["retrained_now"] == 5 and fresh["retrained_now"] == 8
+    for j in range(8):
+        za, zb = np.load(tmp_path / "a" / "subsets" / f"subset_{j:05d}.npz"), np.load(tmp_path / "b" / "subsets" / f"subset_{j:05d}.npz")
+        for k in zb.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+    assert resumed["methods"]["influence"]["lds"] == fresh["methods"]["influence"]["lds"]
+    # another subset setting into the same folder is refused, not mixed in
+    with pytest.raises(lds.UserError, match="another setting"):
+        lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a"), "--fraction", "0.3"]))
