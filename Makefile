@@ -13,7 +13,7 @@ DEMO_TRAIN := --arch resnet50 --epochs 4 --save_checkpoints_every 1 --learning_r
 	--batch_size 64 --weights none --no-hflip --dataset_tag mnist_demo --overwrite
 
 # Clean-and-retrain in the demo: a cheaper retrain (ResNet18, 1 epoch) of each arm, said in the report.
-# The counterfactual check in the demo retrains only fc (seconds); the README has full retrains.
+# The counterfactual check and the LDS in the demo retrain only fc (seconds); docs/ has full retrains.
 DEMO_RETRAIN := --arch resnet18 --epochs 1 --random_seeds 2 --no_reference
 
 .PHONY: setup demo test bench clean-results
@@ -36,6 +36,7 @@ demo: $(STAMP)
 	$(PY) -m TracIn.mislabel_detection && \
 	$(PY) -m TracIn.clean_and_retrain $(DEMO_RETRAIN) && \
 	$(PY) -m TracIn.counterfactual_check --retrain head && \
+	$(PY) -m TracIn.lds --n_test 100 && \
 	$(PY) false_prediction.py && \
 	$(PY) -m TracIn.analyze_topk_results && \
 	$(PY) -m TracIn.analyze_misprediction_influences && \

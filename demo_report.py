@@ -76,6 +76,12 @@ def main(argv=None):
                          f"{cf['seeds']} seeds): group loss change "
                          + ", ".join(f"{m} {cell(m)}" + (" (beats random)" if sm[f'{m}@{k}'].get("beats_random") else "")
                                      for m in cf["methods"]))
+    lds_path = Path(args.results_dir) / "lds" / "lds.json"
+    if lds_path.exists():
+        ld = read_json(lds_path)
+        lines.insert(-2, f"  LDS ({ld['retrain']} retrain, {ld['reported_subsets']} subsets of {ld['fraction']:.0%}, {ld['n_test']} test images; "
+                         "Spearman of predicted vs retrained margins, 95% interval): "
+                         + ", ".join(f"{m} {r['lds']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for m, r in ld["methods"].items()))
     if args.seconds is not None:
         lines.append(f"  total time: {args.seconds / 60:.1f} min")
     lines.append("=" * 72)

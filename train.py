@@ -37,7 +37,7 @@ from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_tra
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
-from TracIn.training_dynamics import DynamicsRecorder, load_dynamics
+from training_dynamics import DynamicsRecorder, load_dynamics
 
 log = logging.getLogger(__name__)
 

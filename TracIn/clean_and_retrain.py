@@ -31,7 +31,7 @@ from data_utils import list_split, listing_key
 from model_architecture import find_checkpoints, load_checkpoint
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
 from TracIn.results import load_results, run_id
-from TracIn.training_dynamics import load_dynamics
+from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
 TOOL = "clean_and_retrain"
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def original_settings(checkpoint_dir: Path) -> dict:
+def original_settings(checkpoint_dir: Path, arch: str | None = None, epochs: int | None = None) -> dict:
+    """The original run's train.py settings (train_args.json); a given arch or epochs makes the retrains cheaper."""
     path = checkpoint_dir / "train_args.json"
     if not path.exists():
         raise UserError(f"{checkpoint_dir} has no train_args.json: its checkpoints do not record how they were trained "
@@ -64,7 +65,9 @@ def original_settings(checkpoint_dir: Path) -> dict:
     missing = [k for k in TRAIN_FLAGS if k not in saved]
     if missing:
         raise UserError(f"{path} does not record {', '.join(missing)}; retrain with this version of train.py first")
-    return {k: saved[k] for k in TRAIN_FLAGS}
+    settings = {k: saved[k] for k in TRAIN_FLAGS}
+    settings.update({k: v for k, v in (("arch", arch), ("epochs", epochs)) if v})
+    return settings
 
 
 def original_exclusions(checkpoint_dir: Path, train_list) -> np.ndarray:
@@ -117,11 +120,7 @@ def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray
 
 def run(args) -> dict:
     ckpt_dir = Path(args.checkpoint_dir)
-    settings = original_settings(ckpt_dir)
-    if args.arch:
-        settings["arch"] = args.arch
-    if args.epochs:
-        settings["epochs"] = args.epochs
+    settings = original_settings(ckpt_dir, args.arch, args.epochs)
     train_list = list_split(args.data_dir, "train")
     r = load_results(args.results_dir, data_dir=args.data_dir, need=("self_influence",))
     train_ids = np.asarray(r["train_indices"])

@@ -206,11 +206,7 @@ def run(args) -> dict:
         raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
     fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
-    settings = original_settings(ckpt_dir)
-    if args.arch:
-        settings["arch"] = args.arch
-    if args.epochs:
-        settings["epochs"] = args.epochs
+    settings = original_settings(ckpt_dir, args.arch, args.epochs)
     if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
         claim_arms_folder(Path(args.results_dir) / "counterfactual", TOOL, "--results_dir")
     out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), TOOL, "--out_dir")

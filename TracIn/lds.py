@@ -9,9 +9,10 @@ A method's scores tau(x, z) predict f(x; S_j) by sum_{z in S_j} tau(x, z); its L
 Spearman correlation over j between prediction and margin, averaged over the test images (with a bootstrap
 interval over test images).
 
-Retraining here is --retrain head: the fc layer retrained on the last checkpoint's cached features with the
-original run's optimiser, schedule, batch size and epochs (counterfactual_check.retrain_head), so 200 subsets
-take minutes on a CPU. Each subset is one record in out_dir/subsets/ (written atomically, keyed by the TracIn
+--retrain head: the fc layer retrained on the last checkpoint's cached features with the original run's optimiser,
+schedule, batch size and epochs (counterfactual_check.retrain_head), so 200 subsets take minutes on a CPU.
+--retrain full: train.py on each subset with the original run's settings (--arch/--epochs make it cheaper, and are
+part of the store's identity), its last checkpoint's test margins recorded; 50 subsets by default. Each subset is one record in out_dir/subsets/ (written atomically, keyed by the TracIn
 run and the subset settings): a killed run continues where it stopped, and any scoring method, new or old, is
 evaluated against the same retrains without retraining. The original run's exclusions stay out of every subset.
 
@@ -37,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (UserError, cli, fraction, identity_mismatch, nonneg_int, positive_int, read_json, resolve_device,
+from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, remove_inside_owned, positive_int, read_json, resolve_device,
                     save_json)
-from TracIn.clean_and_retrain import original_exclusions, original_settings
-from TracIn.counterfactual_check import RunFactors, retrain_head
+from TracIn.clean_and_retrain import original_exclusions, original_settings, train_without
+from TracIn.counterfactual_check import RunFactors, full_test_logits, retrain_head
 from model_architecture import logit_figures
 from TracIn.factors import FactorView, choose_subset
 from TracIn.results import run_id
@@ -57,10 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
     p.add_argument("--checkpoint_dir", default=None, help="the original run (train_args.json; default: the checkpoints' folder)")
     p.add_argument("--out_dir", default=None, help="subset records and lds.json (default results_dir/lds)")
-    p.add_argument("--retrain", choices=("head",), default="head", help="head: fc retrained on cached features (default head)")
-    p.add_argument("--num_subsets", type=positive_int, default=200, help="random training subsets, each retrained (default 200)")
-    p.add_argument("--select_subsets", type=nonneg_int, default=50,
-                   help="the first N subsets choose the damping and are left out of the reported LDS (default 50)")
+    p.add_argument("--retrain", choices=("head", "full"), default="head",
+                   help="head: fc retrained on cached features; full: train.py with the original run's settings (default head)")
+    p.add_argument("--arch", default=None, help="full retrains with this architecture (default: the original run's)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="full retrains for this many epochs (default: the original run's)")
+    p.add_argument("--num_subsets", type=positive_int, default=None, help="random training subsets, each retrained (default 200 head, 50 full)")
+    p.add_argument("--select_subsets", type=nonneg_int, default=None,
+                   help="the first N subsets choose the damping and are left out of the reported LDS (default a quarter)")
     p.add_argument("--fraction", type=fraction(0.0, 1.0, lo_open=True), default=0.5, help="share of the training set per subset (default 0.5)")
     p.add_argument("--models_per_subset", type=positive_int, default=1, help="retrains per subset (seeds), margins averaged (default 1)")
     p.add_argument("--n_test", type=positive_int, default=200, help="seeded test images the LDS is measured on (default 200)")
@@ -69,7 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N] for the scores (default cpu)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers if the factor cache lacks rows (default 2)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_subsets is None:
+        args.num_subsets = 200 if args.retrain == "head" else 50
+    if args.select_subsets is None:
+        args.select_subsets = args.num_subsets // 4
+    if args.retrain == "head" and (args.arch or args.epochs):
+        raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
+    return args
 
 
 # ---------------------------------------------------------------- the score itself
@@ -103,9 +114,17 @@ def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarra
     return spearman_rows(pred, margins)
 
 
+def nan_mean(values: np.ndarray) -> float:
+    """Mean over the test images whose correlation is defined; NaN when none is."""
+    v = values[np.isfinite(values)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
 def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
     """95% interval of the mean over resampled test images."""
     v = values[np.isfinite(values)]
+    if len(v) == 0:  # every test image's correlation undefined (e.g. constant predictions over the subsets)
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
@@ -242,9 +261,11 @@ class SubsetStore:
             raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
 
 
-def fill_store(store: SubsetStore, x_train, y_train, x_test, y_test, settings: dict, candidates: np.ndarray, args,
-               stop_after: int | None = None) -> int:
+def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, args, device, stop_after: int | None = None) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
+    y_train, y_test = fac.train_list.labels, fac.test_list.labels
+    if args.retrain == "head":
+        x_train, x_test = fac.features("train"), fac.features("test")
     done = 0
     for j in range(args.num_subsets):
         if store.has(j):
@@ -255,8 +276,15 @@ def fill_store(store: SubsetStore, x_train, y_train, x_test, y_test, settings: d
         logits = 0.0
         margins, losses = [], []
         for m in range(args.models_per_subset):
-            w = retrain_head(x_train, y_train, keep, settings, int(settings["seed"]) + 1000 * j + m)
-            logits = (x_test @ w.T).numpy()
+            seed = int(settings["seed"]) + 1000 * j + m
+            if args.retrain == "head":
+                logits = (x_test @ retrain_head(x_train, y_train, keep, settings, seed).T).numpy()
+            else:  # train.py in its own process on the subset, then the test split through the last checkpoint
+                work = store.dir.parent / "work"
+                last = train_without(work / f"subset_{j:05d}", {**settings, "seed": seed}, args.data_dir, np.flatnonzero(~keep),
+                                     fac.train_list, args.num_workers, args.device, "lds", store.dir.parent, TOOL)
+                logits = full_test_logits(last, args.data_dir, args.num_workers, device)
+                remove_inside_owned(work / f"subset_{j:05d}", store.dir.parent, TOOL)
             loss, margin, _ = logit_figures(logits[None], y_test)
             margins.append(margin[0])
             losses.append(loss[0])
@@ -274,17 +302,16 @@ def evaluate(args, stop_after: int | None = None) -> dict:
     device = resolve_device(args.device)
     fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
-    settings = original_settings(ckpt_dir)
+    settings = original_settings(ckpt_dir, args.arch, args.epochs)
     excluded = original_exclusions(ckpt_dir, fac.train_list)
     candidates = np.setdiff1d(np.arange(fac.n_train), excluded)
-    out = Path(args.out_dir or Path(args.results_dir) / "lds")
+    out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
+    mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
     identity = {"tracin_run": run_id(fac.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
                 "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
     store = SubsetStore(out, identity)
-    x_train, x_test = fac.features("train"), fac.features("test")
-    y_train, y_test = fac.train_list.labels, fac.test_list.labels
     t1 = time.time()
-    retrained = fill_store(store, x_train, y_train, x_test, y_test, settings, candidates, args, stop_after)
+    retrained = fill_store(store, fac, settings, candidates, args, device, stop_after)
     seconds_retrain = time.time() - t1
 
     records = [store.load(j) for j in range(args.num_subsets)]
@@ -318,12 +345,12 @@ def evaluate(args, stop_after: int | None = None) -> dict:
         for lam, s in by_damping.items():
             sel = lds(s, masks[select], margins[select]) if args.select_subsets >= 3 else np.full(len(group), np.nan)
             rep = lds(s, masks[report], margins[report])
-            sweep[lam] = {"select": float(np.nanmean(sel)), "report": float(np.nanmean(rep)), "per_test": rep}
+            sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
         # the damping is chosen on the held-apart subsets only
         chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
         per_test = sweep[chosen]["per_test"]
         lo, hi = bootstrap_interval(per_test, args.bootstrap, args.seed)
-        methods[name] = {"lds": float(np.nanmean(per_test)), "ci95": [lo, hi], "damping": chosen,
+        methods[name] = {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
                          "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
                          "per_test": per_test.tolist()}
     accuracy = np.asarray([float(r["accuracy"]) for r in records])

@@ -33,7 +33,7 @@ import pandas as pd
 from common import UserError, claim_files, cli, read_table, save_csv, save_figure, save_json
 from data_utils import list_split
 from TracIn.results import load_results, run_id
-from TracIn.training_dynamics import load_dynamics
+from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
 FRACTIONS = (0.05, 0.10, 0.20)

@@ -388,6 +388,7 @@ def build(args) -> dict:
         cf = derived_json(path, this_run, notes)
         if cf is not None:
             counterfactual[path.parent.name] = cf
+    lds_result = derived_json(res_dir / "lds" / "lds.json", this_run, notes)
     summary = r.record.get("summary", {})
     meta = {
         "run_id": this_run, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": names, "show_k": show_k, "top_k": int(k_run),
@@ -408,6 +409,12 @@ def build(args) -> dict:
                                                  | {"beats_random": bool(row.get("beats_random"))}
                                                  for m, row in v.get("summary", {}).items() if isinstance(row, dict)}}
                            for k, v in counterfactual.items()},
+        "lds": None if lds_result is None else {
+            "retrain": text(lds_result.get("retrain")), "subsets": number(lds_result.get("reported_subsets")),
+            "n_test": number(lds_result.get("n_test")), "accuracy": number(lds_result.get("subset_model_accuracy")),
+            "methods": {text(m): {"lds": number(v.get("lds")), "lo": number((v.get("ci95") or [None, None])[0]),
+                                  "hi": number((v.get("ci95") or [None, None])[1]), "damping": number(v.get("damping"))}
+                        for m, v in (lds_result.get("methods") or {}).items() if isinstance(v, dict)}},
         "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
         "test": {"i": test_ids.tolist(), "y": test_list.labels[test_ids].tolist(), "p": np.asarray(r["test_pred"]).tolist(),
                  "f": [os.path.basename(test_list.paths[t]) for t in test_ids]},

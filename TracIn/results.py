@@ -52,7 +52,7 @@ TABLES = ("top_k_influences.csv",)
 DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
                  "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
 DERIVED_DIRS = {"analysis": "analyze_topk_results", "clean_and_retrain": "clean_and_retrain",
-                "counterfactual": "counterfactual_check", "report": "report"}
+                "counterfactual": "counterfactual_check", "report": "report", "lds": "lds"}
 
 
 def run_id(record: dict) -> str:

@@ -290,6 +290,9 @@ def test_report_escapes_crafted_values_in_every_file_it_reads(world, tmp_path, b
     (res / "counterfactual" / CRAFT.replace("/", "_") / "counterfactual.json").write_text(json.dumps({
         "tracin_run": rid, "retrain": CRAFT, "seeds": CRAFT, "group": [1, 2],
         "summary": {CRAFT: {"removed": CRAFT, "d_loss_mean": CRAFT, "d_loss_std": 1, "d_flips_mean": 0, "beats_random": CRAFT}}}))
+    (res / "lds").mkdir()
+    (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": rid, "retrain": CRAFT, "reported_subsets": CRAFT, "n_test": 3,
+                                                      "methods": {CRAFT: {"lds": CRAFT, "ci95": [CRAFT, 0.5], "damping": CRAFT}}}))
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "metrics_test.json").write_text(json.dumps({"accuracy": CRAFT, "loss": 1.0, "n": CRAFT, "model": CRAFT,
                                                                    **data_identity(c["data"], images=False)}))
@@ -313,7 +316,7 @@ def test_report_escapes_crafted_values_in_every_file_it_reads(world, tmp_path, b
         assert browser.execute_script("return window.__pwned") is None, view
         assert browser.execute_script("return document.querySelectorAll('img[onerror], script:not([src])').length") == 0, view
     assert CRAFT in seen  # shown as text, not run
-    assert seen.count(CRAFT) >= 5  # the run, evaluation, mislabel, counterfactual and misprediction values all reached the page
+    assert seen.count(CRAFT) >= 6  # the run, evaluation, mislabel, counterfactual, LDS and misprediction values reached the page
 
 
 def test_a_dataset_tag_never_leaves_models_dir(prepared, tmp_path):

@@ -1,6 +1,8 @@
 """The linear datamodeling score and the fc influence function: LDS against a hand computation and scipy, the
 Gauss-Newton matrix against autograd's Hessian in float64, the eigenvalue-corrected (EK-FAC) scores against the
 dense computation, influence against leave-one-out retraining of a linear model, and a killed LDS run resumed."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,19 @@ def test_a_killed_lds_run_resumes_to_identical_records(prepared, trained, tmp_pa
     # another subset setting into the same folder is refused, not mixed in
     with pytest.raises(lds.UserError, match="another setting"):
         lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a"), "--fraction", "0.3"]))
+
+
+def test_full_retrain_records_each_subsets_model(prepared, trained, tmp_path):
+    out = tmp_path / "full"
+    r = lds.evaluate(lds.parse_args(["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--retrain", "full",
+                                     "--epochs", "1", "--num_subsets", "3", "--select_subsets", "0", "--n_test", "6",
+                                     "--num_workers", "0", "--methods", "tracin", "--out_dir", str(out)]))
+    assert r["retrained_now"] == 3 and 0 <= r["subset_model_accuracy"] <= 1
+    store = json.loads((out / "store.json").read_text())
+    assert store["retrain"] == "full" and store["settings"]["epochs"] == 1
+    for j in range(3):
+        z = np.load(out / "subsets" / f"subset_{j:05d}.npz")
+        assert len(z["train_idx"]) == 9 and np.isfinite(z["margin"]).all()  # half of the 18 training images
+    assert not any((out / "work").iterdir())  # each retrain's checkpoints are removed once its margins are stored
+    with pytest.raises(lds.UserError, match="--arch and --epochs"):
+        lds.parse_args(["--epochs", "1"])

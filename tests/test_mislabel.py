@@ -14,7 +14,7 @@ from model_architecture import logit_figures
 from TracIn import clean_and_retrain, efficient_tracin as et
 from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
 from TracIn.results import load_results
-from TracIn.training_dynamics import load_dynamics
+from training_dynamics import load_dynamics
 from tests.conftest import make_random_checkpoints, make_raw_tree
 
 

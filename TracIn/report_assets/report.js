@@ -178,6 +178,14 @@
         Object.entries(cf.summary).map(([m, s]) => '<tr><td class="l">' + esc(m) + "</td><td>" + fmt(s.removed, 0) + "</td><td>" + signed(s.d_loss_mean) +
           " ± " + fmt(s.d_loss_std) + "</td><td>" + fmt(s.d_flips_mean, 1) + "</td><td>" + (m.startsWith("random") ? "" : s.beats_random ? "beats" : "no") + "</td></tr>").join("") + "</table>";
     }
+    if (M.lds) {
+      h += "<h2>Linear datamodeling score (" + esc(M.lds.retrain) + " retrain)</h2><p class=\"small\">How well each method's scores " +
+        "predict the margins of models retrained on " + fmt(M.lds.subsets, 0) + " random halves of the training set (Spearman per test image, " +
+        "mean over " + fmt(M.lds.n_test, 0) + " test images, 95% bootstrap interval); the subset models' accuracy " + fmt(M.lds.accuracy, 4) + ".</p>" +
+        '<table id="lds-table"><tr><th class="l">method</th><th>LDS</th><th>95% interval</th><th>damping</th></tr>' +
+        Object.entries(M.lds.methods).map(([m, v]) => '<tr><td class="l">' + esc(m) + "</td><td>" + fmt(v.lds) + "</td><td>" +
+          fmt(v.lo) + " – " + fmt(v.hi) + "</td><td>" + (v.damping === null ? "" : fmt(v.damping)) + "</td></tr>").join("") + "</table>";
+    }
     if (M.figures.length) h += '<h2>Figures</h2><div class="figures">' + M.figures.map((f) => "<h3>" + esc(f.title) + '</h3><img src="' + esc(f.file) + '" alt="' + esc(f.title) + '">').join("") + "</div>";
     main.innerHTML = h;
   }

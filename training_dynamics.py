@@ -11,7 +11,7 @@ checkpoint_dir/training_dynamics.npz after every epoch, indexed like the manifes
     class_names, n_train, data_dir             what the rows mean (checked on load)
     train_run                                  the training run's id (also in each of its checkpoints)
 
-    from TracIn.training_dynamics import load_dynamics
+    from training_dynamics import load_dynamics
     dyn = load_dynamics("models/checkpoints", n_train=4000, class_names=[...])
 """
 from __future__ import annotations
