@@ -70,6 +70,15 @@ def check_writable_names(out: Path, names) -> None:
                             "nothing was changed: move it away or pass another --output_dir")
 
 
+def read_previous_files(out: Path) -> list[str]:
+    """The files the run now in `out` wrote, as its record lists them ([] without a readable record)."""
+    try:
+        files = json.loads((out / RECORD).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)]
+
+
 def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
     """Write one run's arrays (name -> ndarray or None), tables (file name -> DataFrame) and record."""
     unknown = [n for n in arrays if n not in ARRAYS] + [n for n in tables if n not in TABLES]
@@ -90,12 +99,15 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
             written.append(name)
         save_json(staging / RECORD, {**record, "files": sorted(written)})
         check_writable_names(out, own_files)
+        # A results file this run does not write goes only if the previous run's record lists it (it wrote it); a
+        # file of yours under such a name, or one a corrupt record cannot vouch for, stays (no record lists it).
+        previous = set(read_previous_files(out))
         # The swap: no record while the files change, so a reader never mixes two runs.
         (out / RECORD).unlink(missing_ok=True)
         for name in own_files[:-1]:
             if name in written:
                 os.replace(staging / name, out / name)
-            else:
+            elif name in previous:
                 (out / name).unlink(missing_ok=True)
         remove_claimed(out, list(DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
         for name, tool in DERIVED_DIRS.items():

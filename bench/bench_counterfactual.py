@@ -39,18 +39,23 @@ def head_cell(demo_set: str) -> dict:
     return json.loads((out / "counterfactual.json").read_text())
 
 
+def resnet18_run(data: Path, out: Path, top_k: int) -> None:
+    """The full-retrain original: ResNet18, 2 epochs, a checkpoint after each, and TracIn over them, in out/."""
+    assert train.main(["--data_dir", str(data), "--arch", "resnet18", "--epochs", "2", "--save_checkpoints_every", "1",
+                       "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
+                       "--no-hflip", "--checkpoint_dir", str(out / "ckpt"), "--models_dir", str(out / "models"),
+                       "--overwrite"]) == 0
+    assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(out / "ckpt"),
+                                  "--output_dir", str(out / "results"), "--top_k", str(top_k), "--batch_size", "64"]) == 0
+
+
 def full_cell(demo_set: str) -> dict:
     out = ROOT / f"{demo_set}-full-resnet18-e2"
     if not (out / "counterfactual.json").exists():
         name = f"{demo_set}-uniform-10-resnet50-e4"
         run_cell(name, demo_set, "uniform", 0.1, argparse.Namespace(arch="resnet50", epochs=4))  # its prepared data
         data = MISLABEL_ROOT / name / "data"
-        assert train.main(["--data_dir", str(data), "--arch", "resnet18", "--epochs", "2", "--save_checkpoints_every", "1",
-                           "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
-                           "--no-hflip", "--checkpoint_dir", str(out / "ckpt"), "--models_dir", str(out / "models"),
-                           "--overwrite"]) == 0
-        assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(out / "ckpt"),
-                                      "--output_dir", str(out / "results"), "--top_k", "40", "--batch_size", "64"]) == 0
+        resnet18_run(data, out, top_k=40)
         assert counterfactual_check.main(["--results_dir", str(out / "results"), "--data_dir", str(data), "--out_dir", str(out),
                                           "--retrain", "full", "--methods", "tracin", "tracin_normalized", "random", *COMMON]) == 0
     return json.loads((out / "counterfactual.json").read_text())

@@ -19,9 +19,9 @@ import logging
 import os
 from pathlib import Path
 
-import train
+from bench.bench_counterfactual import resnet18_run
 from bench.bench_mislabel import ROOT as MISLABEL_ROOT, run_cell
-from TracIn import efficient_tracin, lds
+from TracIn import lds
 
 ROOT = Path("bench/results/lds")
 
@@ -35,12 +35,7 @@ def cell_run(demo_set: str, setting: str) -> tuple[Path, Path]:
         return MISLABEL_ROOT / name / "results", data
     out = ROOT / f"{demo_set}-{setting}-run"
     if not (out / "results" / "run.json").exists():
-        assert train.main(["--data_dir", str(data), "--arch", "resnet18", "--epochs", "2", "--save_checkpoints_every", "1",
-                           "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
-                           "--no-hflip", "--checkpoint_dir", str(out / "ckpt"), "--models_dir", str(out / "models"),
-                           "--overwrite"]) == 0
-        assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(out / "ckpt"),
-                                      "--output_dir", str(out / "results"), "--top_k", "20", "--batch_size", "64"]) == 0
+        resnet18_run(data, out, top_k=20)
     return out / "results", data
 
 

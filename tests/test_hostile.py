@@ -453,3 +453,13 @@ def test_a_folder_that_is_both_cache_and_output_is_refused(world, tmp_path):
     for cache in (tmp_path / "out", tmp_path):
         fails(et.main, ["--data_dir", str(world["data"]), "--checkpoint_dir", str(world["ckpt"]), "--output_dir", str(tmp_path / "out"),
                         "--cache_dir", str(cache), "--num_workers", "0"], "not both")
+
+
+def test_a_results_file_name_the_previous_run_did_not_write_is_left_alone(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "self_influence.npy").write_bytes(b"my own array")  # no run recorded it
+    assert et.main(["--data_dir", str(world["data"]), "--checkpoint_dir", str(world["ckpt"]), "--output_dir", str(out),
+                    "--top_k", "2", "--num_workers", "0", "--no_self_influence"]) == 0
+    assert (out / "self_influence.npy").read_bytes() == b"my own array"
+    assert "self_influence.npy" not in json.loads((out / "run.json").read_text())["files"]
