@@ -49,11 +49,13 @@ from model_architecture import model_from_checkpoint
 from TracIn.factors import TOOL, check_images, choose_subset, factor_setting, load_checkpoints, make_hook
 from TracIn.influence_utils import target_layers
 from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, write_run
-from TracIn.scores import factors_and_scores
+from TracIn.scores import factors_and_scores, score_setting
 from TracIn.shards import SHARD_ARRAYS, SHARD_PARTS, merge_shards
 
 log = logging.getLogger(__name__)
 NORMALIZE = ("none", "train", "both")
+SCORE_FNS = ("tracin", "tracin_last", "influence", "influence_last", "trak")
+DAMPING = 100.0  # x the mean curvature; docs/lds.md's sweeps (select subsets) put the best at 10-1000 on every cell
 
 
 @dataclass
@@ -81,7 +83,10 @@ class TracInConfig:
     num_shards: int = 1
     merge: bool = False
     amp: bool = False
-    normalize: str = "train"
+    normalize: str = ""
+    score_fn: str = "tracin"
+    damping: float = DAMPING
+    trak_dim: int = 2048
     cache_dir: str = ""
     proj_dim: int = 16
     proj_seed: int = 0
@@ -100,8 +105,16 @@ class TracInConfig:
             raise UserError("--layers needs at least one layer name")
         if self.proj_dim < 0:
             raise UserError("--proj_dim must be >= 0 (0: no projection, the exact per-example gradient)")
+        if self.score_fn not in SCORE_FNS:
+            raise UserError(f"--score_fn {self.score_fn!r}: choose one of {', '.join(SCORE_FNS)}")
+        if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
+            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
         if self.normalize not in NORMALIZE:
             raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
+        if self.normalize != "none" and not self.score_fn.startswith("tracin"):
+            raise UserError(f"--normalize {self.normalize} is for --score_fn tracin/tracin_last; {self.score_fn} has its own scale")
+        if not (np.isfinite(self.damping) and self.damping > 0) or self.trak_dim < 1:
+            raise UserError("--damping must be a positive number and --trak_dim >= 1")
         if self.cache_dir and self.num_shards > 1:
             raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -136,10 +149,16 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--overwrite", action="store_true", help="delete the cached factors (output_dir/factors) and recompute them")
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--normalize", choices=NORMALIZE, default="train",
-                   help="train: divide by the training image's gradient norm per checkpoint (chosen by docs/counterfactual.md's "
-                        "counterfactual table); none: TracIn as in the paper; both: cosine of the two gradients per checkpoint "
-                        "(default train; self-influence is never normalised)")
+    p.add_argument("--score_fn", choices=SCORE_FNS, default="tracin",
+                   help="tracin: sum_t lr_t <g_t(x), g_t(z)>; tracin_last: the last checkpoint alone; influence / influence_last: "
+                        "g(x)^T (H + damping)^{-1} g(z) with K-FAC curvature of every scored layer (TracIn's cost); trak: "
+                        "TRAK-style projected fc features with the after-kernel inverse (docs/lds.md; default tracin)")
+    p.add_argument("--damping", type=positive_float, default=DAMPING, help=f"influence/trak damping, x the mean curvature (default {DAMPING:g})")
+    p.add_argument("--trak_dim", type=positive_int, default=2048, help="TRAK-style features per checkpoint (default 2048)")
+    p.add_argument("--normalize", choices=NORMALIZE, default="",
+                   help="tracin only. train: divide by the training image's gradient norm per checkpoint (chosen by "
+                        "docs/counterfactual.md's counterfactual table); none: TracIn as in the paper; both: cosine of the two "
+                        "gradients per checkpoint (default train for tracin, none otherwise; self-influence is never normalised)")
     p.add_argument("--cache_dir", default="", help="factor cache folder (default output_dir/factors; point a second run, "
                    "e.g. with another --normalize, at the first run's cache to score without a forward pass; unsharded runs)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the factor pass on CUDA (faster, approximate; default off)")
@@ -185,7 +204,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     identity = {**data_id, "checkpoint_sha256": shas, "lr_weights": lrs,
                 "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
-                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, "train_block": cfg.train_block, "test_block": cfg.test_block,
+                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, **score_setting(cfg), "train_block": cfg.train_block, "test_block": cfg.test_block,
                 "factors": factor_setting(cfg, model0)}
     if cfg.merge or cfg.num_shards == 1:  # a folder or symlink where a results file goes: refused before any work
         check_writable_names(out, [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD])

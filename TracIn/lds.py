@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,13 +46,14 @@ from common import (UserError, check_replaceable, cli, fraction, identity_mismat
 from TracIn.clean_and_retrain import original_exclusions, original_settings, train_without
 from TracIn.counterfactual_check import RunFactors, full_test_logits, retrain_head
 from model_architecture import logit_figures
+from TracIn.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
 from TracIn.factors import FactorView, choose_subset
 from TracIn.results import run_id
 
 log = logging.getLogger(__name__)
 TOOL = "lds"
-METHODS = ("tracin", "tracin_normalized", "tracin_last", "influence", "influence_last")
-DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # times the mean curvature
+METHODS = ("tracin", "tracin_normalized", "tracin_last", "influence", "influence_last", "ekfac", "ekfac_last", "trak")
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature
 
 
 def parse_args(argv=None):
@@ -70,10 +74,19 @@ def parse_args(argv=None):
     p.add_argument("--n_test", type=positive_int, default=200, help="seeded test images the LDS is measured on (default 200)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets and the test images (default 0)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods scored (default all)")
+    p.add_argument("--trak_dim", type=positive_int, default=2048, help="TRAK-style features per checkpoint (default 2048)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")
+    p.add_argument("--shard", type=shard_spec, default=None,
+                   help="i/N: retrain only subsets j with j %% N == i, then stop (a Slurm array task; slurm_lds.sh); "
+                        "a run without --shard, or with --merge, scores once every shard is done")
+    p.add_argument("--merge", action="store_true", help="score the finished records only: refuse if any subset is missing")
+    p.add_argument("--jobs", type=positive_int, default=1, help="retrain in N local processes, each a --shard i/N (default 1)")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N] for the scores (default cpu)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers if the factor cache lacks rows (default 2)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if sum([args.shard is not None, args.merge, args.jobs > 1]) > 1:
+        raise UserError("--shard, --merge and --jobs are one at a time: shards retrain, --merge scores, --jobs does both locally")
     if args.num_subsets is None:
         args.num_subsets = 200 if args.retrain == "head" else 50
     if args.select_subsets is None:
@@ -81,6 +94,17 @@ def parse_args(argv=None):
     if args.retrain == "head" and (args.arch or args.epochs):
         raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
     return args
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/N (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < N")
+    return i, n
 
 
 # ---------------------------------------------------------------- the score itself
@@ -151,58 +175,7 @@ def tracin_scores(test_view, train_view, layers, lrs, normalize: bool, only: int
     return out.numpy()
 
 
-EXACT_MAX = 4096  # heads up to this many weights get the exact Gauss-Newton matrix (ResNet50's fc on 10 classes: 20,490)
-
-
-def dense_gauss_newton(a: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """(1/n) sum_i Lambda_i (x) a_i a_i^T as a dense (C F, C F) float64 matrix, in the row-major order of W (C, F):
-    the exact Hessian of the mean softmax cross-entropy of logits = a W^T in W (the model is linear in W)."""
-    a, p = a.double(), torch.softmax(logits.double(), 1)
-    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]       # (n, C, C)
-    h = torch.einsum("ncd,nf,ng->cfdg", lam, a, a) / len(a)           # (C, F, C, F)
-    c, f = p.shape[1], a.shape[1]
-    return h.reshape(c * f, c * f)
-
-
-class FcCurvature:
-    """The fc layer's Gauss-Newton matrix of softmax cross-entropy at one checkpoint, H = (1/n) sum_i Lambda_i (x) a_i a_i^T
-    with Lambda_i = diag(p_i) - p_i p_i^T, in eigenvalue-corrected Kronecker form: eigenbases Q_L of mean(Lambda_i) and
-    Q_A of mean(a_i a_i^T), and the exact curvature s[k, l] = (1/n) sum_i (q_k^T Lambda_i q_k) (q_l^T a_i)^2 along
-    each product of eigenvectors. (Q_L (x) Q_A) diag(s) (Q_L (x) Q_A)^T equals H when H is Kronecker-diagonalisable
-    by those bases and is its closest such approximation otherwise (EK-FAC).
-
-    Args: a (n, F) fc inputs with the bias column, logits (n, C) of the training images."""
-
-    def __init__(self, a: torch.Tensor, logits: torch.Tensor, exact_max: int = EXACT_MAX):
-        a, p = a.double(), torch.softmax(logits.double(), 1)
-        n = len(a)
-        lam_mean = torch.diag(p.mean(0)) - p.T @ p / n
-        self.q_l = torch.linalg.eigh(lam_mean).eigenvectors          # (C, C)
-        self.q_a = torch.linalg.eigh(a.T @ a / n).eigenvectors       # (F, F)
-        pq = p @ self.q_l                                              # (n, C): p_i . q_k
-        u = p @ self.q_l ** 2 - pq ** 2                                # (n, C): q_k^T Lambda_i q_k
-        self.s = u.T @ (a @ self.q_a) ** 2 / n                         # (C, F)
-        # A small head (C x F <= exact_max) gets the exact matrix instead: dense, solved directly.
-        self.dense = dense_gauss_newton(a, logits) if self.s.numel() <= exact_max else None
-
-    def scores(self, a_te, d_te, a_tr, d_tr, damping: float) -> torch.Tensor:
-        """g_te^T (H + damping * mean(s) I)^{-1} g_tr for every pair, with g = d a^T, (n_te, n_tr). In the eigenbasis the
-        gradient stays an outer product (Q_L^T d)(Q_A^T a)^T, so the sum over the C x F entries splits by k."""
-        lam = damping * float(self.s.mean())
-        if self.dense is not None:
-            g_te = (d_te.double()[:, :, None] * a_te.double()[:, None, :]).flatten(1)  # (n, C * F), W's row-major order
-            g_tr = (d_tr.double()[:, :, None] * a_tr.double()[:, None, :]).flatten(1)
-            eye = torch.eye(len(self.dense), dtype=torch.float64)
-            return g_te @ torch.linalg.solve(self.dense + lam * eye, g_tr.T)
-        at, ar = a_te.double() @ self.q_a, a_tr.double() @ self.q_a    # (n, F)
-        dt, dr = d_te.double() @ self.q_l, d_tr.double() @ self.q_l    # (n, C)
-        out = torch.zeros(len(at), len(ar), dtype=torch.float64)
-        for k in range(self.s.shape[0]):
-            out += torch.outer(dt[:, k], dr[:, k]) * ((at / (self.s[k] + lam)) @ ar.T)
-        return out
-
-
-def influence_scores(test_view, train_view, train_logits: np.ndarray, lrs, dampings, last_only: bool) -> dict[float, np.ndarray]:
+def ekfac_scores(test_view, train_view, train_logits: np.ndarray, lrs, dampings, last_only: bool) -> dict[float, np.ndarray]:
     """{damping: (n_test, n_train)} fc influence (EK-FAC Gauss-Newton), summed over checkpoints with lr_t, or the last."""
     cpu = torch.device("cpu")
     steps = [len(lrs) - 1] if last_only else range(len(lrs))
@@ -215,6 +188,25 @@ def influence_scores(test_view, train_view, train_logits: np.ndarray, lrs, dampi
         for lam in dampings:
             out[lam] = out[lam] + weight * curv.scores(a_te, d_te, a_tr, d_tr, lam).numpy()
     return out
+
+
+def influence_scores(test_view, train_view, n_train: int, layers, train_logits: np.ndarray, lrs, dampings, last_only: bool
+                ) -> dict[float, np.ndarray]:
+    """{damping: (n_test, n_train)} K-FAC influence over every scored layer (curvature.KroneckerCurvature; the fc's D side
+    is its Gauss-Newton factor), summed over checkpoints with lr_t, or the last checkpoint with weight 1."""
+    only = len(lrs) - 1 if last_only else None
+    gn = {"fc": train_logits} if "fc" in layers else None
+    curvature = KroneckerCurvature(train_view, n_train, layers, len(lrs), gauss_newton=gn)
+    return {lam: tracin_scores(curvature.whiten(test_view, lam), train_view, layers, lrs, normalize=False, only=only)
+            for lam in dampings}
+
+
+def trak_scores(test_view, train_view, train_labels, train_logits, test_labels, test_logits, n_ckpt: int, dampings, dim: int
+                ) -> dict[float, np.ndarray]:
+    """{damping: (n_test, n_train)} TRAK-style scores of the fc layer (curvature.TrakFeatures), the checkpoints summed."""
+    trak = TrakFeatures(train_view, train_labels, train_logits, dim)
+    return {lam: tracin_scores(trak.test_scoring_view(test_view, test_labels, test_logits, lam), trak.train_scoring_view(), ["fc"],
+                               [1.0] * n_ckpt, normalize=False) for lam in dampings}
 
 
 # ---------------------------------------------------------------- the subset records
@@ -268,7 +260,7 @@ def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, 
         x_train, x_test = fac.features("train"), fac.features("test")
     done = 0
     for j in range(args.num_subsets):
-        if store.has(j):
+        if store.has(j) or (args.shard is not None and j % args.shard[1] != args.shard[0]):
             continue
         idx = subset_indices(candidates, args.fraction, args.seed, j)
         keep = np.zeros(len(y_train), dtype=bool)
@@ -295,6 +287,34 @@ def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, 
     return done
 
 
+def run_jobs(args, store: SubsetStore) -> int:
+    """--jobs N: this command N times as --shard i/N in parallel processes (threads shared out; each one's output in
+    out_dir/jobs/); returns how many records they added."""
+    argv, skip = [], False
+    for a in args.argv:  # the same arguments without --jobs
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            argv.append(a)
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    before = sum(store.has(j) for j in range(args.num_subsets))
+    logs = store.dir.parent / "jobs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    for i in range(args.jobs):
+        with open(logs / f"shard_{i}.log", "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "TracIn.lds", *argv, "--shard", f"{i}/{args.jobs}"], env=env,
+                                          stdout=f, stderr=subprocess.STDOUT))
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        last = ((logs / f"shard_{failed[0]}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"LDS job(s) {', '.join(map(str, failed))} of {args.jobs} failed ({logs}): {last}")
+    return sum(store.has(j) for j in range(args.num_subsets)) - before
+
+
 def evaluate(args, stop_after: int | None = None) -> dict:
     t0 = time.time()
     if args.select_subsets >= args.num_subsets:
@@ -311,8 +331,21 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                 "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
     store = SubsetStore(out, identity)
     t1 = time.time()
-    retrained = fill_store(store, fac, settings, candidates, args, device, stop_after)
+    if args.jobs > 1:
+        retrained = run_jobs(args, store)
+    elif args.merge:
+        missing = [j for j in range(args.num_subsets) if not store.has(j)]
+        if missing:
+            raise UserError(f"{len(missing)} of {args.num_subsets} subsets have no record in {store.dir} (first: "
+                            f"{', '.join(map(str, missing[:5]))}); run their shards before --merge")
+        retrained = 0
+    else:
+        retrained = fill_store(store, fac, settings, candidates, args, device, stop_after)
     seconds_retrain = time.time() - t1
+    if args.shard is not None:
+        log.info(f"LDS shard {args.shard[0]}/{args.shard[1]}: {retrained} subset(s) retrained in {seconds_retrain:.0f}s into {store.dir}; "
+                 "score with --merge once every shard is done")
+        return {"shard": list(args.shard), "retrained_now": retrained, "seconds_retrain": seconds_retrain}
 
     records = [store.load(j) for j in range(args.num_subsets)]
     group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
@@ -332,11 +365,20 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                                                                 only=len(fac.lrs) - 1)}
     if "tracin_normalized" in args.methods:
         candidates_scores["tracin_normalized"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=True)}
-    for name, last in (("influence", False), ("influence_last", True)):
+    for name, last in (("ekfac", False), ("ekfac_last", True)):
         if name in args.methods:
             if "fc" not in fac.layers:
                 raise UserError(f"{name} needs the fc layer's factors; the TracIn run scored {', '.join(fac.layers)}")
-            candidates_scores[name] = influence_scores(test_view, fac.train_view, fac.train_view.logits(), fac.lrs, DAMPINGS, last)
+            candidates_scores[name] = ekfac_scores(test_view, fac.train_view, fac.train_view.logits(), fac.lrs, DAMPINGS, last)
+    for name, last in (("influence", False), ("influence_last", True)):
+        if name in args.methods:
+            candidates_scores[name] = influence_scores(test_view, fac.train_view, fac.n_train, fac.layers, fac.train_view.logits(),
+                                                  fac.lrs, DAMPINGS, last)
+    if "trak" in args.methods:
+        if "fc" not in fac.layers:
+            raise UserError(f"trak needs the fc layer's factors; the TracIn run scored {', '.join(fac.layers)}")
+        candidates_scores["trak"] = trak_scores(test_view, fac.train_view, fac.train_list.labels, fac.train_view.logits(),
+                                                fac.test_list.labels[group], test_view.logits(), len(fac.lrs), DAMPINGS, args.trak_dim)
     seconds_scores = time.time() - t2
 
     methods = {}
@@ -378,6 +420,8 @@ def table(result: dict) -> list[str]:
 
 def main(argv=None):
     result = evaluate(parse_args(argv))
+    if "methods" not in result:  # a shard: retrained, not scored
+        return 0
     for line in table(result):
         log.info(line)
     return 0

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import UserError
 from model_architecture import logit_figures
+from TracIn.curvature import KroneckerCurvature, TrakFeatures
 from TracIn.factors import factor_views
 from TracIn.influence_utils import TopKInfluenceTracker, compute_ghost_influence_batch, self_influence
 
@@ -63,6 +65,54 @@ def self_influence_from_view(view, n: int, layers, n_ckpt: int, block: int, devi
     return out
 
 
+class CheckpointsView:
+    """A factor view restricted to some checkpoints: checkpoint t of this view is `steps[t]` of the underlying one."""
+
+    def __init__(self, view, steps):
+        self.view, self.steps = view, list(steps)
+
+    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view.load(self.steps[t], layer, rows, device)
+
+
+def score_setting(cfg) -> dict:
+    """What --score_fn adds to a run's identity (nothing for the default, so existing runs keep theirs)."""
+    if cfg.score_fn == "tracin":
+        return {}
+    extra = {"trak_dim": cfg.trak_dim} if cfg.score_fn == "trak" else {}
+    return {"score_fn": cfg.score_fn, **({} if cfg.score_fn == "tracin_last" else {"damping": cfg.damping}), **extra}
+
+
+def scoring_views(cfg, views: dict, lrs, train_logits: np.ndarray, test_logits: np.ndarray, train_labels: np.ndarray,
+                  test_labels: np.ndarray, sq_norms, n_train: int, n_test: int, device) -> tuple[dict, list, list[float]]:
+    """The (test, train) views, layers and checkpoint weights that score_topk sums for cfg.score_fn:
+    TracIn's own (normalised per --normalize), the last checkpoint alone, or a curvature-aware transform of the test side."""
+    layers, weights = list(cfg.layers), list(lrs)
+    if cfg.score_fn in ("tracin_last", "influence_last"):
+        last = len(lrs) - 1
+        views = {k: CheckpointsView(v, [last]) for k, v in views.items()}
+        train_logits, test_logits, weights = train_logits[last:], test_logits[last:], [1.0]
+        sq_norms = None if sq_norms is None else sq_norms[last:]
+    out = dict(views)
+    if cfg.normalize != "none":
+        out["train"] = NormalizedView(views["train"], sq_norms, device)
+    if cfg.normalize == "both":
+        te_norms = self_influence_from_view(views["test"], n_test, layers, len(weights), cfg.test_block, device)
+        out["test"] = NormalizedView(views["test"], te_norms, device)
+    if cfg.score_fn.startswith("influence"):  # K-FAC; the fc's output side is its Gauss-Newton factor
+        gn = {"fc": train_logits} if "fc" in layers else None
+        curvature = KroneckerCurvature(views["train"], n_train, layers, len(weights), cfg.train_block, gauss_newton=gn)
+        out["test"] = curvature.whiten(views["test"], cfg.damping)
+    elif cfg.score_fn == "trak":
+        if "fc" not in layers:
+            raise UserError(f"--score_fn trak scores the fc layer; --layers {' '.join(layers)} has none")
+        trak = TrakFeatures(views["train"], train_labels, train_logits, cfg.trak_dim, block=cfg.train_block)
+        out = {"train": trak.train_scoring_view(),
+               "test": trak.test_scoring_view(views["test"], test_labels, test_logits, cfg.damping)}
+        layers, weights = ["fc"], [1.0] * len(weights)
+    return out, layers, weights
+
+
 def fits_on_device(views: dict, device) -> bool:
     """GPU fast path: hold every factor on the device when they take under half its free memory."""
     if device.type != "cuda":
@@ -83,19 +133,15 @@ def factors_and_scores(cfg, device, ckpts, shas, lrs, train_list, test_list, tra
     sq_norms, self_inf = None, None
     if cfg.self_influence or cfg.normalize != "none":
         sq_norms = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, len(lrs), cfg.train_block, device)
-    if cfg.self_influence:  # always TracIn's own definition, whatever --normalize is
+    if cfg.self_influence:  # always TracIn's own definition, whatever --normalize and --score_fn are
         self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
-    score_views = dict(scoring)
-    if cfg.normalize != "none":
-        score_views["train"] = NormalizedView(scoring["train"], sq_norms, device)
-    if cfg.normalize == "both":
-        te_norms = self_influence_from_view(scoring["test"], len(test_ids), cfg.layers, len(lrs), cfg.test_block, device)
-        score_views["test"] = NormalizedView(scoring["test"], te_norms, device)
-    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), cfg.layers, lrs, cfg.top_k,
+    train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
+    score_views, layers, weights = scoring_views(cfg, scoring, lrs, train_logits, views["test"].logits(), train_list.labels[train_ids], test_list.labels[test_ids], sq_norms,
+                                                 len(train_ids), len(test_ids), device)
+    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), layers, weights, cfg.top_k,
                          cfg.test_block, cfg.train_block, train_ids, device)
     if not cfg.self_influence:
         sq_norms = None
-    train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
     loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
     parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
              "loss_last": loss[-1], "pred_last": train_logits[-1].argmax(1).astype(np.int64),

@@ -14,7 +14,7 @@ import prepare_data
 import train
 from TracIn import analyze_misprediction_influences, analyze_topk_results, efficient_tracin, mislabel_detection
 from TracIn.mislabel_detection import recall_at, roc_auc
-from tests.conftest import make_raw_tree
+from helpers import make_raw_tree
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

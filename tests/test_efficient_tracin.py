@@ -11,7 +11,7 @@ import torch
 from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
 from TracIn import efficient_tracin as et, scores
-from tests.conftest import make_random_checkpoints
+from helpers import make_random_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from data_utils import data_identity, list_split, read_exclusions
 from TracIn import (analyze_misprediction_influences, analyze_topk_results, clean_and_retrain, counterfactual_check,
                     efficient_tracin as et, factors, mislabel_detection, report)
 from TracIn.results import load_results, run_id
-from tests.conftest import make_random_checkpoints, make_raw_tree, write_false_predictions
-from tests.test_report import wait_for
-from tests.test_safety import checksums, one_error_line, sh
+from helpers import make_random_checkpoints, make_raw_tree, write_false_predictions
+from helpers import wait_for
+from helpers import checksums, one_error_line, sh
 
 REPO = Path(__file__).resolve().parents[1]
 

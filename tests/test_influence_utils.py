@@ -4,11 +4,10 @@ import tracemalloc
 
 import pytest
 import torch
-import torch.nn as nn
 
 from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch,
                                     per_example_grads, reference_influence, self_influence)
-from tests.conftest import make_tiny_models
+from helpers import make_tiny_models
 
 
 def ghost_scores(models, lrs, layers, x_tr, y_tr, x_te, y_te, batch=4):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from TracIn import lds
+from TracIn import curvature, lds
 
 
 def test_lds_equals_a_hand_computation():
@@ -35,7 +35,7 @@ def test_gauss_newton_equals_the_autograd_hessian_of_softmax_cross_entropy():
     a, w, y = tiny_head()
     loss = lambda flat: torch.nn.functional.cross_entropy(a @ flat.view_as(w).T, y)
     hessian = torch.autograd.functional.hessian(loss, w.flatten())
-    torch.testing.assert_close(lds.dense_gauss_newton(a, a @ w.T), hessian, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curvature.dense_gauss_newton(a, a @ w.T), hessian, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 9])
@@ -43,9 +43,9 @@ def test_eigenvalue_corrected_scores_equal_the_dense_computation(n):
     a, w, y = tiny_head(n=n)
     logits = a @ w.T
     d = torch.softmax(logits, 1) - torch.nn.functional.one_hot(y, 3).double()  # dL/dlogits per example
-    curv = lds.FcCurvature(a, logits, exact_max=0)  # the EK-FAC path
+    curv = curvature.FcCurvature(a, logits, exact_max=0)  # the EK-FAC path
     q = torch.kron(curv.q_l, curv.q_a)
-    h = lds.dense_gauss_newton(a, logits)
+    h = curvature.dense_gauss_newton(a, logits)
     # s is the exact curvature along each product of eigenvectors
     torch.testing.assert_close(curv.s.flatten(), torch.diagonal(q.T @ h @ q), rtol=1e-9, atol=1e-12)
     lam = 0.1 * float(curv.s.mean())
@@ -53,7 +53,7 @@ def test_eigenvalue_corrected_scores_equal_the_dense_computation(n):
     g = (d[:, :, None] * a[:, None, :]).flatten(1)
     torch.testing.assert_close(curv.scores(a, d, a, d, 0.1), g @ torch.linalg.solve(ekfac, g.T), rtol=1e-8, atol=1e-10)
     if n == 1:  # one example: H is a Kronecker product, diagonal in those bases, and EK-FAC is exact
-        exact = lds.FcCurvature(a, logits)  # the dense path
+        exact = curvature.FcCurvature(a, logits)  # the dense path
         torch.testing.assert_close(curv.scores(a, d, a, d, 0.1), exact.scores(a, d, a, d, 0.1), rtol=1e-7, atol=1e-10)
 
 
@@ -81,7 +81,7 @@ def test_influence_predicts_leave_one_out_retraining_of_a_linear_model():
         return w.detach()
 
     w = fit(torch.ones(n, dtype=torch.bool))
-    curv = lds.FcCurvature(x, x @ w.T)
+    curv = curvature.FcCurvature(x, x @ w.T)
     assert curv.dense is not None
     d = lambda xs, ys: torch.softmax(xs @ w.T, 1) - torch.nn.functional.one_hot(ys, c).double()
     damping = l2 / float(curv.s.mean())  # the damping is relative to the mean curvature
@@ -127,3 +127,28 @@ def test_full_retrain_records_each_subsets_model(prepared, trained, tmp_path):
     assert not any((out / "work").iterdir())  # each retrain's checkpoints are removed once its margins are stored
     with pytest.raises(lds.UserError, match="--arch and --epochs"):
         lds.parse_args(["--epochs", "1"])
+
+
+def test_shards_jobs_and_merge_give_the_records_of_one_run(prepared, trained, tmp_path):
+    base = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--num_subsets", "6", "--select_subsets", "2",
+            "--n_test", "6", "--num_workers", "0", "--methods", "tracin", "influence_last"]
+    one = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "one")]))
+    assert lds.main(base + ["--out_dir", str(tmp_path / "sharded"), "--shard", "1/2"]) == 0  # subsets 1, 3, 5
+    assert sorted(p.name for p in (tmp_path / "sharded" / "subsets").glob("*.npz")) == [f"subset_0000{j}.npz" for j in (1, 3, 5)]
+    with pytest.raises(lds.UserError, match="3 of 6 subsets have no record"):
+        lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "sharded"), "--merge"]))
+    lds.main(base + ["--out_dir", str(tmp_path / "sharded"), "--shard", "0/2"])
+    merged = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "sharded"), "--merge"]))
+    jobs = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "jobs"), "--jobs", "2"]))
+    assert merged["retrained_now"] == 0 and jobs["retrained_now"] == 6
+    for j in range(6):
+        want = np.load(tmp_path / "one" / "subsets" / f"subset_{j:05d}.npz")
+        for other in ("sharded", "jobs"):
+            got = np.load(tmp_path / other / "subsets" / f"subset_{j:05d}.npz")
+            for k in want.files:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{other} {j} {k}")
+    for r in (merged, jobs):
+        assert r["methods"]["influence_last"]["lds"] == one["methods"]["influence_last"]["lds"]
+    for bad in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--merge"]):
+        with pytest.raises((SystemExit, lds.UserError)):
+            lds.parse_args(base + bad)

@@ -15,7 +15,7 @@ from TracIn import clean_and_retrain, efficient_tracin as et
 from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
 from TracIn.results import load_results
 from training_dynamics import load_dynamics
-from tests.conftest import make_random_checkpoints, make_raw_tree
+from helpers import make_random_checkpoints, make_raw_tree
 
 
 class FakeResults(dict):

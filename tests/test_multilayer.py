@@ -11,7 +11,7 @@ from common import UserError
 from data_utils import list_split
 from TracIn import efficient_tracin as et
 from TracIn.influence_utils import InfluenceHook, compute_ghost_influence_batch, reference_influence, target_layers
-from tests.conftest import make_random_checkpoints
+from helpers import make_random_checkpoints
 
 
 class TinyResNet(nn.Module):

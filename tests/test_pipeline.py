@@ -16,7 +16,7 @@ import prepare_data
 import train
 from data_utils import list_split, load_rgb
 from model_architecture import build_model, find_checkpoints, load_checkpoint, model_from_checkpoint
-from tests.conftest import make_raw_tree
+from helpers import make_raw_tree
 
 
 def test_prepare_outputs_rgb_resized_split_with_manifest(prepared):
@@ -138,7 +138,7 @@ def test_checkpoint_of_another_model_is_refused(prepared, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"garbage")
     with pytest.raises(evaluate.UserError, match="cannot load"):
         evaluate.main(["--data_dir", str(prepared), "--model", str(tmp_path / "junk.pth")])
-    from tests.conftest import make_random_checkpoints
+    from helpers import make_random_checkpoints
 
     (p,) = make_random_checkpoints(tmp_path / "c", ["a", "b"], n=1)
     with pytest.raises(evaluate.UserError, match="trained on classes"):

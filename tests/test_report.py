@@ -4,7 +4,6 @@ their reason where Chromium is not installed; the build tests always run."""
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import prepare_data
 from data_utils import list_split, read_exclusions
 from TracIn import efficient_tracin as et, mislabel_detection, report
 from TracIn.results import load_results
-from tests.conftest import make_random_checkpoints, make_raw_tree, write_false_predictions
+from helpers import make_random_checkpoints, make_raw_tree, wait_for, write_false_predictions
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
@@ -80,17 +79,6 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
     notes = " ".join(meta(bare / "report")["notes"])
     for missing in ("only the normalized lists", "no mislabel table", "no mispredictions table"):
         assert missing in notes
-
-
-def wait_for(driver, script, timeout=10.0):
-    """Poll a JavaScript expression until it is truthy; return its value."""
-    end = time.time() + timeout
-    while time.time() < end:
-        value = driver.execute_script(f"return {script}")
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {script}")
 
 
 def severe(driver):

@@ -1,10 +1,7 @@
 """Nothing lost, one error line: overwrite rules, worker errors, bad paths and devices, a full disk,
 SIGKILL then resume for train.py and efficient_tracin (each as a user runs them: a subprocess)."""
-import hashlib
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +15,10 @@ from common import UserError, resolve_device
 from data_utils import list_split
 from TracIn import efficient_tracin
 from model_architecture import load_checkpoint
-from tests.conftest import make_random_checkpoints, make_raw_tree
+from helpers import checksums, make_random_checkpoints, make_raw_tree, one_error_line, sh
 
-REPO = Path(__file__).resolve().parents[1]
 RESULT_ARRAYS = ["top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
                  "top_k_opponents_indices", "self_influence", "test_indices", "test_pred"]
-
-
-def sh(*argv, env=None, cwd=REPO):
-    """Run a script as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=full_env)
-
-
-def one_error_line(out, *needles):
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr
-    lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, out.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def checksums(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------- data loss

@@ -2,7 +2,6 @@
 one-node Slurm cluster started on localhost (skipped, with the reason, where it cannot start)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -110,3 +109,28 @@ def test_slurm_train_then_tracin_array_and_merge(slurm, prepared, tmp_path):
     for name in ("top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
                  "top_k_opponents_indices", "self_influence"):
         np.testing.assert_array_equal(np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "sharded" / f"{name}.npy"))
+
+
+@pytest.mark.slurm
+def test_slurm_lds_array_and_merge(slurm, prepared, trained, tmp_path):
+    """slurm_lds.sh: two array tasks retrain their subsets (fc on cached features), the merge job scores; the records equal
+    one local run's."""
+    from TracIn import lds
+
+    args = "--num_subsets 4 --select_subsets 1 --n_test 6 --methods tracin influence_last"
+    env = {**slurm, "PYTHON": sys.executable, "DATA_DIR": str(prepared), "RESULTS_DIR": str(trained / "res"), "NUM_SHARDS": "2",
+           "LDS_ARGS": f"{args} --out_dir {tmp_path / 'sharded'}", "LOG_DIR": str(tmp_path),
+           "SBATCH_EXTRA_ARGS": "--gres=none --cpus-per-task=1 --mem=2G"}
+    sub = subprocess.run(["bash", "slurm_lds.sh"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert sub.returncode == 0, sub.stderr
+    ids = [w for w in sub.stdout.split() if w.isdigit()]
+    assert len(ids) == 2, sub.stdout
+    wait_for(set(ids), env)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert job_states(ids[0], env) == ["COMPLETED"] * 2 and job_states(ids[1], env) == ["COMPLETED"], logs[-3000:]
+    merged = json.loads((tmp_path / "sharded" / "lds.json").read_text())
+    one = lds.evaluate(lds.parse_args([*args.split(), "--results_dir", str(trained / "res"), "--data_dir", str(prepared),
+                                       "--num_workers", "0", "--out_dir", str(tmp_path / "one")]))
+    assert merged["retrained_now"] == 0 and merged["num_subsets"] == 4
+    for m in ("tracin", "influence_last"):
+        assert merged["methods"][m]["lds"] == one["methods"][m]["lds"]

@@ -12,7 +12,7 @@ from common import UserError
 from data_utils import list_split
 from TracIn import analyze_misprediction_influences, analyze_topk_results, efficient_tracin as et, mislabel_detection
 from TracIn.results import ARRAYS, index_of, load_results
-from tests.conftest import make_random_checkpoints, write_false_predictions
+from helpers import make_random_checkpoints, write_false_predictions
 
 
 @pytest.fixture
