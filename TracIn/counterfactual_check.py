@@ -9,6 +9,8 @@ Methods (each gives a ranked list per test image; a group's removal set is the u
 - tracin: TracIn proponents as efficient_tracin.py scores them (--normalize none, the paper's);
 - tracin_normalized: proponents of --normalize train (each training gradient divided by its norm per
   checkpoint);
+- influence_last: proponents of --score_fn influence_last (K-FAC influence at the last checkpoint, --damping of the
+  TracIn run or efficient_tracin's default);
 - knn: the nearest training images by cosine of the last checkpoint's penultimate features (the fc input);
 - random: k random training images of the test image's class, a new draw per training seed (the control).
 The lists come from efficient_tracin.py's factor cache in results_dir (no forward pass when it is complete).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,12 +45,13 @@ from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 from model_architecture import load_checkpoint, logit_figures, model_from_checkpoint, model_to_device, predict
 from TracIn.clean_and_retrain import claim_arms_folder, original_exclusions, original_settings, train_without
 from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints
-from TracIn.scores import NormalizedView, score_topk, self_influence_from_view
+from TracIn.arguments import FactorArguments, ScoreArguments, pick
+from TracIn.scores import score_topk, scoring_views, self_influence_from_view
 from TracIn.results import load_results, run_id
 
 log = logging.getLogger(__name__)
 TOOL = "counterfactual_check"
-METHODS = ("tracin", "tracin_normalized", "knn", "random")
+METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")
 
 
 def parse_args(argv=None):
@@ -93,20 +97,25 @@ class RunFactors:
             raise UserError(f"checkpoint(s) {', '.join(changed)} changed since the TracIn run in {results_dir}; rerun efficient_tracin.py")
         self.device, self.layers = device, self.cfg.layers
         self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
-        views, computed, _ = factor_views(self.cfg, device, self.ckpts, shas, self.train_list, self.test_list,
-                                          np.arange(self.n_train), np.arange(self.n_test),
-                                          Path(self.cfg.cache_dir or Path(results_dir) / "factors"))
+        views, computed, _ = factor_views(pick(FactorArguments, rec["args"]), device, self.ckpts, shas, self.train_list,
+                                          self.test_list, np.arange(self.n_train), np.arange(self.n_test),
+                                          Path(self.cfg.cache_dir or Path(results_dir) / "factors"), num_workers)
         if any(computed.values()):
             log.info(f"factor cache completed: {computed} forward batches")
         self.train_view, self.test_caches = views["train"], views["test"].caches
 
-    def proponents(self, group: np.ndarray, k: int, normalize: bool) -> np.ndarray:
-        """(len(group), k) split indices of the top-k TracIn proponents, exactly as efficient_tracin ranks them."""
-        cfg, train_view = self.cfg, self.train_view
-        if normalize:
-            sq = self_influence_from_view(train_view, self.n_train, self.layers, len(self.lrs), cfg.train_block, self.device)
-            train_view = NormalizedView(train_view, sq, self.device)
-        tracker = score_topk(FactorView(self.test_caches, group), train_view, len(group), self.n_train, self.layers, self.lrs,
+    def proponents(self, group: np.ndarray, k: int, score_fn: str = "tracin", normalize: str = "none") -> np.ndarray:
+        """(len(group), k) split indices of the top-k proponents, exactly as efficient_tracin ranks them with that
+        --score_fn and --normalize."""
+        cfg = replace(pick(ScoreArguments, self.record["args"]), score_fn=score_fn, normalize=normalize, top_k=k)
+        views = {"train": self.train_view, "test": FactorView(self.test_caches, group)}
+        sq = None
+        if normalize != "none":
+            sq = self_influence_from_view(self.train_view, self.n_train, self.layers, len(self.lrs), cfg.train_block, self.device)
+        score_views, layers, weights = scoring_views(cfg, views, self.lrs, self.train_view.logits(), views["test"].logits(),
+                                                     self.train_list.labels, self.test_list.labels[group], sq, self.n_train,
+                                                     len(group), self.layers, self.device)
+        tracker = score_topk(score_views["test"], score_views["train"], len(group), self.n_train, layers, weights,
                              k, cfg.test_block, cfg.train_block, np.arange(self.n_train), self.device)
         return tracker.proponents()[1].cpu().numpy()
 
@@ -228,9 +237,11 @@ def run(args) -> dict:
     methods = [m for m in METHODS if m in args.methods]
     lists = {}
     if "tracin" in methods:
-        lists["tracin"] = fac.proponents(group, ks[-1], normalize=False)
+        lists["tracin"] = fac.proponents(group, ks[-1])
     if "tracin_normalized" in methods:
-        lists["tracin_normalized"] = fac.proponents(group, ks[-1], normalize=True)
+        lists["tracin_normalized"] = fac.proponents(group, ks[-1], normalize="train")
+    if "influence_last" in methods:
+        lists["influence_last"] = fac.proponents(group, ks[-1], score_fn="influence_last")
     if "knn" in methods:
         lists["knn"] = knn_lists(fac, group, ks[-1])
     rest = np.setdiff1d(np.arange(fac.n_test), group)

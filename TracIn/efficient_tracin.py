@@ -49,13 +49,11 @@ from model_architecture import model_from_checkpoint
 from TracIn.factors import TOOL, check_images, choose_subset, factor_setting, load_checkpoints, make_hook
 from TracIn.influence_utils import target_layers
 from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, write_run
-from TracIn.scores import factors_and_scores, score_setting
+from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FNS, FactorArguments, ScoreArguments, pick
+from TracIn.scores import factors_and_scores
 from TracIn.shards import SHARD_ARRAYS, SHARD_PARTS, merge_shards
 
 log = logging.getLogger(__name__)
-NORMALIZE = ("none", "train", "both")
-SCORE_FNS = ("tracin", "tracin_last", "influence", "influence_last", "trak")
-DAMPING = 100.0  # x the mean curvature; docs/lds.md's sweeps (select subsets) put the best at 10-1000 on every cell
 
 
 @dataclass
@@ -93,32 +91,24 @@ class TracInConfig:
     project_linear: bool = False
 
     def __post_init__(self):
-        if self.top_k < 1:
-            raise UserError("--top_k must be >= 1")
-        if self.batch_size < 1 or self.test_block < 1 or self.train_block < 1:
-            raise UserError("--batch_size, --test_block and --train_block must be >= 1")
+        if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
+            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
+        self.factor_args()  # each stage's arguments check themselves
+        self.score_args()
         if self.train_subset < 0 or self.test_subset < 0:
             raise UserError("--train_subset/--test_subset must be >= 0 (0 means the whole split)")
         if any(not np.isfinite(w) or w <= 0 for w in self.lr_weights):
             raise UserError("--lr_weights must be positive numbers")
-        if not self.layers:
-            raise UserError("--layers needs at least one layer name")
-        if self.proj_dim < 0:
-            raise UserError("--proj_dim must be >= 0 (0: no projection, the exact per-example gradient)")
-        if self.score_fn not in SCORE_FNS:
-            raise UserError(f"--score_fn {self.score_fn!r}: choose one of {', '.join(SCORE_FNS)}")
-        if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
-            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
-        if self.normalize not in NORMALIZE:
-            raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
-        if self.normalize != "none" and not self.score_fn.startswith("tracin"):
-            raise UserError(f"--normalize {self.normalize} is for --score_fn tracin/tracin_last; {self.score_fn} has its own scale")
-        if not (np.isfinite(self.damping) and self.damping > 0) or self.trak_dim < 1:
-            raise UserError("--damping must be a positive number and --trak_dim >= 1")
         if self.cache_dir and self.num_shards > 1:
             raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
+
+    def factor_args(self) -> FactorArguments:
+        return pick(FactorArguments, self)
+
+    def score_args(self) -> ScoreArguments:
+        return pick(ScoreArguments, self)
 
 
 def parse_args(argv=None) -> TracInConfig:
@@ -196,7 +186,7 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     except ValueError as e:
         raise UserError(f"--layers: {e}") from None
     try:  # each layer's projection checked against its width
-        make_hook(model0, cfg)
+        make_hook(model0, cfg.factor_args())
     except ValueError as e:
         raise UserError(str(e)) from None
     # What the scores depend on (the factors' own identity is their cache key).
@@ -204,8 +194,8 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
     identity = {**data_id, "checkpoint_sha256": shas, "lr_weights": lrs,
                 "layers": cfg.layers, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "train_subset": cfg.train_subset,
                 "test_subset": cfg.test_subset, "seed": cfg.seed, "self_influence": cfg.self_influence,
-                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, **score_setting(cfg), "train_block": cfg.train_block, "test_block": cfg.test_block,
-                "factors": factor_setting(cfg, model0)}
+                "num_shards": cfg.num_shards, "amp": cfg.amp, "normalize": cfg.normalize, **cfg.score_args().key(), "train_block": cfg.train_block, "test_block": cfg.test_block,
+                "factors": factor_setting(cfg.factor_args(), model0)}
     if cfg.merge or cfg.num_shards == 1:  # a folder or symlink where a results file goes: refused before any work
         check_writable_names(out, [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD])
     work_dir = out / "shards" / f"shard_{cfg.shard_index:03d}" if cfg.num_shards > 1 else out
@@ -229,8 +219,9 @@ def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
         if cfg.num_shards > 1:
             mark_owned(work_dir, TOOL)
             (work_dir / "complete.json").unlink(missing_ok=True)
-        tracker, parts, test_pred, summary_extra = factors_and_scores(cfg, device, ckpts, shas, lrs, train_list, test_list, shard_ids,
-                                                           test_ids, cache_root, _stop_after_batches)
+        tracker, parts, test_pred, summary_extra = factors_and_scores(cfg.factor_args(), cfg.score_args(), device, ckpts, shas, lrs,
+                                                                      train_list, test_list, shard_ids, test_ids, cache_root,
+                                                                      cfg.num_workers, _stop_after_batches)
         if cfg.num_shards > 1:
             for name in SHARD_ARRAYS:
                 save_npy(work_dir / f"{name}.npy", tracker.state()[name].numpy())

@@ -1,7 +1,8 @@
 """Stage 1 of TracIn: per-example factors (a, d) of the target layers and the logits, cached on disk.
 
     from TracIn.factors import factor_views
-    views, computed, dims = factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root)
+    views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids,
+                                         cache_root, num_workers)
     a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
 
 The cache is output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<layers key>/: memory-mapped .npy over
@@ -28,6 +29,7 @@ from numpy.lib.format import open_memmap
 from common import UserError, autocast, file_sha256, load_npy, remove_inside_owned, save_json, save_npy
 from data_utils import ImageListDataset, eval_transform, listing_key
 from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
+from TracIn.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
 
 TOOL = "efficient_tracin"  # the owner of every factor cache folder
@@ -154,20 +156,17 @@ class CheckpointFactors:
         self._last_sync = time.time()
 
 
-def make_hook(model, cfg) -> InfluenceHook:
-    return InfluenceHook(model, cfg.layers, proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
+def make_hook(model, factor_args: FactorArguments) -> InfluenceHook:
+    return InfluenceHook(model, factor_args.layers, proj_dim=factor_args.proj_dim, proj_seed=factor_args.proj_seed,
+                         project_linear=factor_args.project_linear)
 
 
-def factor_setting(cfg, model) -> dict:
-    """What the cached factors depend on besides the checkpoint and the images. Projection settings
-    count only when some layer is projected, so exact (linear-only) caches keep their key."""
-    setting = {"layers": list(cfg.layers), "amp": bool(cfg.amp)}
-    if any(make_hook(model, cfg).projected.values()):
-        setting.update(proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, project_linear=cfg.project_linear)
-    return setting
+def factor_setting(factor_args: FactorArguments, model) -> dict:
+    """The factor cache's key for this model: FactorArguments.key, with projection settings when a layer is projected."""
+    return factor_args.key(projected=any(make_hook(model, factor_args).projected.values()))
 
 
-def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cfg, setting: dict) -> list[CheckpointFactors]:
+def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, setting: dict) -> list[CheckpointFactors]:
     """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
     setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
     split_dir = cache_root / f"{split}-{listing_key(listing)}"
@@ -183,8 +182,8 @@ def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, cf
     return [CheckpointFactors(r, n, dims, n_classes, meta(sha), cache_root) for r, sha in zip(roots, shas)]
 
 
-def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: np.ndarray, transform, batch_size,
-                    num_workers, device, desc, stop_after=None, amp: bool = False) -> int:
+def extract_factors(caches: list[CheckpointFactors], models, factor_args: FactorArguments, listing, ids: np.ndarray, transform,
+                    num_workers, device, desc, stop_after=None) -> int:
     """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
 
     Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
@@ -196,12 +195,13 @@ def extract_factors(caches: list[CheckpointFactors], models, cfg, listing, ids: 
     if len(need) == 0:
         return 0
     dataset = ImageListDataset(listing, transform, need)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    amp = factor_args.amp and device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=factor_args.batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
     done_now = 0
     with contextlib.ExitStack() as stack:
-        hooks = [stack.enter_context(make_hook(m, cfg)) for m in models]
+        hooks = [stack.enter_context(make_hook(m, factor_args)) for m in models]
         for c in caches:
             stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
         for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
@@ -257,21 +257,21 @@ class ResidentFactors:
 
 
 
-def factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+def factor_views(factor_args: FactorArguments, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path,
+                 num_workers: int, stop_after=None):
     """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
     Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
     models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
-    dims = make_hook(models[0], cfg).dims
-    setting = factor_setting(cfg, models[0])
+    dims = make_hook(models[0], factor_args).dims
+    setting = factor_setting(factor_args, models[0])
     tf = eval_transform(ckpts[0])
     n_classes = int(ckpts[0]["num_classes"])
     caches, computed, views = {}, {}, {}
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, cfg, setting)
+        caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, setting)
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
-        computed[split] = extract_factors(caches[split], models, cfg, listing, ids, tf, cfg.batch_size,
-                                          cfg.num_workers, device, f"factors {split}", stop_after,
-                                          amp=cfg.amp and device.type == "cuda")
+        computed[split] = extract_factors(caches[split], models, factor_args, listing, ids, tf, num_workers, device,
+                                          f"factors {split}", stop_after)
         views[split] = FactorView(caches[split], ids)
     return views, computed, dims
 

@@ -154,6 +154,32 @@ def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tup
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def records_matrices(records: list[dict], n_train: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(masks (n_subsets, n_train) bool, margins (n_subsets, len(group))) of a store's records."""
+    masks = np.zeros((len(records), n_train), dtype=bool)
+    for j, r in enumerate(records):
+        masks[j, r["train_idx"]] = True
+    return masks, np.stack([r["margin"][group] for r in records])
+
+
+def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, select_subsets: int, bootstrap: int, seed: int) -> dict:
+    """One method's result from {damping (None: no damping): (n_test, n_train) scores}: the damping with the best LDS on
+    the first select_subsets subsets, its LDS on the others (the reported ones) with a bootstrap interval, the sweep."""
+    select, report = slice(0, select_subsets), slice(select_subsets, len(masks))
+    sweep = {}
+    for lam, s in by_damping.items():
+        sel = lds(s, masks[select], margins[select]) if select_subsets >= 3 else np.full(margins.shape[1], np.nan)
+        rep = lds(s, masks[report], margins[report])
+        sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
+    # the damping is chosen on the held-apart subsets only
+    chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
+    per_test = sweep[chosen]["per_test"]
+    lo, hi = bootstrap_interval(per_test, bootstrap, seed)
+    return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
+            "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
+            "per_test": per_test.tolist()}
+
+
 # ---------------------------------------------------------------- scores from the factor cache
 def tracin_scores(test_view, train_view, layers, lrs, normalize: bool, only: int | None = None) -> np.ndarray:
     """(n_test, n_train) TracIn scores, float64, from two factor views (every row of each); `only`: that checkpoint
@@ -349,11 +375,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
 
     records = [store.load(j) for j in range(args.num_subsets)]
     group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
-    masks = np.zeros((args.num_subsets, fac.n_train), dtype=bool)
-    for j, r in enumerate(records):
-        masks[j, r["train_idx"]] = True
-    margins = np.stack([r["margin"][group] for r in records])  # (n_subsets, n_group)
-    select, report = slice(0, args.select_subsets), slice(args.select_subsets, args.num_subsets)
+    masks, margins = records_matrices(records, fac.n_train, group)
 
     test_view = FactorView(fac.test_caches, group)
     t2 = time.time()
@@ -381,20 +403,8 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                                                 fac.test_list.labels[group], test_view.logits(), len(fac.lrs), DAMPINGS, args.trak_dim)
     seconds_scores = time.time() - t2
 
-    methods = {}
-    for name, by_damping in candidates_scores.items():
-        sweep = {}
-        for lam, s in by_damping.items():
-            sel = lds(s, masks[select], margins[select]) if args.select_subsets >= 3 else np.full(len(group), np.nan)
-            rep = lds(s, masks[report], margins[report])
-            sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
-        # the damping is chosen on the held-apart subsets only
-        chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
-        per_test = sweep[chosen]["per_test"]
-        lo, hi = bootstrap_interval(per_test, args.bootstrap, args.seed)
-        methods[name] = {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
-                         "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
-                         "per_test": per_test.tolist()}
+    methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed)
+               for name, by_damping in candidates_scores.items()}
     accuracy = np.asarray([float(r["accuracy"]) for r in records])
     result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
               "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),

@@ -16,6 +16,7 @@ import torch
 
 from common import UserError
 from model_architecture import logit_figures
+from TracIn.arguments import FactorArguments, ScoreArguments
 from TracIn.curvature import KroneckerCurvature, TrakFeatures
 from TracIn.factors import factor_views
 from TracIn.influence_utils import TopKInfluenceTracker, compute_ghost_influence_batch, self_influence
@@ -75,40 +76,32 @@ class CheckpointsView:
         return self.view.load(self.steps[t], layer, rows, device)
 
 
-def score_setting(cfg) -> dict:
-    """What --score_fn adds to a run's identity (nothing for the default, so existing runs keep theirs)."""
-    if cfg.score_fn == "tracin":
-        return {}
-    extra = {"trak_dim": cfg.trak_dim} if cfg.score_fn == "trak" else {}
-    return {"score_fn": cfg.score_fn, **({} if cfg.score_fn == "tracin_last" else {"damping": cfg.damping}), **extra}
-
-
-def scoring_views(cfg, views: dict, lrs, train_logits: np.ndarray, test_logits: np.ndarray, train_labels: np.ndarray,
-                  test_labels: np.ndarray, sq_norms, n_train: int, n_test: int, device) -> tuple[dict, list, list[float]]:
-    """The (test, train) views, layers and checkpoint weights that score_topk sums for cfg.score_fn:
+def scoring_views(score_args: ScoreArguments, views: dict, lrs, train_logits: np.ndarray, test_logits: np.ndarray, train_labels: np.ndarray,
+                  test_labels: np.ndarray, sq_norms, n_train: int, n_test: int, layers, device) -> tuple[dict, list, list[float]]:
+    """The (test, train) views, layers and checkpoint weights that score_topk sums for score_args.score_fn:
     TracIn's own (normalised per --normalize), the last checkpoint alone, or a curvature-aware transform of the test side."""
-    layers, weights = list(cfg.layers), list(lrs)
-    if cfg.score_fn in ("tracin_last", "influence_last"):
+    layers, weights = list(layers), list(lrs)
+    if score_args.last_only:
         last = len(lrs) - 1
         views = {k: CheckpointsView(v, [last]) for k, v in views.items()}
         train_logits, test_logits, weights = train_logits[last:], test_logits[last:], [1.0]
         sq_norms = None if sq_norms is None else sq_norms[last:]
     out = dict(views)
-    if cfg.normalize != "none":
+    if score_args.normalize != "none":
         out["train"] = NormalizedView(views["train"], sq_norms, device)
-    if cfg.normalize == "both":
-        te_norms = self_influence_from_view(views["test"], n_test, layers, len(weights), cfg.test_block, device)
+    if score_args.normalize == "both":
+        te_norms = self_influence_from_view(views["test"], n_test, layers, len(weights), score_args.test_block, device)
         out["test"] = NormalizedView(views["test"], te_norms, device)
-    if cfg.score_fn.startswith("influence"):  # K-FAC; the fc's output side is its Gauss-Newton factor
+    if score_args.score_fn.startswith("influence"):  # K-FAC; the fc's output side is its Gauss-Newton factor
         gn = {"fc": train_logits} if "fc" in layers else None
-        curvature = KroneckerCurvature(views["train"], n_train, layers, len(weights), cfg.train_block, gauss_newton=gn)
-        out["test"] = curvature.whiten(views["test"], cfg.damping)
-    elif cfg.score_fn == "trak":
+        curvature = KroneckerCurvature(views["train"], n_train, layers, len(weights), score_args.train_block, gauss_newton=gn)
+        out["test"] = curvature.whiten(views["test"], score_args.damping)
+    elif score_args.score_fn == "trak":
         if "fc" not in layers:
             raise UserError(f"--score_fn trak scores the fc layer; --layers {' '.join(layers)} has none")
-        trak = TrakFeatures(views["train"], train_labels, train_logits, cfg.trak_dim, block=cfg.train_block)
+        trak = TrakFeatures(views["train"], train_labels, train_logits, score_args.trak_dim, block=score_args.train_block)
         out = {"train": trak.train_scoring_view(),
-               "test": trak.test_scoring_view(views["test"], test_labels, test_logits, cfg.damping)}
+               "test": trak.test_scoring_view(views["test"], test_labels, test_logits, score_args.damping)}
         layers, weights = ["fc"], [1.0] * len(weights)
     return out, layers, weights
 
@@ -122,25 +115,28 @@ def fits_on_device(views: dict, device) -> bool:
 
 
 
-def factors_and_scores(cfg, device, ckpts, shas, lrs, train_list, test_list, train_ids, test_ids, cache_root: Path, stop_after=None):
+def factors_and_scores(factor_args: FactorArguments, score_args: ScoreArguments, device, ckpts, shas, lrs, train_list, test_list,
+                       train_ids, test_ids, cache_root: Path, num_workers: int, stop_after=None):
     """Stages 1 and 2 for the given training ids; factors cached under cache_root."""
     t0 = time.time()
-    views, computed, dims = factor_views(cfg, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root,
-                                         stop_after)
+    views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root,
+                                         num_workers, stop_after)
+    layers = factor_args.layers
     t_factors = time.time() - t0
     t0 = time.time()
     scoring = {k: v.resident(device) for k, v in views.items()} if fits_on_device(views, device) else views
     sq_norms, self_inf = None, None
-    if cfg.self_influence or cfg.normalize != "none":
-        sq_norms = self_influence_from_view(scoring["train"], len(train_ids), cfg.layers, len(lrs), cfg.train_block, device)
-    if cfg.self_influence:  # always TracIn's own definition, whatever --normalize and --score_fn are
+    if score_args.self_influence or score_args.normalize != "none":
+        sq_norms = self_influence_from_view(scoring["train"], len(train_ids), layers, len(lrs), score_args.train_block, device)
+    if score_args.self_influence:  # always TracIn's own definition, whatever --normalize and --score_fn are
         self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
     train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
-    score_views, layers, weights = scoring_views(cfg, scoring, lrs, train_logits, views["test"].logits(), train_list.labels[train_ids], test_list.labels[test_ids], sq_norms,
-                                                 len(train_ids), len(test_ids), device)
-    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), layers, weights, cfg.top_k,
-                         cfg.test_block, cfg.train_block, train_ids, device)
-    if not cfg.self_influence:
+    score_views, score_layers, weights = scoring_views(score_args, scoring, lrs, train_logits, views["test"].logits(),
+                                                       train_list.labels[train_ids], test_list.labels[test_ids], sq_norms,
+                                                       len(train_ids), len(test_ids), layers, device)
+    tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), score_layers, weights, score_args.top_k,
+                         score_args.test_block, score_args.train_block, train_ids, device)
+    if not score_args.self_influence:
         sq_norms = None
     loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
     parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
