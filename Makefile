@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) train.py $(DEMO_TRAIN) && \
 	$(PY) evaluate.py && \
 	$(PY) -m TracIn.efficient_tracin --overwrite && \
-	$(PY) -m TracIn.efficient_tracin --normalize none --output_dir TracIn/results/raw --cache_dir TracIn/results/factors && \
+	$(PY) -m TracIn.efficient_tracin --score_fn tracin --normalize train --output_dir TracIn/results/normalized --cache_dir TracIn/results/factors && \
 	$(PY) -m TracIn.mislabel_detection && \
 	$(PY) -m TracIn.clean_and_retrain $(DEMO_RETRAIN) && \
 	$(PY) -m TracIn.counterfactual_check --retrain head && \

@@ -2,6 +2,8 @@
 # TracIn over many training images as a SLURM job array of training shards plus a merge job.
 #   bash slurm_tracin.sh                 # on the login node: submits the array and the dependent merge
 #   NUM_SHARDS=8 TRACIN_ARGS="--top_k 100 --train_subset 0" bash slurm_tracin.sh
+# Shards score TracIn (--score_fn tracin, normalised; tracin_last also shards): the curvature-aware default
+# (influence_last) needs the whole training set's curvature, so it runs unsharded (efficient_tracin.py on one node).
 # Each array task runs efficient_tracin.py --shard_index $SLURM_ARRAY_TASK_ID --num_shards N;
 # the merge job (afterok) runs --merge and writes arrays identical to one unsharded run.
 # Overrides: NUM_SHARDS (4) LOG_DIR (.) DATA_DIR CHECKPOINT_DIR OUTPUT_DIR (TracIn/results) TRACIN_ARGS PYTHON
@@ -20,7 +22,7 @@ NUM_SHARDS=${NUM_SHARDS:-4}
 # shellcheck disable=SC2206
 common=(--data_dir "${DATA_DIR:-data/processed}" --checkpoint_dir "${CHECKPOINT_DIR:-models/checkpoints}"
         --output_dir "${OUTPUT_DIR:-TracIn/results}" --num_shards "$NUM_SHARDS"
-        --num_workers "${SLURM_CPUS_PER_TASK:-4}" ${TRACIN_ARGS:-})
+        --num_workers "${SLURM_CPUS_PER_TASK:-4}" --score_fn tracin ${TRACIN_ARGS:-})
 
 if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
   echo "tracin shard $SLURM_ARRAY_TASK_ID/$NUM_SHARDS (job $SLURM_JOB_ID)"

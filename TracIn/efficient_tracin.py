@@ -49,7 +49,7 @@ from model_architecture import model_from_checkpoint
 from TracIn.factors import TOOL, check_images, choose_subset, factor_setting, load_checkpoints, make_hook
 from TracIn.influence_utils import target_layers
 from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, write_run
-from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FNS, FactorArguments, ScoreArguments, pick
+from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FN, SCORE_FNS, FactorArguments, ScoreArguments, pick
 from TracIn.scores import factors_and_scores
 from TracIn.shards import SHARD_ARRAYS, SHARD_PARTS, merge_shards
 
@@ -82,7 +82,7 @@ class TracInConfig:
     merge: bool = False
     amp: bool = False
     normalize: str = ""
-    score_fn: str = "tracin"
+    score_fn: str = SCORE_FN
     damping: float = DAMPING
     trak_dim: int = 2048
     cache_dir: str = ""
@@ -101,6 +101,9 @@ class TracInConfig:
             raise UserError("--lr_weights must be positive numbers")
         if self.cache_dir and self.num_shards > 1:
             raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
+        if self.num_shards > 1 and self.score_fn not in ("tracin", "tracin_last"):
+            raise UserError(f"--score_fn {self.score_fn} needs the whole training set's curvature, which one shard does not "
+                            "have; shard with --score_fn tracin or tracin_last, or run unsharded")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
 
@@ -139,10 +142,11 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--overwrite", action="store_true", help="delete the cached factors (output_dir/factors) and recompute them")
     p.add_argument("--num_shards", type=positive_int, default=1, help="split the training set into N shards (default 1)")
     p.add_argument("--shard_index", type=nonneg_int, default=0, help="which shard this job scores, 0-based (default 0; SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--score_fn", choices=SCORE_FNS, default="tracin",
-                   help="tracin: sum_t lr_t <g_t(x), g_t(z)>; tracin_last: the last checkpoint alone; influence / influence_last: "
-                        "g(x)^T (H + damping)^{-1} g(z) with K-FAC curvature of every scored layer (TracIn's cost); trak: "
-                        "TRAK-style projected fc features with the after-kernel inverse (docs/lds.md; default tracin)")
+    p.add_argument("--score_fn", choices=SCORE_FNS, default=SCORE_FN,
+                   help="influence_last: g(x)^T (H + damping)^{-1} g(z) at the last checkpoint, H the K-FAC curvature of every "
+                        "scored layer (TracIn's cost; the best LDS on every data set and setting measured, docs/lds.md); "
+                        "influence: the same summed over checkpoints with lr_t; tracin: sum_t lr_t <g_t(x), g_t(z)> (the paper); "
+                        f"tracin_last: its last checkpoint alone; trak: TRAK-style projected fc features (default {SCORE_FN})")
     p.add_argument("--damping", type=positive_float, default=DAMPING, help=f"influence/trak damping, x the mean curvature (default {DAMPING:g})")
     p.add_argument("--trak_dim", type=positive_int, default=2048, help="TRAK-style features per checkpoint (default 2048)")
     p.add_argument("--normalize", choices=NORMALIZE, default="",
@@ -287,13 +291,14 @@ def write_outputs(cfg, out, identity, tracker, parts, test_pred, train_list, tes
                         for p, c, sha, lr in zip(paths, ckpts, shas, lrs)],
         "layers": cfg.layers, "summary": summary,
     }
+    now = f"--score_fn {cfg.score_fn} --normalize {cfg.normalize}"
     try:  # a corrupt or foreign record is simply replaced
-        old = json.loads((out / "run.json").read_text())["args"]["normalize"]
-    except (OSError, ValueError, KeyError, TypeError):
-        old = cfg.normalize
-    if old != cfg.normalize:
-        log.warning(f"warning: replacing results of --normalize {old} in {out} with --normalize {cfg.normalize} "
-                    "(use another --output_dir to keep both)")
+        was = json.loads((out / "run.json").read_text())["args"]
+        old = f"--score_fn {was.get('score_fn', 'tracin')} --normalize {was['normalize']}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        old = now
+    if old != now:
+        log.warning(f"warning: replacing results of {old} in {out} with {now} (use another --output_dir to keep both)")
     write_run(out, arrays, {"top_k_influences.csv": table}, record)
     log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(ckpts)} checkpoints, "
              f"layers {','.join(cfg.layers)}) in {summary['seconds_total']:.1f}s "

@@ -46,6 +46,7 @@ from common import (UserError, check_replaceable, cli, fraction, identity_mismat
 from TracIn.clean_and_retrain import original_exclusions, original_settings, train_without
 from TracIn.counterfactual_check import RunFactors, full_test_logits, retrain_head
 from model_architecture import logit_figures
+from TracIn.arguments import DAMPING
 from TracIn.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
 from TracIn.factors import FactorView, choose_subset
 from TracIn.results import run_id
@@ -53,7 +54,7 @@ from TracIn.results import run_id
 log = logging.getLogger(__name__)
 TOOL = "lds"
 METHODS = ("tracin", "tracin_normalized", "tracin_last", "influence", "influence_last", "ekfac", "ekfac_last", "trak")
-DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature (holds DAMPING)
 
 
 def parse_args(argv=None):
@@ -73,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--models_per_subset", type=positive_int, default=1, help="retrains per subset (seeds), margins averaged (default 1)")
     p.add_argument("--n_test", type=positive_int, default=200, help="seeded test images the LDS is measured on (default 200)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets and the test images (default 0)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods scored (default all)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if not m.startswith("ekfac")],
+                   help="methods scored (default all but ekfac/ekfac_last, the EK-FAC reference that costs C times more)")
     p.add_argument("--trak_dim", type=positive_int, default=2048, help="TRAK-style features per checkpoint (default 2048)")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")
     p.add_argument("--shard", type=shard_spec, default=None,
@@ -405,6 +407,9 @@ def evaluate(args, stop_after: int | None = None) -> dict:
 
     methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed)
                for name, by_damping in candidates_scores.items()}
+    for name in ("influence", "influence_last"):  # as efficient_tracin ships it: its default damping, not the swept one
+        if name in methods:
+            methods[name]["lds_at_default_damping"] = methods[name]["sweep"][str(DAMPING)]["report"]
     accuracy = np.asarray([float(r["accuracy"]) for r in records])
     result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
               "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),
@@ -421,7 +426,9 @@ def table(result: dict) -> list[str]:
              f"{result['n_test']} test images; subset models' accuracy {result['subset_model_accuracy']:.4f}):"]
     for name, m in result["methods"].items():
         lines.append(f"  {name:<18} {m['lds']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-                     + (f"  damping {m['damping']:g} x mean curvature" if m["damping"] is not None else ""))
+                     + (f"  damping {m['damping']:g} x mean curvature" if m["damping"] is not None else "")
+                     + (f" (at efficient_tracin's default {DAMPING:g}: {m['lds_at_default_damping']:.3f})"
+                        if "lds_at_default_damping" in m else ""))
         if m["sweep"]:
             lines.append("      damping sweep (select / report): " + ", ".join(
                 f"{float(k):g}: {v['select']:.3f}/{v['report']:.3f}" for k, v in m["sweep"].items()))

@@ -5,8 +5,8 @@
 
 Views: overview (the run's numbers, the figures, the mislabel and counterfactual tables); test images
 (filter by class and correct/mispredicted, jump to an index or file name, each image's top proponents and
-opponents, the main lists (efficient_tracin's default: normalised) beside raw TracIn's when results_dir/raw
-holds a --normalize none run of the same checkpoints, or results_dir/normalized the other way round); training images (the mislabel candidates ranked with every detector column, their
+opponents, the main lists (efficient_tracin's default: influence_last) beside a second run of the same checkpoints in
+results_dir/normalized, raw or influence_last, e.g. normalised TracIn as the demo makes it); training images (the mislabel candidates ranked with every detector column, their
 appearances in the lists, the test images each one influences most); mispredictions (false_predictions.csv,
 with Grad-CAM where gradCAM_evaluation.py made one).
 
@@ -52,9 +52,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
-    p.add_argument("--compare_dir", default=None, help="a run of the same checkpoints with another --normalize, shown "
-                                                       "beside the main lists (default: results_dir/raw or results_dir/normalized, "
-                                                       "whichever holds a run)")
+    p.add_argument("--compare_dir", default=None, help="a run of the same checkpoints with another --score_fn or --normalize, "
+                                                       "shown beside the main lists (default: the first of results_dir/normalized, "
+                                                       "raw, influence_last that holds a run)")
     p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output (default false_predictions)")
     p.add_argument("--eval_dir", default="models/evaluation", help="evaluate.py output (default models/evaluation)")
     p.add_argument("--out_dir", default=None, help="report folder (default results_dir/report)")
@@ -220,15 +220,20 @@ KINDS = {"none": "raw", "train": "normalized", "both": "cosine"}
 
 
 def list_kind(run) -> str:
-    return KINDS.get(str(run.record.get("args", {}).get("normalize", "none")), "raw")
+    """The lists' name: TracIn's by its normalisation (raw, normalized, cosine), any other score by its --score_fn."""
+    args = run.record.get("args", {})
+    score_fn = str(args.get("score_fn", "tracin"))
+    if score_fn != "tracin":
+        return score_fn
+    return KINDS.get(str(args.get("normalize", "none")), "raw")
 
 
 def comparable_run(main, path: Path, notes: list[str]):
-    """The run beside the main one (another --normalize), if it is a complete run of the same checkpoints."""
+    """The run beside the main one (another --score_fn or --normalize), if it is a complete run of the same checkpoints."""
     if not (path / RECORD).exists():
-        other = "none" if main.record["args"].get("normalize", "none") != "none" else "train"
+        flags = "--score_fn tracin --normalize train" if list_kind(main) != "normalized" else "--score_fn influence_last"
         notes.append(f"only the {list_kind(main)} lists: no second run in {path} (python -m TracIn.efficient_tracin "
-                     f"--normalize {other} --output_dir {main.path / KINDS[other]} --cache_dir {main.path / 'factors'})")
+                     f"{flags} --output_dir {path} --cache_dir {main.path / 'factors'})")
         return None
     other = load_results(path)
     if (other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]
@@ -272,7 +277,7 @@ def build(args) -> dict:
     test_ids = np.asarray(r["test_indices"])
 
     lists = {list_kind(r): r}
-    candidates = [Path(args.compare_dir)] if args.compare_dir else [res_dir / "raw", res_dir / "normalized"]
+    candidates = [Path(args.compare_dir)] if args.compare_dir else [res_dir / "normalized", res_dir / "raw", res_dir / "influence_last"]
     compare = next((p for p in candidates if (p / RECORD).exists()), candidates[0])
     other = comparable_run(r, compare, notes)
     if other is not None and list_kind(other) not in lists:

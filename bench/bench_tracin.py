@@ -91,7 +91,7 @@ def part1(args):
         with tempfile.TemporaryDirectory() as out:
             cfg = et.TracInConfig(data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, output_dir=out,
                                   top_k=args.top_k, batch_size=args.batch_size, train_subset=args.n_train,
-                                  test_subset=args.n_test, num_workers=args.num_workers)
+                                  test_subset=args.n_test, num_workers=args.num_workers, score_fn="tracin")
             et.run(cfg)
             return np.asarray(load_results(out)["top_k_influences_indices"])
 

@@ -105,5 +105,7 @@ def test_bad_score_settings_are_one_line_errors(prepared, ckpts, tmp_path):
         et.parse_args(base + ["--score_fn", "influence", "--normalize", "train"])
     with pytest.raises(SystemExit):
         et.parse_args(base + ["--damping", "-1"])
-    cfg = et.parse_args(base + ["--score_fn", "influence"])
-    assert cfg.normalize == "none" and et.parse_args(base).normalize == "train"
+    with pytest.raises(et.UserError, match="needs the whole training set's curvature"):  # a shard holds part of it
+        et.parse_args(base + ["--num_shards", "2"])
+    assert et.parse_args(base).normalize == "none" and et.parse_args(base + ["--score_fn", "tracin"]).normalize == "train"
+    assert et.parse_args(base).score_fn == "influence_last"

@@ -22,7 +22,7 @@ def ckpts(prepared, tmp_path_factory):
 
 def run(prepared, ckpts, out, *extra):
     argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(out),
-            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", "--normalize", "none", *extra]
+            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", "--score_fn", "tracin", "--normalize", "none", *extra]
     return et.run(et.parse_args(argv))
 
 
@@ -85,7 +85,7 @@ def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_p
     run(prepared, ckpts, tmp_path / "clean")
     cfg = et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir",
                          str(tmp_path / "resumed"), "--top_k", "5", "--batch_size", "4", "--num_workers", "0",
-                         "--train_block", "7", "--test_block", "4", "--normalize", "none"])
+                         "--train_block", "7", "--test_block", "4", "--score_fn", "tracin", "--normalize", "none"])
     with pytest.raises(KeyboardInterrupt):
         et.run(cfg, _stop_after_batches=2)
     assert not (tmp_path / "resumed" / "top_k_influences_values.npy").exists()

@@ -126,7 +126,7 @@ def run(data, out, *extra):
     d, root = data
     return et.run(et.parse_args(["--data_dir", str(d), "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(out),
                                  "--top_k", "4", "--num_workers", "0", "--layers", "layer4", "fc", "--proj_dim", "4",
-                                 "--normalize", "none", *extra]))
+                                 "--score_fn", "tracin", "--normalize", "none", *extra]))
 
 
 def test_pipeline_with_conv_layers_matches_the_hook_and_caches_by_projection(data, tmp_path):

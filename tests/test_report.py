@@ -31,8 +31,8 @@ def run(tmp_path_factory):
     names = list_split(data, "train").class_names
     make_random_checkpoints(root / "ckpt", names, n=2, lrs=(0.01, 0.004))
     common = ["--data_dir", str(data), "--checkpoint_dir", str(root / "ckpt"), "--top_k", "4", "--num_workers", "0"]
-    assert et.main(common + ["--output_dir", str(root / "res")]) == 0
-    assert et.main(common + ["--output_dir", str(root / "res" / "raw"), "--normalize", "none",
+    assert et.main(common + ["--output_dir", str(root / "res"), "--score_fn", "tracin"]) == 0
+    assert et.main(common + ["--output_dir", str(root / "res" / "raw"), "--score_fn", "tracin", "--normalize", "none",
                              "--cache_dir", str(root / "res" / "factors")]) == 0
     assert mislabel_detection.main(["--results_dir", str(root / "res"), "--data_dir", str(data),
                                     "--checkpoint_dir", str(root / "ckpt")]) == 0
