@@ -51,7 +51,8 @@ def main():
         for demo_set in args.sets:
             results, data = cell_run(demo_set, setting)
             cells[f"{demo_set} {setting}"] = lds.evaluate(lds.parse_args(
-                ["--results_dir", str(results), "--data_dir", str(data), "--out_dir", str(ROOT / f"{demo_set}-{setting}")]))
+                ["--results_dir", str(results), "--data_dir", str(data), "--out_dir", str(ROOT / f"{demo_set}-{setting}"),
+                 "--methods", *lds.METHODS]))
             print(f"done: {demo_set} {setting} ({cells[f'{demo_set} {setting}']['seconds']:.0f}s)", flush=True)
     names = list(cells)
     print("\n| method | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))

@@ -133,6 +133,26 @@ def kronfluence_scores(ckpt, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, 
     return out, t_factors + float(np.mean(list(seconds.values())))
 
 
+def save_peers(path: Path, key: str, peers: dict) -> None:
+    arrays = {f"{m}|{rel!r}": s for m, (scores, _) in peers.items() for rel, s in scores.items()}
+    np.savez(path, key=np.array(key), seconds=np.array(json.dumps({m: sec for m, (_, sec) in peers.items()})), **arrays)
+
+
+def load_peers(path: Path, key: str) -> dict | None:
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        if str(z["key"]) != key:
+            return None
+        seconds = json.loads(str(z["seconds"]))
+        peers = {m: ({}, sec) for m, sec in seconds.items()}
+        for name in z.files:
+            if "|" in name:
+                m, rel = name.split("|")
+                peers[m][0][float(rel)] = z[name]
+    return peers
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", default=["mnist", "digits"])
@@ -152,9 +172,14 @@ def main():
         assert all(o["test_group"] == group.tolist() for o in ours.values()), "the stores were scored on other test images"
         x_tr, y_tr = tensors(train_list, np.arange(len(train_list.paths)), ckpts[-1])
         x_te, y_te = tensors(test_list, group, ckpts[-1])
-        with tempfile.TemporaryDirectory() as work:
-            peers = {"trak (traker)": trak_scores(ckpts, x_tr, y_tr, x_te, y_te, Path(work)),
-                     "ekfac_last (kronfluence)": kronfluence_scores(ckpts[-1], x_tr, y_tr, x_te, y_te, Path(work))}
+        saved = ROOT / f"peers-{name}.npz"  # the peers' scores per regulariser, keyed by the run and the test images
+        key = f"{run.record['identity']['checkpoint_sha256']}-{group.tolist()}"
+        peers = load_peers(saved, key)
+        if peers is None:
+            with tempfile.TemporaryDirectory() as work:
+                peers = {"trak (traker)": trak_scores(ckpts, x_tr, y_tr, x_te, y_te, Path(work)),
+                         "ekfac_last (kronfluence)": kronfluence_scores(ckpts[-1], x_tr, y_tr, x_te, y_te, Path(work))}
+            save_peers(saved, key, peers)
         for kind, store in stores.items():
             masks, margins = records(store, len(train_list.paths), group, ours[kind]["num_subsets"])
             cell = {m: {"lds": r["lds"], "ci95": r["ci95"], "damping": r["damping"]} for m, r in ours[kind]["methods"].items()}
@@ -164,7 +189,8 @@ def main():
                 print(f"{name} {kind} {method}: {r['lds']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
                       f"(regulariser {r['damping']:g} x mean eigenvalue, {seconds:.0f}s)", flush=True)
             table[f"{name} {kind}"] = cell
-    (ROOT / "peers.json").write_text(json.dumps(table, indent=2))
+    old = json.loads((ROOT / "peers.json").read_text()) if (ROOT / "peers.json").exists() else {}
+    (ROOT / "peers.json").write_text(json.dumps({**old, **table}, indent=2))
     cols = list(table)
     methods = list(dict.fromkeys(m for c in table.values() for m in c))
     print("\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
