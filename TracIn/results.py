@@ -5,7 +5,7 @@
     row = r.test_row(100)                       # row of test image #100 in the [n_test, k] arrays
     r.arrays["top_k_influences_indices"][row]   # its proponents (split indices of the train split)
 
-Writing (`write_run`): every file goes to a staging folder first; then the old record
+Writing (`write_tracin_run` builds a finished run's arrays, table and record; `write_run` writes them): every file goes to a staging folder first; then the old record
 (run.json) is removed, the new files replace the old ones, files this run did not write
 (and analysis outputs derived from the previous run, only those their tool marked as its own) are
 removed, and the record is moved in last. So a results folder holds one complete run or no record at all, and a run that fails
@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from common import (UserError, identity_mismatch, load_npy, owned_by, read_json, remove_claimed, remove_owned, save_csv,
-                    save_json, save_npy)
+from common import (UserError, git_commit, identity_mismatch, load_npy, owned_by, read_json, remove_claimed, remove_owned,
+                    save_csv, save_json, save_npy)
+
+log = logging.getLogger(__name__)
 
 RECORD = "run.json"
 # Arrays of one run: [n_test, k] top-k lists, row/column index maps, per-image figures.
@@ -116,6 +121,72 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
         os.replace(staging / RECORD, out / RECORD)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_tracin_run(out: Path, cfg, identity: dict, inputs, scored, device, t_start: float) -> dict:
+    """A finished run (or merge) as results files: the arrays, the lists as a table, and the record (cfg: the command
+    line's settings, recorded as "args"; inputs: job.RunInputs; scored: scores.ScoredRun). Returns the run's summary."""
+    train_list, test_list, train_ids, test_ids = inputs.train_list, inputs.test_list, inputs.train_ids, inputs.test_ids
+    train_arrays, test_pred, stage_summary = scored.train_arrays, scored.test_pred, scored.summary
+    prop_v, prop_i = (x.cpu().numpy() for x in scored.tracker.proponents())
+    opp_v, opp_i = (x.cpu().numpy() for x in scored.tracker.opponents())
+    names = np.asarray(train_list.class_names)
+    frames = []
+    for kind, values, indices in (("proponent", prop_v, prop_i), ("opponent", opp_v, opp_i)):
+        k = values.shape[1]
+        frames.append(pd.DataFrame({
+            "test_idx": np.repeat(test_ids, k),
+            "test_path": np.repeat(np.asarray(test_list.paths)[test_ids], k),
+            "test_label": np.repeat(names[test_list.labels[test_ids]], k),
+            "test_pred": np.repeat(names[test_pred], k),
+            "kind": kind,
+            "rank": np.tile(np.arange(1, k + 1), len(test_ids)),
+            "train_idx": indices.ravel(),
+            "train_path": np.asarray(train_list.paths)[indices.ravel()],
+            "train_label": names[train_list.labels[indices.ravel()]],
+            "influence": values.ravel(),
+        }))
+    table = pd.concat(frames).sort_values(["test_idx", "kind", "rank"], ascending=[True, False, True])
+
+    pairs = len(train_ids) * len(test_ids)
+    neg_share = float((opp_v < 0).mean())
+    summary = {
+        "pairs_scored": pairs, "n_train": len(train_ids), "n_test": len(test_ids), "n_checkpoints": len(inputs.ckpts),
+        "seconds_total": time.time() - t_start, "opponent_negative_share": neg_share,
+        "proponent_negative_share": float((prop_v < 0).mean()), **stage_summary,
+    }
+    arrays = {
+        "top_k_influences_values": prop_v.astype(np.float32), "top_k_influences_indices": prop_i.astype(np.int64),
+        "top_k_opponents_values": opp_v.astype(np.float32), "top_k_opponents_indices": opp_i.astype(np.int64),
+        "test_indices": np.asarray(test_ids, dtype=np.int64), "train_indices": np.asarray(train_ids, dtype=np.int64),
+        "test_pred": np.asarray(test_pred, dtype=np.int64),
+        # indexed like train_indices.npy (the full split when no --train_subset)
+        "self_influence": train_arrays.get("self_influence"),
+        "train_loss_last": train_arrays["loss_last"], "train_pred_last": train_arrays["pred_last"],
+        "train_loss_per_ckpt": train_arrays["loss_per_ckpt"], "train_margin_per_ckpt": train_arrays["margin_per_ckpt"],
+        "train_el2n_per_ckpt": train_arrays["el2n_per_ckpt"], "train_grad_sq_norm_per_ckpt": train_arrays.get("grad_sq_norm_per_ckpt"),
+    }
+    record = {
+        "args": asdict(cfg), "identity": identity, "git_commit": git_commit(), "device": str(device),
+        "data": {**{k: identity[k] for k in ("data_dir", "manifest_key", "train_key", "test_key")}, "n_train_split": len(train_list.paths),
+                 "n_test_split": len(test_list.paths), "class_names": list(train_list.class_names)},
+        "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr, "train_run": c.get("train_run")}
+                        for p, c, sha, lr in zip(inputs.paths, inputs.ckpts, inputs.shas, inputs.lrs)],
+        "layers": cfg.layers, "summary": summary,
+    }
+    now = f"--score_fn {cfg.score_fn} --normalize {cfg.normalize}"
+    try:  # a corrupt or foreign record is simply replaced
+        was = json.loads((out / "run.json").read_text())["args"]
+        old = f"--score_fn {was.get('score_fn', 'tracin')} --normalize {was['normalize']}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        old = now
+    if old != now:
+        log.warning(f"warning: replacing results of {old} in {out} with {now} (use another --output_dir to keep both)")
+    write_run(out, arrays, {"top_k_influences.csv": table}, record)
+    log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(inputs.ckpts)} checkpoints, "
+             f"layers {','.join(cfg.layers)}, --score_fn {cfg.score_fn}) in {summary['seconds_total']:.1f}s "
+             f"(forward batches run: {stage_summary['batches_computed']}); negative share among opponents {neg_share:.1%}; outputs in {out}")
+    return summary
 
 
 def index_of(ids: np.ndarray, wanted) -> np.ndarray:

@@ -9,6 +9,7 @@ The full n_test x n_train matrix never exists. `factors_and_scores` runs both st
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,18 @@ def self_influence_from_view(view, n: int, layers, n_ckpt: int, block: int, devi
             factors = {l: tuple(x.double() for x in view.load(t, l, rows, device)) for l in layers}
             out[t, rows] = self_influence([factors], [1.0]).cpu().numpy()
     return out
+
+
+@dataclass
+class ScoredRun:
+    """Stage 2's output for one run, shard or merge: the top-k tracker, per training image arrays (shards.TRAIN_ARRAYS
+    names: self_influence, train_ids, loss_last, ...; None where not computed), the test predictions and the summary
+    figures (seconds per stage, forward batches run, layer dims)."""
+
+    tracker: TopKInfluenceTracker
+    train_arrays: dict
+    test_pred: np.ndarray
+    summary: dict
 
 
 class CheckpointsView:
@@ -139,13 +152,13 @@ def factors_and_scores(factor_args: FactorArguments, score_args: ScoreArguments,
     if not score_args.self_influence:
         sq_norms = None
     loss, margin, el2n = logit_figures(train_logits, train_list.labels[train_ids])
-    parts = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
+    train_arrays = {"self_influence": self_inf, "train_ids": np.asarray(train_ids, dtype=np.int64),
              "loss_last": loss[-1], "pred_last": train_logits[-1].argmax(1).astype(np.int64),
              "loss_per_ckpt": loss, "margin_per_ckpt": margin, "el2n_per_ckpt": el2n,
              "grad_sq_norm_per_ckpt": None if sq_norms is None else sq_norms.astype(np.float32)}
-    extra = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
+    summary = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
              "layer_dims": {l: list(d) for l, d in dims.items()}}
     test_pred = views["test"].logits()[-1].argmax(1).astype(np.int64)
-    return tracker, parts, test_pred, extra
+    return ScoredRun(tracker, train_arrays, test_pred, summary)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import UserError
+from common import UserError, resolve_device
 from TracIn import counterfactual_check as cc, efficient_tracin as et
 from TracIn.results import load_results
 
@@ -63,7 +63,7 @@ def test_head_retrain_and_normalized_lists(prepared, trained, tmp_path):
     for g, row in zip(res["group"], res["lists"]["tracin_normalized"]):
         assert row == props[r.test_row(g)][:2].tolist()
     # head retraining is seeded: the same seed and data give the same weights; another seed does not
-    fac = cc.RunFactors(str(trained / "res"), str(prepared), et.resolve_device("cpu"), 0)
+    fac = cc.RunFactors(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
     x, y = fac.features("train"), fac.train_list.labels
     keep = np.ones(len(y), dtype=bool)
     w = [cc.retrain_head(x, y, keep, res["settings"], seed) for seed in (0, 0, 1)]
