@@ -74,7 +74,6 @@ def analyze(args) -> dict:
     n_train = len(train_list.paths)
     prop_count = np.bincount(prop_i.ravel(), minlength=n_train)
     opp_count = np.bincount(opp_i.ravel(), minlength=n_train)
-    names = np.asarray(train_list.class_names)
     test_pred_of_row = {row: wrong_test.loc[t].pred_label for row, t in enumerate(test_ids) if t in wrong_test.index}
     per = []
     for j, tr in wrong_train.iterrows():

@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, remove_inside_owned, positive_int, read_json, resolve_device,
                     save_json)
@@ -47,7 +46,8 @@ from TracIn.clean_and_retrain import original_exclusions, original_settings, tra
 from TracIn.counterfactual_check import RunFactors, full_test_logits, retrain_head
 from model_architecture import logit_figures
 from TracIn.arguments import DAMPING
-from TracIn.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
+from TracIn.lds_score import choose_damping, records_matrices
+from TracIn.dense_scores import ekfac_scores, influence_scores, tracin_scores, trak_scores
 from TracIn.factors import FactorView, choose_subset
 from TracIn.results import run_id
 
@@ -107,134 +107,6 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < N")
     return i, n
-
-
-# ---------------------------------------------------------------- the score itself
-def spearman_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Spearman correlation per column between pred and actual, both (n_subsets, n_test); NaN where constant."""
-    def ranks(x):
-        order = np.argsort(x, axis=0, kind="stable")
-        r = np.empty_like(order, dtype=np.float64)
-        np.put_along_axis(r, order, np.arange(len(x), dtype=np.float64)[:, None].repeat(x.shape[1], 1), axis=0)
-        # ties share their mean rank
-        for j in range(x.shape[1]):
-            col = x[:, j]
-            if len(np.unique(col)) < len(col):
-                _, inv, counts = np.unique(col, return_inverse=True, return_counts=True)
-                sums = np.bincount(inv, weights=r[:, j])
-                r[:, j] = (sums / counts)[inv]
-        return r
-
-    rp, ra = ranks(pred), ranks(actual)
-    rp -= rp.mean(0)
-    ra -= ra.mean(0)
-    denom = np.sqrt((rp ** 2).sum(0) * (ra ** 2).sum(0))
-    return np.where(denom > 0, (rp * ra).sum(0) / np.where(denom > 0, denom, 1), np.nan)
-
-
-def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
-    """Per test image: Spearman over subsets of sum_{z in S_j} scores[x, z] against margins[j, x].
-
-    Args: scores (n_test, n_train), masks (n_subsets, n_train) bool, margins (n_subsets, n_test)."""
-    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (n_subsets, n_test)
-    return spearman_rows(pred, margins)
-
-
-def nan_mean(values: np.ndarray) -> float:
-    """Mean over the test images whose correlation is defined; NaN when none is."""
-    v = values[np.isfinite(values)]
-    return float(v.mean()) if len(v) else float("nan")
-
-
-def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean over resampled test images."""
-    v = values[np.isfinite(values)]
-    if len(v) == 0:  # every test image's correlation undefined (e.g. constant predictions over the subsets)
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def records_matrices(records: list[dict], n_train: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(masks (n_subsets, n_train) bool, margins (n_subsets, len(group))) of a store's records."""
-    masks = np.zeros((len(records), n_train), dtype=bool)
-    for j, r in enumerate(records):
-        masks[j, r["train_idx"]] = True
-    return masks, np.stack([r["margin"][group] for r in records])
-
-
-def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, select_subsets: int, bootstrap: int, seed: int) -> dict:
-    """One method's result from {damping (None: no damping): (n_test, n_train) scores}: the damping with the best LDS on
-    the first select_subsets subsets, its LDS on the others (the reported ones) with a bootstrap interval, the sweep."""
-    select, report = slice(0, select_subsets), slice(select_subsets, len(masks))
-    sweep = {}
-    for lam, s in by_damping.items():
-        sel = lds(s, masks[select], margins[select]) if select_subsets >= 3 else np.full(margins.shape[1], np.nan)
-        rep = lds(s, masks[report], margins[report])
-        sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
-    # the damping is chosen on the held-apart subsets only
-    chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
-    per_test = sweep[chosen]["per_test"]
-    lo, hi = bootstrap_interval(per_test, bootstrap, seed)
-    return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
-            "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
-            "per_test": per_test.tolist()}
-
-
-# ---------------------------------------------------------------- scores from the factor cache
-def tracin_scores(test_view, train_view, layers, lrs, normalize: bool, only: int | None = None) -> np.ndarray:
-    """(n_test, n_train) TracIn scores, float64, from two factor views (every row of each); `only`: that checkpoint
-    alone, weight 1."""
-    cpu = torch.device("cpu")
-    out = 0.0
-    for t, lr in enumerate(lrs):
-        if only is not None:
-            if t != only:
-                continue
-            lr = 1.0
-        te = {l: [x.double() for x in test_view.load(t, l, slice(None), cpu)] for l in layers}
-        tr = {l: [x.double() for x in train_view.load(t, l, slice(None), cpu)] for l in layers}
-        block = sum((te[l][0] @ tr[l][0].T) * (te[l][1] @ tr[l][1].T) for l in layers)
-        if normalize:
-            sq = sum((tr[l][0] ** 2).sum(1) * (tr[l][1] ** 2).sum(1) for l in layers)
-            block = block / torch.where(sq > 0, sq.sqrt(), torch.ones_like(sq))
-        out = out + lr * block
-    return out.numpy()
-
-
-def ekfac_scores(test_view, train_view, train_logits: np.ndarray, lrs, dampings, last_only: bool) -> dict[float, np.ndarray]:
-    """{damping: (n_test, n_train)} fc influence (EK-FAC Gauss-Newton), summed over checkpoints with lr_t, or the last."""
-    cpu = torch.device("cpu")
-    steps = [len(lrs) - 1] if last_only else range(len(lrs))
-    out = {lam: 0.0 for lam in dampings}
-    for t in steps:
-        a_tr, d_tr = train_view.load(t, "fc", slice(None), cpu)
-        a_te, d_te = test_view.load(t, "fc", slice(None), cpu)
-        curv = FcCurvature(a_tr, torch.from_numpy(np.asarray(train_logits[t])))
-        weight = 1.0 if last_only else lrs[t]
-        for lam in dampings:
-            out[lam] = out[lam] + weight * curv.scores(a_te, d_te, a_tr, d_tr, lam).numpy()
-    return out
-
-
-def influence_scores(test_view, train_view, n_train: int, layers, train_logits: np.ndarray, lrs, dampings, last_only: bool
-                ) -> dict[float, np.ndarray]:
-    """{damping: (n_test, n_train)} K-FAC influence over every scored layer (curvature.KroneckerCurvature; the fc's D side
-    is its Gauss-Newton factor), summed over checkpoints with lr_t, or the last checkpoint with weight 1."""
-    only = len(lrs) - 1 if last_only else None
-    gn = {"fc": train_logits} if "fc" in layers else None
-    curvature = KroneckerCurvature(train_view, n_train, layers, len(lrs), gauss_newton=gn)
-    return {lam: tracin_scores(curvature.whiten(test_view, lam), train_view, layers, lrs, normalize=False, only=only)
-            for lam in dampings}
-
-
-def trak_scores(test_view, train_view, train_labels, train_logits, test_labels, test_logits, n_ckpt: int, dampings, dim: int
-                ) -> dict[float, np.ndarray]:
-    """{damping: (n_test, n_train)} TRAK-style scores of the fc layer (curvature.TrakFeatures), the checkpoints summed."""
-    trak = TrakFeatures(train_view, train_labels, train_logits, dim)
-    return {lam: tracin_scores(trak.test_scoring_view(test_view, test_labels, test_logits, lam), trak.train_scoring_view(), ["fc"],
-                               [1.0] * n_ckpt, normalize=False) for lam in dampings}
 
 
 # ---------------------------------------------------------------- the subset records

@@ -20,7 +20,8 @@ from model_architecture import logit_figures
 from TracIn.arguments import FactorArguments, ScoreArguments
 from TracIn.curvature import KroneckerCurvature, TrakFeatures
 from TracIn.factors import factor_views
-from TracIn.influence_utils import TopKInfluenceTracker, compute_ghost_influence_batch, self_influence
+from TracIn.influence_utils import compute_ghost_influence_batch, self_influence
+from TracIn.topk import TopKInfluenceTracker
 
 
 class NormalizedView:

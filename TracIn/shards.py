@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common import UserError, load_npy, read_json, save_json, save_npy
-from TracIn.influence_utils import TopKInfluenceTracker
+from TracIn.topk import TopKInfluenceTracker
 from TracIn.scores import ScoredRun
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from data_utils import ImageListDataset, eval_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import lds
+from TracIn import lds_score
 from TracIn.results import load_results
 
 ROOT = Path("bench/results/lds")
@@ -47,7 +47,7 @@ def tensors(listing, ids, ckpt) -> tuple[torch.Tensor, torch.Tensor]:
 
 def records(store: Path, n_train: int, group: np.ndarray, num_subsets: int):
     recs = [dict(np.load(store / "subsets" / f"subset_{j:05d}.npz")) for j in range(num_subsets)]
-    return lds.records_matrices(recs, n_train, group)
+    return lds_score.records_matrices(recs, n_train, group)
 
 
 def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, float]:
@@ -184,7 +184,7 @@ def main():
             masks, margins = records(store, len(train_list.paths), group, ours[kind]["num_subsets"])
             cell = {m: {"lds": r["lds"], "ci95": r["ci95"], "damping": r["damping"]} for m, r in ours[kind]["methods"].items()}
             for method, (scores, seconds) in peers.items():
-                r = lds.choose_damping(scores, masks, margins, ours[kind]["select_subsets"], 1000, 0)
+                r = lds_score.choose_damping(scores, masks, margins, ours[kind]["select_subsets"], 1000, 0)
                 cell[method] = {"lds": r["lds"], "ci95": r["ci95"], "damping": r["damping"], "seconds": seconds, "sweep": r["sweep"]}
                 print(f"{name} {kind} {method}: {r['lds']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
                       f"(regulariser {r['damping']:g} x mean eigenvalue, {seconds:.0f}s)", flush=True)

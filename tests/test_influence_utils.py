@@ -5,8 +5,9 @@ import tracemalloc
 import pytest
 import torch
 
-from TracIn.influence_utils import (InfluenceHook, TopKInfluenceTracker, compute_ghost_influence_batch,
-                                    per_example_grads, reference_influence, self_influence)
+from TracIn.influence_utils import (InfluenceHook, compute_ghost_influence_batch, per_example_grads, reference_influence,
+                                    self_influence)
+from TracIn.topk import TopKInfluenceTracker
 from helpers import make_tiny_models
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from TracIn import curvature, lds
+from TracIn import curvature, lds, lds_score
 
 
 def test_lds_equals_a_hand_computation():
@@ -17,10 +17,10 @@ def test_lds_equals_a_hand_computation():
     margins = np.array([[0.1, 0.4], [0.3, 0.1], [0.2, 0.9], [0.5, 0.2]])
     # test 0: predictions 3, 5, 4, 6 rank like the margins: 1. test 1: predictions 2, -1, 3, 2 (a tie, mean ranks
     # 1.5, 0, 3, 1.5) against margin ranks 2, 0, 3, 1: centred products 0 + 2.25 + 2.25 + 0 over sqrt(4.5 * 5)
-    np.testing.assert_allclose(lds.lds(scores, masks, margins), [1.0, 4.5 / np.sqrt(4.5 * 5)])
+    np.testing.assert_allclose(lds_score.lds(scores, masks, margins), [1.0, 4.5 / np.sqrt(4.5 * 5)])
     rng = np.random.default_rng(0)
     pred, actual = rng.normal(size=(30, 5)).round(1), rng.normal(size=(30, 5))
-    np.testing.assert_allclose(lds.spearman_rows(pred, actual), [spearmanr(pred[:, j], actual[:, j])[0] for j in range(5)])
+    np.testing.assert_allclose(lds_score.spearman_rows(pred, actual), [spearmanr(pred[:, j], actual[:, j])[0] for j in range(5)])
 
 
 def tiny_head(n=9, f=4, c=3, seed=0):

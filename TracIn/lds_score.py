@@ -1,0 +1,82 @@
+"""The linear datamodeling score itself (Park et al., TRAK, ICML 2023, eq. 4): per test image, the Spearman correlation
+over subsets between a method's summed scores and the retrained margins; its bootstrap interval; the damping choice on
+held-apart subsets. Pure numpy on arrays; lds.py makes the subsets and the records.
+
+    masks, margins = records_matrices(records, n_train, group)          # (n_subsets, n_train), (n_subsets, n_group)
+    per_test = lds(scores, masks, margins)                              # scores: (n_group, n_train)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def spearman_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Spearman correlation per column between pred and actual, both (n_subsets, n_test); NaN where constant."""
+    def ranks(x):
+        order = np.argsort(x, axis=0, kind="stable")
+        r = np.empty_like(order, dtype=np.float64)
+        np.put_along_axis(r, order, np.arange(len(x), dtype=np.float64)[:, None].repeat(x.shape[1], 1), axis=0)
+        # ties share their mean rank
+        for j in range(x.shape[1]):
+            col = x[:, j]
+            if len(np.unique(col)) < len(col):
+                _, inv, counts = np.unique(col, return_inverse=True, return_counts=True)
+                sums = np.bincount(inv, weights=r[:, j])
+                r[:, j] = (sums / counts)[inv]
+        return r
+
+    rp, ra = ranks(pred), ranks(actual)
+    rp -= rp.mean(0)
+    ra -= ra.mean(0)
+    denom = np.sqrt((rp ** 2).sum(0) * (ra ** 2).sum(0))
+    return np.where(denom > 0, (rp * ra).sum(0) / np.where(denom > 0, denom, 1), np.nan)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """Per test image: Spearman over subsets of sum_{z in S_j} scores[x, z] against margins[j, x].
+
+    Args: scores (n_test, n_train), masks (n_subsets, n_train) bool, margins (n_subsets, n_test)."""
+    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (n_subsets, n_test)
+    return spearman_rows(pred, margins)
+
+
+def nan_mean(values: np.ndarray) -> float:
+    """Mean over the test images whose correlation is defined; NaN when none is."""
+    v = values[np.isfinite(values)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over resampled test images."""
+    v = values[np.isfinite(values)]
+    if len(v) == 0:  # every test image's correlation undefined (e.g. constant predictions over the subsets)
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def records_matrices(records: list[dict], n_train: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(masks (n_subsets, n_train) bool, margins (n_subsets, len(group))) of a store's records."""
+    masks = np.zeros((len(records), n_train), dtype=bool)
+    for j, r in enumerate(records):
+        masks[j, r["train_idx"]] = True
+    return masks, np.stack([r["margin"][group] for r in records])
+
+
+def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, select_subsets: int, bootstrap: int, seed: int) -> dict:
+    """One method's result from {damping (None: no damping): (n_test, n_train) scores}: the damping with the best LDS on
+    the first select_subsets subsets, its LDS on the others (the reported ones) with a bootstrap interval, the sweep."""
+    select, report = slice(0, select_subsets), slice(select_subsets, len(masks))
+    sweep = {}
+    for lam, s in by_damping.items():
+        sel = lds(s, masks[select], margins[select]) if select_subsets >= 3 else np.full(margins.shape[1], np.nan)
+        rep = lds(s, masks[report], margins[report])
+        sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
+    # the damping is chosen on the held-apart subsets only
+    chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
+    per_test = sweep[chosen]["per_test"]
+    lo, hi = bootstrap_interval(per_test, bootstrap, seed)
+    return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
+            "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
+            "per_test": per_test.tolist()}
