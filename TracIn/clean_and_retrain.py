@@ -118,7 +118,7 @@ def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray
     return find_checkpoints(arm_dir / "checkpoints")[-1]
 
 
-def run(args) -> dict:
+def clean_and_retrain(args) -> dict:
     ckpt_dir = Path(args.checkpoint_dir)
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
     train_list = list_split(args.data_dir, "train")
@@ -167,7 +167,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    s = run(args)
+    s = clean_and_retrain(args)
     a = s["arms"]
     log.info(f"clean-and-retrain ({s['settings']['arch']}, {s['settings']['epochs']} epochs, drop {s['fraction']:.0%}): "
              f"{s['score']} {a[s['score']]['test_accuracy']:.4f}, self_influence {a['self_influence']['test_accuracy']:.4f}, "

@@ -127,9 +127,9 @@ class RunFactors:
         return view.load(len(self.lrs) - 1, "fc", slice(None), torch.device("cpu"))[0].double()
 
 
-def knn_lists(fac: RunFactors, group: np.ndarray, k: int) -> np.ndarray:
-    tr = torch.nn.functional.normalize(fac.features("train")[:, :-1], dim=1)
-    te = torch.nn.functional.normalize(fac.features("test")[group, :-1], dim=1)
+def knn_lists(run_factors: RunFactors, group: np.ndarray, k: int) -> np.ndarray:
+    tr = torch.nn.functional.normalize(run_factors.features("train")[:, :-1], dim=1)
+    te = torch.nn.functional.normalize(run_factors.features("test")[group, :-1], dim=1)
     return torch.topk(te @ tr.T, k, dim=1).indices.numpy()
 
 
@@ -208,45 +208,45 @@ def summarize(raw: list[dict], methods, ks, n_seeds) -> dict:
     return out
 
 
-def run(args) -> dict:
+def check(args) -> dict:
     t_start = time.time()
     device = resolve_device(args.device)
     if args.retrain == "head" and (args.arch or args.epochs):
         raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
-    fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
+    run_factors = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
     if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
         claim_arms_folder(Path(args.results_dir) / "counterfactual", TOOL, "--results_dir")
     out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), TOOL, "--out_dir")
-    already = original_exclusions(ckpt_dir, fac.train_list)  # left out of the original run: out of every arm too
+    already = original_exclusions(ckpt_dir, run_factors.train_list)  # left out of the original run: out of every arm too
 
-    train_labels, test_labels = fac.train_list.labels, fac.test_list.labels
+    train_labels, test_labels = run_factors.train_list.labels, run_factors.test_list.labels
     if args.test_ids:
-        bad = [i for i in args.test_ids if i >= fac.n_test]
+        bad = [i for i in args.test_ids if i >= run_factors.n_test]
         if bad:
-            raise UserError(f"--test_ids {' '.join(map(str, bad))}: the test split has {fac.n_test} images (0..{fac.n_test - 1})")
+            raise UserError(f"--test_ids {' '.join(map(str, bad))}: the test split has {run_factors.n_test} images (0..{run_factors.n_test - 1})")
         group = np.unique(np.asarray(args.test_ids, dtype=np.int64))
     else:
-        group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
+        group = choose_subset(run_factors.n_test, min(args.n_test, run_factors.n_test), args.seed)
     ks = sorted(set(args.k))
-    per_class = np.bincount(train_labels, minlength=len(fac.train_list.class_names))
+    per_class = np.bincount(train_labels, minlength=len(run_factors.train_list.class_names))
     if ks[-1] > per_class[test_labels[group]].min():
         raise UserError(f"--k {ks[-1]} is more than the {per_class[test_labels[group]].min()} training images of a group "
                         "image's class; lower --k")
     methods = [m for m in METHODS if m in args.methods]
     lists = {}
     if "tracin" in methods:
-        lists["tracin"] = fac.proponents(group, ks[-1])
+        lists["tracin"] = run_factors.proponents(group, ks[-1])
     if "tracin_normalized" in methods:
-        lists["tracin_normalized"] = fac.proponents(group, ks[-1], normalize="train")
+        lists["tracin_normalized"] = run_factors.proponents(group, ks[-1], normalize="train")
     if "influence_last" in methods:
-        lists["influence_last"] = fac.proponents(group, ks[-1], score_fn="influence_last")
+        lists["influence_last"] = run_factors.proponents(group, ks[-1], score_fn="influence_last")
     if "knn" in methods:
-        lists["knn"] = knn_lists(fac, group, ks[-1])
-    rest = np.setdiff1d(np.arange(fac.n_test), group)
-    x_train = fac.features("train") if args.retrain == "head" else None
-    x_test = fac.features("test") if args.retrain == "head" else None
+        lists["knn"] = knn_lists(run_factors, group, ks[-1])
+    rest = np.setdiff1d(np.arange(run_factors.n_test), group)
+    x_train = run_factors.features("train") if args.retrain == "head" else None
+    x_test = run_factors.features("test") if args.retrain == "head" else None
 
     raw = []
     arms = [("none", 0)] + [(m, k) for m in methods for k in ks]
@@ -263,12 +263,12 @@ def run(args) -> dict:
             t0 = time.time()
             drop = np.union1d(drop, already)
             if args.retrain == "head":
-                keep = np.ones(fac.n_train, dtype=bool)
+                keep = np.ones(run_factors.n_train, dtype=bool)
                 keep[drop] = False
                 logits = (x_test @ retrain_head(x_train, train_labels, keep, settings, seed).T).numpy()
             else:
                 arm_dir = out / "arms" / f"{m}-k{k}-seed{seed}"
-                last = train_without(arm_dir, {**settings, "seed": seed}, args.data_dir, drop, fac.train_list,
+                last = train_without(arm_dir, {**settings, "seed": seed}, args.data_dir, drop, run_factors.train_list,
                                      args.num_workers, args.device, "counterfactual", out, TOOL)
                 logits = full_test_logits(last, args.data_dir, args.num_workers, device)
                 np.save(arm_dir / "test_logits.npy", logits)
@@ -288,9 +288,9 @@ def run(args) -> dict:
     summary = summarize(raw, methods, ks, args.seeds)
     result = {
         "retrain": args.retrain, "settings": settings, "methods": methods, "k": ks, "seeds": args.seeds,
-        "group": group.tolist(), "group_labels": test_labels[group].tolist(), "n_train": fac.n_train,
-        "results_dir": str(args.results_dir), "tracin_run": run_id(fac.record), "originally_excluded": int(len(already)),
-        "tracin_layers": fac.layers, "summary": summary, "arms": raw,
+        "group": group.tolist(), "group_labels": test_labels[group].tolist(), "n_train": run_factors.n_train,
+        "results_dir": str(args.results_dir), "tracin_run": run_id(run_factors.record), "originally_excluded": int(len(already)),
+        "tracin_layers": run_factors.layers, "summary": summary, "arms": raw,
         "lists": {m: v.tolist() for m, v in lists.items()}, "seconds": time.time() - t_start,
     }
     save_json(out / "counterfactual.json", result)
@@ -313,7 +313,7 @@ def table(result: dict) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    result = run(args)
+    result = check(args)
     st = result["settings"]
     how = "fc only, on the last checkpoint's features" if result["retrain"] == "head" else f"{st['arch']}, {st['epochs']} epochs"
     log.info(f"counterfactual check: {len(result['group'])} test images, retrain {result['retrain']} ({how}), "

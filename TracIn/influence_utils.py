@@ -225,7 +225,7 @@ def ghost_dot(a_te: torch.Tensor, d_te: torch.Tensor, a_tr: torch.Tensor, d_tr: 
     return (a_te @ a_tr.T).mul_(d_te @ d_tr.T)
 
 
-def compute_ghost_influence_batch(test_factors: Sequence[Factors], train_factors: Sequence[Factors],
+def ghost_influence_block(test_factors: Sequence[Factors], train_factors: Sequence[Factors],
                                   lr_weights: Sequence[float]) -> torch.Tensor:
     """TracIn scores of a (test block, train block): sum_t lr_t sum_l ghost_dot.
 

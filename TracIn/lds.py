@@ -153,11 +153,11 @@ class SubsetStore:
             raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
 
 
-def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, args, device, stop_after: int | None = None) -> int:
+def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.ndarray, args, device, stop_after: int | None = None) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
-    y_train, y_test = fac.train_list.labels, fac.test_list.labels
+    y_train, y_test = run_factors.train_list.labels, run_factors.test_list.labels
     if args.retrain == "head":
-        x_train, x_test = fac.features("train"), fac.features("test")
+        x_train, x_test = run_factors.features("train"), run_factors.features("test")
     done = 0
     for j in range(args.num_subsets):
         if store.has(j) or (args.shard is not None and j % args.shard[1] != args.shard[0]):
@@ -174,7 +174,7 @@ def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, 
             else:  # train.py in its own process on the subset, then the test split through the last checkpoint
                 work = store.dir.parent / "work"
                 last = train_without(work / f"subset_{j:05d}", {**settings, "seed": seed}, args.data_dir, np.flatnonzero(~keep),
-                                     fac.train_list, args.num_workers, args.device, "lds", store.dir.parent, TOOL)
+                                     run_factors.train_list, args.num_workers, args.device, "lds", store.dir.parent, TOOL)
                 logits = full_test_logits(last, args.data_dir, args.num_workers, device)
                 remove_inside_owned(work / f"subset_{j:05d}", store.dir.parent, TOOL)
             loss, margin, _ = logit_figures(logits[None], y_test)
@@ -187,7 +187,7 @@ def fill_store(store: SubsetStore, fac, settings: dict, candidates: np.ndarray, 
     return done
 
 
-def run_jobs(args, store: SubsetStore) -> int:
+def retrain_in_processes(args, store: SubsetStore) -> int:
     """--jobs N: this command N times as --shard i/N in parallel processes (threads shared out; each one's output in
     out_dir/jobs/); returns how many records they added."""
     argv, skip = [], False
@@ -220,19 +220,19 @@ def evaluate(args, stop_after: int | None = None) -> dict:
     if args.select_subsets >= args.num_subsets:
         raise UserError(f"--select_subsets {args.select_subsets} leaves no subset to report of --num_subsets {args.num_subsets}")
     device = resolve_device(args.device)
-    fac = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(fac.paths[0]).parent
+    run_factors = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
-    excluded = original_exclusions(ckpt_dir, fac.train_list)
-    candidates = np.setdiff1d(np.arange(fac.n_train), excluded)
+    excluded = original_exclusions(ckpt_dir, run_factors.train_list)
+    candidates = np.setdiff1d(np.arange(run_factors.n_train), excluded)
     out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
     mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
-    identity = {"tracin_run": run_id(fac.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
+    identity = {"tracin_run": run_id(run_factors.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
                 "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
     store = SubsetStore(out, identity)
     t1 = time.time()
     if args.jobs > 1:
-        retrained = run_jobs(args, store)
+        retrained = retrain_in_processes(args, store)
     elif args.merge:
         missing = [j for j in range(args.num_subsets) if not store.has(j)]
         if missing:
@@ -240,7 +240,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                             f"{', '.join(map(str, missing[:5]))}); run their shards before --merge")
         retrained = 0
     else:
-        retrained = fill_store(store, fac, settings, candidates, args, device, stop_after)
+        retrained = fill_store(store, run_factors, settings, candidates, args, device, stop_after)
     seconds_retrain = time.time() - t1
     if args.shard is not None:
         log.info(f"LDS shard {args.shard[0]}/{args.shard[1]}: {retrained} subset(s) retrained in {seconds_retrain:.0f}s into {store.dir}; "
@@ -248,33 +248,33 @@ def evaluate(args, stop_after: int | None = None) -> dict:
         return {"shard": list(args.shard), "retrained_now": retrained, "seconds_retrain": seconds_retrain}
 
     records = [store.load(j) for j in range(args.num_subsets)]
-    group = choose_subset(fac.n_test, min(args.n_test, fac.n_test), args.seed)
-    masks, margins = records_matrices(records, fac.n_train, group)
+    group = choose_subset(run_factors.n_test, min(args.n_test, run_factors.n_test), args.seed)
+    masks, margins = records_matrices(records, run_factors.n_train, group)
 
-    test_view = FactorView(fac.test_caches, group)
+    test_view = FactorView(run_factors.test_caches, group)
     t2 = time.time()
     candidates_scores: dict[str, dict] = {}
     if "tracin" in args.methods:
-        candidates_scores["tracin"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=False)}
+        candidates_scores["tracin"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=False)}
     if "tracin_last" in args.methods:  # the baseline of influence_last: the same checkpoint, no curvature
-        candidates_scores["tracin_last"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=False,
-                                                                only=len(fac.lrs) - 1)}
+        candidates_scores["tracin_last"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=False,
+                                                                only=len(run_factors.lrs) - 1)}
     if "tracin_normalized" in args.methods:
-        candidates_scores["tracin_normalized"] = {None: tracin_scores(test_view, fac.train_view, fac.layers, fac.lrs, normalize=True)}
+        candidates_scores["tracin_normalized"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=True)}
     for name, last in (("ekfac", False), ("ekfac_last", True)):
         if name in args.methods:
-            if "fc" not in fac.layers:
-                raise UserError(f"{name} needs the fc layer's factors; the TracIn run scored {', '.join(fac.layers)}")
-            candidates_scores[name] = ekfac_scores(test_view, fac.train_view, fac.train_view.logits(), fac.lrs, DAMPINGS, last)
+            if "fc" not in run_factors.layers:
+                raise UserError(f"{name} needs the fc layer's factors; the TracIn run scored {', '.join(run_factors.layers)}")
+            candidates_scores[name] = ekfac_scores(test_view, run_factors.train_view, run_factors.train_view.logits(), run_factors.lrs, DAMPINGS, last)
     for name, last in (("influence", False), ("influence_last", True)):
         if name in args.methods:
-            candidates_scores[name] = influence_scores(test_view, fac.train_view, fac.n_train, fac.layers, fac.train_view.logits(),
-                                                  fac.lrs, DAMPINGS, last)
+            candidates_scores[name] = influence_scores(test_view, run_factors.train_view, run_factors.n_train, run_factors.layers, run_factors.train_view.logits(),
+                                                  run_factors.lrs, DAMPINGS, last)
     if "trak" in args.methods:
-        if "fc" not in fac.layers:
-            raise UserError(f"trak needs the fc layer's factors; the TracIn run scored {', '.join(fac.layers)}")
-        candidates_scores["trak"] = trak_scores(test_view, fac.train_view, fac.train_list.labels, fac.train_view.logits(),
-                                                fac.test_list.labels[group], test_view.logits(), len(fac.lrs), DAMPINGS, args.trak_dim)
+        if "fc" not in run_factors.layers:
+            raise UserError(f"trak needs the fc layer's factors; the TracIn run scored {', '.join(run_factors.layers)}")
+        candidates_scores["trak"] = trak_scores(test_view, run_factors.train_view, run_factors.train_list.labels, run_factors.train_view.logits(),
+                                                run_factors.test_list.labels[group], test_view.logits(), len(run_factors.lrs), DAMPINGS, args.trak_dim)
     seconds_scores = time.time() - t2
 
     methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed)
@@ -286,7 +286,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
     result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
               "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),
               "test_group": group.tolist(), "subset_model_accuracy": float(accuracy.mean()),
-              "subset_model_accuracy_std": float(accuracy.std()), "methods": methods, "tracin_run": run_id(fac.record),
+              "subset_model_accuracy_std": float(accuracy.std()), "methods": methods, "tracin_run": run_id(run_factors.record),
               "retrained_now": retrained, "seconds_retrain": seconds_retrain, "seconds_scores": seconds_scores,
               "seconds": time.time() - t0}
     save_json(out / "lds.json", result)

@@ -20,7 +20,7 @@ from model_architecture import logit_figures
 from TracIn.arguments import FactorArguments, ScoreArguments
 from TracIn.curvature import KroneckerCurvature, TrakFeatures
 from TracIn.factors import factor_views
-from TracIn.influence_utils import compute_ghost_influence_batch, self_influence
+from TracIn.influence_utils import ghost_influence_block, self_influence
 from TracIn.topk import TopKInfluenceTracker
 
 
@@ -52,7 +52,7 @@ def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,
         for c0 in range(0, n_train, train_block):
             cols = slice(c0, min(c0 + train_block, n_train))
             tr = [{l: train_view.load(t, l, cols, device) for l in layers} for t in range(n_ckpt)]
-            tracker.update(compute_ghost_influence_batch(te, tr, lrs), ids[cols], rows=rows)
+            tracker.update(ghost_influence_block(te, tr, lrs), ids[cols], rows=rows)
     return tracker
 
 

@@ -19,7 +19,7 @@ def run_check(prepared, trained, out, *extra):
 
 def test_full_retrain_end_to_end_and_nothing_removed_changes_nothing(prepared, trained, tmp_path, monkeypatch):
     # knn is made to remove nothing: its arms must equal the nothing-removed arm of the same seed, bit for bit
-    monkeypatch.setattr(cc, "knn_lists", lambda fac, group, k: np.zeros((len(group), 0), dtype=np.int64))
+    monkeypatch.setattr(cc, "knn_lists", lambda run_factors, group, k: np.zeros((len(group), 0), dtype=np.int64))
     out = tmp_path / "cf"
     assert run_check(prepared, trained, out, "--methods", "tracin", "knn", "random", "--seeds", "2", "--epochs", "1") == 0
     res = json.loads((out / "counterfactual.json").read_text())
@@ -63,8 +63,8 @@ def test_head_retrain_and_normalized_lists(prepared, trained, tmp_path):
     for g, row in zip(res["group"], res["lists"]["tracin_normalized"]):
         assert row == props[r.test_row(g)][:2].tolist()
     # head retraining is seeded: the same seed and data give the same weights; another seed does not
-    fac = cc.RunFactors(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
-    x, y = fac.features("train"), fac.train_list.labels
+    run_factors = cc.RunFactors(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
+    x, y = run_factors.features("train"), run_factors.train_list.labels
     keep = np.ones(len(y), dtype=bool)
     w = [cc.retrain_head(x, y, keep, res["settings"], seed) for seed in (0, 0, 1)]
     assert np.array_equal(w[0], w[1]) and not np.array_equal(w[0], w[2])

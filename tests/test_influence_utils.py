@@ -5,7 +5,7 @@ import tracemalloc
 import pytest
 import torch
 
-from TracIn.influence_utils import (InfluenceHook, compute_ghost_influence_batch, per_example_grads, reference_influence,
+from TracIn.influence_utils import (InfluenceHook, ghost_influence_block, per_example_grads, reference_influence,
                                     self_influence)
 from TracIn.topk import TopKInfluenceTracker
 from helpers import make_tiny_models
@@ -19,7 +19,7 @@ def ghost_scores(models, lrs, layers, x_tr, y_tr, x_te, y_te, batch=4):
             te.append(hook.factors(x_te, y_te)[0])
             parts = [hook.factors(x_tr[i:i + batch], y_tr[i:i + batch])[0] for i in range(0, len(x_tr), batch)]
         tr.append({l: tuple(torch.cat([p[l][j] for p in parts]) for j in range(2)) for l in layers})
-    return compute_ghost_influence_batch(te, tr, lrs), tr
+    return ghost_influence_block(te, tr, lrs), tr
 
 
 def data(n, seed, dtype=torch.float64, classes=3):

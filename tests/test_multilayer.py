@@ -10,7 +10,7 @@ import torch.nn as nn
 from common import UserError
 from data_utils import list_split
 from TracIn import efficient_tracin as et
-from TracIn.influence_utils import InfluenceHook, compute_ghost_influence_batch, reference_influence, target_layers
+from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
 from helpers import make_random_checkpoints
 
 
@@ -59,7 +59,7 @@ def scores(models, lrs, layers, **proj):
         with InfluenceHook(m, layers, **proj) as hook:
             te.append(hook.factors(x_te, y_te)[0])
             tr.append(hook.factors(x_tr, y_tr)[0])
-    return compute_ghost_influence_batch(te, tr, lrs)
+    return ghost_influence_block(te, tr, lrs)
 
 
 def exact(models, lrs):
@@ -143,12 +143,12 @@ def test_pipeline_with_conv_layers_matches_the_hook_and_caches_by_projection(dat
     tr, te = list_split(d, "train"), list_split(d, "test")
     tf = eval_transform(ckpts[0])
     xs = {s: torch.stack([ImageListDataset(l, tf)[i][0] for i in range(len(l.paths))]) for s, l in (("tr", tr), ("te", te))}
-    fac = {"tr": [], "te": []}
+    run_factors = {"tr": [], "te": []}
     for c in ckpts:
         with InfluenceHook(model_from_checkpoint(c), rec["layers"], proj_dim=4) as hook:
             for s, l in (("tr", tr), ("te", te)):
-                fac[s].append(hook.factors(xs[s], torch.as_tensor(l.labels))[0])
-    full = compute_ghost_influence_batch(fac["te"], fac["tr"], [c["lr"] for c in ckpts]).numpy()
+                run_factors[s].append(hook.factors(xs[s], torch.as_tensor(l.labels))[0])
+    full = ghost_influence_block(run_factors["te"], run_factors["tr"], [c["lr"] for c in ckpts]).numpy()
     expected = -np.sort(-full, axis=1)[:, :4]
     np.testing.assert_allclose(np.load(tmp_path / "o" / "top_k_influences_values.npy"), expected, rtol=2e-4, atol=1e-6)
     # re-scoring reuses the cache; another projection seed is another cache
