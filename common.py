@@ -6,6 +6,9 @@ line on stderr and exit code 2, so a user never sees a traceback for a mistake o
     from common import UserError, cli
     if __name__ == "__main__":
         cli(main)
+
+Why one module over 300 lines: it is a toolbox of small, independent helpers (one-line errors, flag types, seeding,
+atomic writes, ownership markers, identity checks), each a few lines, grouped by section; nothing in it is a stage.
 """
 from __future__ import annotations
 

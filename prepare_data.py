@@ -24,6 +24,9 @@ export with a decision column uses its rows marked relabel) moves named images t
 `index` is the image's position in its split in sorted image-folder order, the index every
 result file uses. Everything is built in a temporary folder and renamed into place, so a
 killed run leaves nothing half-written.
+
+Why one script over 300 lines: preparing is one pipeline read top to bottom (listing, the embedded demo sets,
+decoding in workers, label noise, the split, writing, ownership), as nanoGPT keeps its scripts flat.
 """
 from __future__ import annotations
 

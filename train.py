@@ -10,6 +10,9 @@ checkpoint_dir/training_dynamics.npz (per image and epoch: loss, margin, correct
 checkpoint_dir/last.pth every epoch (for --resume), and the best model (by test accuracy)
 as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
+
+Why one script over 300 lines: training stays one readable file (arguments, the loop, DDP, exact resume,
+checkpoints and dynamics), as nanoGPT keeps its scripts flat; retraining tools call it as a process.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ Writes out_dir (default results_dir/counterfactual/<retrain>)/counterfactual.jso
 k, the mean +- standard deviation over seeds of the change in the group's mean loss and margin and of the
 predictions flipped, beside the random control's. A method beats the control only when its mean loss
 change exceeds the control's by more than both standard deviations.
+
+Why one module over 300 lines: the whole protocol (lists, arms, paired changes, the table) is read in one place.
 """
 from __future__ import annotations
 

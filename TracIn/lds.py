@@ -27,6 +27,9 @@ Methods, all from the TracIn run's factor cache (no forward pass):
   weights gets the exact matrix, solved densely). influence_last: the last
   checkpoint only. The damping lambda (relative to the mean curvature) is swept over orders of magnitude and
   chosen on the first --select_subsets subsets, which are then left out of the reported LDS.
+
+Why one module over 300 lines: the evaluator's whole protocol (subsets, records, retraining in processes or shards,
+scoring every method) is read in one place; the score itself is lds_score.py, the matrices dense_scores.py.
 """
 from __future__ import annotations
 

@@ -19,6 +19,10 @@ Data files are JavaScript (data/*.js, loaded by <script> tags on demand in chunk
 fetch() from file://. Thumbnails (thumbs/, only of images the report shows) are kept between builds while
 their source file is unchanged. Missing optional inputs are named on the overview page; an image file that
 has gone since the run shows a placeholder.
+
+Why one module over 300 lines: every part of the page's data (overview, test lists, training candidates,
+mispredictions, thumbnails) reads the same loaded run and its index maps, and is coerced by the same two helpers;
+the page itself (report_assets/) is apart.
 """
 from __future__ import annotations
 
