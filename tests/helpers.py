@@ -153,3 +153,39 @@ def wait_for(driver, script, timeout=10.0):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {script}")
+
+
+# ---------------------------------------------------------------- a tiny ResNet-like net with convolutions
+class TinyResNet(nn.Module):
+    """stem conv -> BN -> a block of two convs (stride 2; the second with a bias) -> pool -> fc."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                                    nn.Conv2d(5, 5, 3, padding=1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.pool(torch.relu(self.layer1(h))).flatten(1))
+
+
+def tiny_resnets(n_ckpt=2):
+    models = []
+    for t in range(n_ckpt):
+        torch.manual_seed(10 + t)
+        m = TinyResNet().double()
+        with torch.no_grad():
+            for bn in (m.bn1, m.layer1[1]):
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+        models.append(m.eval())
+    return models
+
+
+def tiny_resnet_batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)

@@ -8,8 +8,8 @@ from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
 from TracIn import efficient_tracin as et
 from TracIn.curvature import KroneckerCurvature
-from TracIn.influence_utils import per_example_grads
-from helpers import make_random_checkpoints
+from TracIn.influence_utils import InfluenceHook, ghost_influence_block, per_example_grads
+from helpers import make_random_checkpoints, tiny_resnet_batch, tiny_resnets
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,52 @@ def test_bad_score_settings_are_one_line_errors(prepared, ckpts, tmp_path):
         et.parse_args(base + ["--num_shards", "2"])
     assert et.parse_args(base).normalize == "none" and et.parse_args(base + ["--score_fn", "tracin"]).normalize == "train"
     assert et.parse_args(base).score_fn == "influence_last"
+
+
+class Rows:
+    """A factor view over in-memory factors of one checkpoint: {layer: (A, D)}."""
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def load(self, t, layer, rows, device):
+        return tuple(x[rows] for x in self.factors[layer])
+
+
+def test_influence_with_a_projected_conv_layer_equals_the_dense_projected_reference():
+    """--layers with a conv projected to R x R and fc: K-FAC whitening of the test factors equals the dense solve of the
+    block-diagonal curvature (the full second moment of the projected conv gradient, the Kronecker GN of fc), built from
+    torch.func per-example gradients projected with the hook's own matrices."""
+    model = tiny_resnets(1)[0]
+    (x_tr, y_tr), (x_te, y_te) = tiny_resnet_batch(12, 1), tiny_resnet_batch(3, 2)
+    layers, damping = ["layer1.3", "fc"], 0.5
+    with InfluenceHook(model, layers, proj_dim=3) as hook:
+        te, _, _ = hook.factors(x_te, y_te)
+        tr, logits_tr, _ = hook.factors(x_tr, y_tr)
+        r_out, r_in = hook.proj["layer1.3"]
+    curvature = KroneckerCurvature(Rows(tr), 12, layers, 1, gauss_newton={"fc": logits_tr[None].numpy()})
+    whitened = curvature.whiten(Rows(te), damping)
+    got = ghost_influence_block([{l: whitened.load(0, l, slice(None), None) for l in layers}], [tr], [1.0])
+
+    def projected_conv_and_fc(x, y):
+        g = per_example_grads(model, ["layer1.3.weight", "layer1.3.bias", "fc.weight", "fc.bias"], x, y)
+        conv = torch.cat([g[:, :225].reshape(-1, 5, 45), g[:, 225:230, None]], 2)        # [W | b] (n, 5, 46)
+        fc = torch.cat([g[:, 230:245].reshape(-1, 3, 5), g[:, 245:, None]], 2).flatten(1)  # [W | b] (n, 18)
+        return (r_out @ conv @ r_in.T).flatten(1), fc
+
+    p_tr, f_tr = projected_conv_and_fc(x_tr, y_tr)
+    p_te, f_te = projected_conv_and_fc(x_te, y_te)
+    a_conv = p_tr.T @ p_tr / 12
+    h_conv = a_conv + damping * torch.diagonal(a_conv).mean() * torch.eye(9, dtype=torch.float64)
+    seen = {}
+    handle = model.fc.register_forward_hook(lambda m, i, o: seen.update(a=i[0]))
+    with torch.no_grad():
+        p = torch.softmax(model(x_tr), 1)
+    handle.remove()
+    a = torch.cat([seen["a"], torch.ones(12, 1, dtype=torch.float64)], 1)
+    a_fc, d_fc = a.T @ a / 12, torch.diag(p.mean(0)) - p.T @ p / 12
+    root = damping ** 0.5
+    h_fc = torch.kron(d_fc + root * torch.diagonal(d_fc).mean() * torch.eye(3, dtype=torch.float64),
+                      a_fc + root * torch.diagonal(a_fc).mean() * torch.eye(6, dtype=torch.float64))
+    want = p_te @ torch.linalg.solve(h_conv, p_tr.T) + f_te @ torch.linalg.solve(h_fc, f_tr.T)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

@@ -5,51 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from common import UserError
 from data_utils import list_split
 from TracIn import efficient_tracin as et
 from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
-from helpers import make_random_checkpoints
-
-
-class TinyResNet(nn.Module):
-    """stem conv -> BN -> a block of two convs (stride 2; the second with a bias) -> pool -> fc."""
-
-    def __init__(self, num_classes=3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
-                                    nn.Conv2d(5, 5, 3, padding=1))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(5, num_classes)
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.pool(torch.relu(self.layer1(h))).flatten(1))
+from helpers import TinyResNet, make_random_checkpoints, tiny_resnet_batch as batch, tiny_resnets as tiny
 
 
 PARAMS = ["layer1.0.weight", "layer1.3.weight", "layer1.3.bias", "fc.weight", "fc.bias"]
-
-
-def tiny(n_ckpt=2):
-    models = []
-    for t in range(n_ckpt):
-        torch.manual_seed(10 + t)
-        m = TinyResNet().double()
-        with torch.no_grad():
-            for bn in (m.bn1, m.layer1[1]):
-                bn.running_mean.uniform_(-0.3, 0.3)
-                bn.running_var.uniform_(0.5, 2.0)
-        models.append(m.eval())
-    return models
-
-
-def batch(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
 def scores(models, lrs, layers, **proj):
