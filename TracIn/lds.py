@@ -284,7 +284,11 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                for name, by_damping in candidates_scores.items()}
     for name in ("influence", "influence_last"):  # as efficient_tracin ships it: its default damping, not the swept one
         if name in methods:
-            methods[name]["lds_at_default_damping"] = methods[name]["sweep"][str(DAMPING)]["report"]
+            reported = slice(args.select_subsets, None)  # the same reported subsets, no choice left to make
+            at_default = choose_damping({DAMPING: candidates_scores[name][DAMPING]}, masks[reported], margins[reported], 0,
+                                        args.bootstrap, args.seed)
+            methods[name]["lds_at_default_damping"] = at_default["lds"]
+            methods[name]["ci95_at_default_damping"] = at_default["ci95"]
     accuracy = np.asarray([float(r["accuracy"]) for r in records])
     result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
               "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),
@@ -302,7 +306,8 @@ def table(result: dict) -> list[str]:
     for name, m in result["methods"].items():
         lines.append(f"  {name:<18} {m['lds']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
                      + (f"  damping {m['damping']:g} x mean curvature" if m["damping"] is not None else "")
-                     + (f" (at efficient_tracin's default {DAMPING:g}: {m['lds_at_default_damping']:.3f})"
+                     + (f" (at efficient_tracin's default {DAMPING:g}: {m['lds_at_default_damping']:.3f} "
+                        f"[{m['ci95_at_default_damping'][0]:.3f}, {m['ci95_at_default_damping'][1]:.3f}])"
                         if "lds_at_default_damping" in m else ""))
         if m["sweep"]:
             lines.append("      damping sweep (select / report): " + ", ".join(
