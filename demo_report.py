@@ -38,11 +38,12 @@ def main(argv=None):
     mis = read_json(Path(args.results_dir) / "misprediction_summary.json")
     top = read_json(Path(args.results_dir) / "analysis" / "summary.json")
     n_bad = det["n_mislabeled"]
+    score_fn = read_json(Path(args.results_dir) / "run.json")["args"].get("score_fn", "tracin")
     lines = [
         "=" * 72,
         "demo report",
         f"  test accuracy (clean labels): {ev['accuracy']:.4f} on {ev['n']} images   model: {ev['model']}",
-        f"  TracIn: {run['pairs_scored']:,} pairs ({run['n_test']} test x {run['n_train']} train, {run['n_checkpoints']} checkpoints) "
+        f"  influence ({score_fn}): {run['pairs_scored']:,} pairs ({run['n_test']} test x {run['n_train']} train, {run['n_checkpoints']} checkpoints) "
         f"in {run['seconds_total']:.1f}s; negative share among opponents {run['opponent_negative_share']:.1%}",
         f"  mispredictions: {mis['mispredicted_test']} test, {mis['mispredicted_train']} train (given labels, noise included); "
         f"top confusions: {'; '.join(mis['top_confusions'][:3])}",

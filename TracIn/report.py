@@ -405,6 +405,7 @@ def build(args) -> dict:
         "default_detector": None if det_json is None else text(det_json.get("score")),
         "run": {"n_train": len(r["train_indices"]), "n_test": len(test_ids), "n_checkpoints": len(r.record.get("checkpoints", [])),
                 "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"].get("normalize", "none")),
+                "score_fn": text(r.record["args"].get("score_fn", "tracin")),
                 "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
                 "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
                                 for c in r.record.get("checkpoints", [])]},

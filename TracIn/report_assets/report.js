@@ -159,9 +159,10 @@
     let h = "<h2>Run</h2><table>" +
       [["training images", r.n_train], ["test images", r.n_test], ["checkpoints", r.n_checkpoints + " (" +
         r.checkpoints.map((c) => "epoch " + c.epoch + ", lr " + fmt(c.lr, 5)).join("; ") + ")"],
-       ["layers", (r.layers || []).join(", ")], ["normalisation of the main lists", r.normalize],
+       ["layers", (r.layers || []).join(", ")], ["score of the main lists (--score_fn)", r.score_fn],
+       ["normalisation of the main lists", r.normalize],
        ["lists in this report", M.kinds.join(", ") + " (top " + M.show_k + " of " + M.top_k + " shown)"],
-       ["TracIn time", fmt(r.seconds, 1) + " s"], ["data", r.data_dir],
+       ["factors + scores time", fmt(r.seconds, 1) + " s"], ["data", r.data_dir],
        ["test accuracy", ev ? fmt(ev.accuracy, 4) + " on " + ev.n + " images (" + esc(ev.model) + ")" : "– (no evaluate.py output)"],
        ["report built", M.built]].map((kv) => '<tr><th class="l">' + kv[0] + '</th><td class="l">' + esc(kv[1]) + "</td></tr>").join("") + "</table>";
     if (M.notes.length) h += "<h3>Missing or skipped</h3>" + M.notes.map((n) => '<div class="note">' + esc(n) + "</div>").join("");
