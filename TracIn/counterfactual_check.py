@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,7 +46,7 @@ from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 from model_architecture import load_checkpoint, logit_figures, model_from_checkpoint, model_to_device, predict
 from TracIn.clean_and_retrain import claim_arms_folder, original_exclusions, original_settings, train_without
 from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints
-from TracIn.arguments import FactorArguments, ScoreArguments, pick
+from TracIn.arguments import DAMPING, FactorArguments, ScoreArguments, pick
 from TracIn.scores import score_topk, scoring_views, self_influence_from_view
 from TracIn.results import load_results, run_id
 
@@ -109,7 +108,10 @@ class RunFactors:
     def proponents(self, group: np.ndarray, k: int, score_fn: str = "tracin", normalize: str = "none") -> np.ndarray:
         """(len(group), k) split indices of the top-k proponents, exactly as efficient_tracin ranks them with that
         --score_fn and --normalize."""
-        cfg = replace(pick(ScoreArguments, self.record["args"]), score_fn=score_fn, normalize=normalize, top_k=k)
+        recorded = self.record["args"]  # blocks and damping as the run had them (a record of an older version lacks some)
+        cfg = ScoreArguments(score_fn=score_fn, normalize=normalize, top_k=k, damping=recorded.get("damping", DAMPING),
+                             trak_dim=recorded.get("trak_dim", 2048), test_block=recorded.get("test_block", 1024),
+                             train_block=recorded.get("train_block", 8192))
         views = {"train": self.train_view, "test": FactorView(self.test_caches, group)}
         sq = None
         if normalize != "none":

@@ -82,3 +82,19 @@ def test_bad_input_is_one_line(prepared, trained, tmp_path):
     with pytest.raises(UserError, match="--retrain head keeps"):
         run_check(prepared, trained, tmp_path / "o", "--retrain", "head", "--epochs", "1")
     assert not (tmp_path / "o" / "counterfactual.json").exists()
+
+
+def test_lists_from_a_record_of_an_older_version(prepared, trained, tmp_path):
+    """A run.json written before --score_fn existed (normalize train, no score_fn): the check still ranks every method."""
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    record = json.loads((res / "run.json").read_text())
+    record["args"].pop("score_fn", None)
+    record["args"].pop("damping", None)
+    record["args"]["normalize"] = "train"
+    (res / "run.json").write_text(json.dumps(record))
+    run_factors = cc.RunFactors(str(res), str(prepared), resolve_device("cpu"), 0)
+    group = np.arange(3)
+    for score_fn, normalize in (("tracin", "none"), ("tracin", "train"), ("influence_last", "none")):
+        lists = run_factors.proponents(group, 2, score_fn=score_fn, normalize=normalize)
+        assert lists.shape == (3, 2) and (lists >= 0).all()
