@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import OWNER_MARKER, UserError, ensure_output_dir, is_relative_to, mark_owned, owned_by, remove_owned, resolve_device
+from common import (OWNER_MARKER, UserError, ensure_output_dir, is_relative_to, mark_owned, owned_by, remove_inside_owned,
+                    remove_owned, resolve_device)
 from data_utils import SplitListing, data_identity, list_split
 from model_architecture import model_from_checkpoint
 from TracIn.factors import TOOL, check_images, choose_subset, factor_setting, load_checkpoints, make_hook
@@ -104,7 +105,7 @@ def tracin_job(cfg, _stop_after_batches: int | None = None) -> dict:
         mark_owned(cache_root, TOOL)
         if cfg.num_shards > 1:
             mark_owned(work_dir, TOOL)
-            (work_dir / "complete.json").unlink(missing_ok=True)
+            remove_inside_owned(work_dir / "complete.json", work_dir, TOOL)  # this shard is not finished until written again
         scored = factors_and_scores(cfg.factor_args(), cfg.score_args(), device, ckpts, shas, lrs, train_list, test_list,
                                     shard_ids, test_ids, cache_root, cfg.num_workers, _stop_after_batches)
         if cfg.num_shards > 1:

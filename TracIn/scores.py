@@ -144,8 +144,8 @@ def factors_and_scores(factor_args: FactorArguments, score_args: ScoreArguments,
         sq_norms = self_influence_from_view(scoring["train"], len(train_ids), layers, len(lrs), score_args.train_block, device)
     if score_args.self_influence:  # always TracIn's own definition, whatever --normalize and --score_fn are
         self_inf = (np.asarray(lrs, dtype=np.float64) @ sq_norms).astype(np.float32)
-    train_logits = views["train"].logits()  # (n_ckpt, n_train, C)
-    score_views, score_layers, weights = scoring_views(score_args, scoring, lrs, train_logits, views["test"].logits(),
+    train_logits, test_logits = views["train"].logits(), views["test"].logits()  # (n_ckpt, n_rows, C)
+    score_views, score_layers, weights = scoring_views(score_args, scoring, lrs, train_logits, test_logits,
                                                        train_list.labels[train_ids], test_list.labels[test_ids], sq_norms,
                                                        len(train_ids), len(test_ids), layers, device)
     tracker = score_topk(score_views["test"], score_views["train"], len(test_ids), len(train_ids), score_layers, weights, score_args.top_k,
@@ -159,7 +159,7 @@ def factors_and_scores(factor_args: FactorArguments, score_args: ScoreArguments,
              "grad_sq_norm_per_ckpt": None if sq_norms is None else sq_norms.astype(np.float32)}
     summary = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
              "layer_dims": {l: list(d) for l, d in dims.items()}}
-    test_pred = views["test"].logits()[-1].argmax(1).astype(np.int64)
+    test_pred = test_logits[-1].argmax(1).astype(np.int64)
     return ScoredRun(tracker, train_arrays, test_pred, summary)
 
 
