@@ -25,6 +25,7 @@ import torchvision
 
 from common import UserError, atomic_path, autocast
 from data_utils import ImageListDataset, eval_transform, list_split, make_loader
+from training import example_figures
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PRETRAINED_DIR = Path("models/pretrained")
@@ -273,9 +274,5 @@ def logit_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     Pleiss et al. 2020) and EL2N error norm |softmax - onehot| (Paul et al. 2021) from logits
     (..., n, C) and labels (n,)."""
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).expand(z.shape[:-1])
-    given = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    loss = torch.logsumexp(z, -1) - given
-    other = z.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
-    el2n = (torch.softmax(z, -1) - torch.nn.functional.one_hot(y, z.shape[-1]).double()).norm(dim=-1)
-    return tuple(v.numpy().astype(np.float32) for v in (loss, given - other, el2n))
+    figures = example_figures(z, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    return tuple(v.numpy().astype(np.float32) for v in figures)

@@ -17,7 +17,6 @@ checkpoints and dynamics), as nanoGPT keeps its scripts flat; retraining tools c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,12 +33,13 @@ import torch.nn.functional as F
 from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast, cli, ensure_output_dir, git_commit,
                     mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int, read_json,
                     remove_inside_owned,
-                    resolve_device, save_csv, save_json, scheduled_lr, set_seed)
+                    resolve_device, save_json, scheduled_lr, set_seed)
 from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
                         read_exclusions)
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
+from training import fit
 from training_dynamics import DynamicsRecorder, load_dynamics
 
 log = logging.getLogger(__name__)
@@ -275,11 +275,13 @@ def train(args) -> dict:
 
     last_metrics = {}
     steps, kill_after = 0, int(os.environ.get("TRAIN_KILL_AFTER_STEPS", "0"))
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def step(x, y):
+        with autocast(device):
+            out = model(x)
+            return out, F.cross_entropy(out.float(), y)
+
+    def batches(epoch):
         if sampler is not None:
             sampler.set_epoch(epoch)
         # Every epoch's randomness (shuffle order, worker seeds, augmentation) depends only on
@@ -288,23 +290,19 @@ def train(args) -> dict:
         set_seed(epoch_seed)
         train_loader.generator.manual_seed(epoch_seed)
         model.train()
-        loss_sum, correct, seen = 0.0, 0.0, 0.0
         for x, y, idx in tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=True if not d.main else None):
-            x, y = batch_to_device(x, device), y.to(device, non_blocking=True)
-            with autocast(device):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if steps == kill_after:  # fault injection for the resume tests: die like a pre-empted job
-                os.kill(os.getpid(), signal.SIGKILL)
-            dynamics.record(idx, out, y)
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-        loss_sum, correct, seen = d.sum([loss_sum, correct, seen])
+            yield batch_to_device(x, device), y.to(device, non_blocking=True), idx
+
+    def on_batch(idx, out, y, loss):
+        nonlocal steps
+        steps += 1
+        if steps == kill_after:  # fault injection for the resume tests: die like a pre-empted job
+            os.kill(os.getpid(), signal.SIGKILL)
+        dynamics.record(idx, out, y)
+
+    def on_epoch(epoch, lr, stats):
+        nonlocal last_metrics, best
+        loss_sum, correct, seen = d.sum([stats.loss_sum, stats.correct, stats.seen])
         dynamics.end_epoch(epoch, reduce=d.sum_array if d.world > 1 else None)
         if not math.isfinite(loss_sum):
             raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower --learning_rate")
@@ -315,27 +313,36 @@ def train(args) -> dict:
         if d.main:
             log.info(f"epoch {epoch}/{args.epochs} | lr {lr:.2e} | train_loss {last_metrics['train_loss']:.4f} "
                      f"train_acc {last_metrics['train_acc']:.4f} | val_loss {m['loss']:.4f} val_acc {m['accuracy']:.4f} "
-                     f"| {time.time() - t0:.1f}s")
-            common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, epoch=epoch, metrics=last_metrics)
-            run_tag = {"train_run": train_run}
-            is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
-            if is_ckpt:
-                # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
-                prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
-                save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, extra=run_tag),
-                                ckpt_dir / f"finetune_epoch_{epoch}.pth")
-            if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
-                path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
-                save_checkpoint(make_checkpoint(module, lr=lr, **common, extra=run_tag), path)
-                if best["path"] and Path(best["path"]) != path:
-                    Path(best["path"]).unlink(missing_ok=True)
-                best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
-                with atomic_path(models_dir / "best_model.txt") as tmp:
-                    tmp.write_text(str(path) + "\n")
-            dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
-            save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
-                                            extra={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
+                     f"| {time.time() - epoch_start[0]:.1f}s")
+            best = save_epoch(epoch, lr, m, last_metrics, best)
+        epoch_start[0] = time.time()
+
+    def save_epoch(epoch, lr, m, metrics, best):
+        common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
+                      std=IMAGENET_STD, epoch=epoch, metrics=metrics)
+        run_tag = {"train_run": train_run}
+        is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
+        if is_ckpt:
+            # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
+            prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
+            save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, extra=run_tag),
+                            ckpt_dir / f"finetune_epoch_{epoch}.pth")
+        if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
+            path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
+            save_checkpoint(make_checkpoint(module, lr=lr, **common, extra=run_tag), path)
+            if best["path"] and Path(best["path"]) != path:
+                Path(best["path"]).unlink(missing_ok=True)
+            best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
+            with atomic_path(models_dir / "best_model.txt") as tmp:
+                tmp.write_text(str(path) + "\n")
+        dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
+        save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
+                                        extra={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
+        return best
+
+    epoch_start = [time.time()]
+    fit(step, optimizer, batches, args.epochs, lambda epoch: lr_at(epoch, args), start_epoch=start_epoch,
+        on_batch=on_batch, on_epoch=on_epoch)
     if d.main:
         log.info(f"done: best val_acc {best['acc']:.4f} -> {best['path']}; checkpoints: "
                  f"{', '.join(p.name for p in find_checkpoints(ckpt_dir))} in {ckpt_dir}")

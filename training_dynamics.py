@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common import UserError, atomic_path
+from training import example_figures
 
 FILE = "training_dynamics.npz"
 
@@ -48,13 +49,11 @@ class DynamicsRecorder:
 
         with torch.no_grad():
             z = logits.detach().float()
-            given = z.gather(1, labels.view(-1, 1)).squeeze(1)
-            loss = torch.logsumexp(z, 1) - given
-            other = z.scatter(1, labels.view(-1, 1), -float("inf")).amax(1)
+            loss, margin, _ = example_figures(z, labels)
             correct = (z.argmax(1) == labels).float()
         i = idx.cpu().numpy()
         self._sums[0, i] += loss.cpu().numpy()
-        self._sums[1, i] += (given - other).cpu().numpy()
+        self._sums[1, i] += margin.cpu().numpy()
         self._sums[2, i] += correct.cpu().numpy()
         self._seen[i] += 1
 

@@ -18,24 +18,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from common import (UserError, check_replaceable, cli, fraction, mark_owned, nonneg_int, positive_int, read_json, read_table,
-                    remove_inside_owned, save_csv, save_json)
-from data_utils import list_split, listing_key
-from model_architecture import find_checkpoints, load_checkpoint
+from common import UserError, cli, fraction, nonneg_int, positive_int, read_table, save_json
+from data_utils import list_split
+from model_architecture import load_checkpoint
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
 from TracIn.results import load_results, run_id
+from TracIn.retraining import Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings, run_arms
 from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
 TOOL = "clean_and_retrain"
-TRAIN_FLAGS = ("arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay", "image_size", "weights", "seed", "hflip")
 
 
 def parse_args(argv=None):
@@ -55,69 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def original_settings(checkpoint_dir: Path, arch: str | None = None, epochs: int | None = None) -> dict:
-    """The original run's train.py settings (train_args.json); a given arch or epochs makes the retrains cheaper."""
-    path = checkpoint_dir / "train_args.json"
-    if not path.exists():
-        raise UserError(f"{checkpoint_dir} has no train_args.json: its checkpoints do not record how they were trained "
-                        "(seed, schedule); pass the --checkpoint_dir of a train.py run")
-    saved = read_json(path, "retrain with this version of train.py first")
-    missing = [k for k in TRAIN_FLAGS if k not in saved]
-    if missing:
-        raise UserError(f"{path} does not record {', '.join(missing)}; retrain with this version of train.py first")
-    settings = {k: saved[k] for k in TRAIN_FLAGS}
-    settings.update({k: v for k, v in (("arch", arch), ("epochs", epochs)) if v})
-    return settings
-
-
-def original_exclusions(checkpoint_dir: Path, train_list) -> np.ndarray:
-    """The training images the original run left out (train.py --exclude): every retrain leaves them out too.
-    Refused when the data changed since that run (the indices would name other images)."""
-    saved = read_json(Path(checkpoint_dir) / "train_args.json", "retrain with this version of train.py first")
-    excluded = np.asarray((saved.get("excluded") or {}).get("train_idx", []), dtype=np.int64)
-    key = saved.get("data_train_key")
-    if key is not None and key != listing_key(train_list):
-        raise UserError(f"the training data changed since the run in {checkpoint_dir} (content key then {key}, now "
-                        f"{listing_key(train_list)}); retrain it on this data first")
-    if len(excluded) and key is None:
-        raise UserError(f"{checkpoint_dir}/train_args.json records exclusions but not the data they index; retrain with this "
-                        "version of train.py first")
-    return excluded
-
-
-def claim_arms_folder(out: Path, tool: str, flag: str) -> Path:
-    """The folder of a removal experiment's arms: new, empty or already `tool`'s; marked as `tool`'s before any arm."""
-    check_replaceable(out, tool, flag)
-    mark_owned(out, tool)
-    return out
-
-
-def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, num_workers: int, device: str,
-                  tag: str, owner: Path, tool: str) -> Path:
-    """train.py with `settings` (see original_settings) on the training split less `drop` (split indices),
-    in its own process as a user runs it; returns the last checkpoint. Shared with counterfactual_check.
-    A previous arm folder is deleted only inside `owner`, a folder `tool` marked as its own."""
-    if arm_dir.exists():
-        remove_inside_owned(arm_dir, owner, tool)
-    arm_dir.mkdir(parents=True)
-    exclude = arm_dir / "exclude.csv"
-    save_csv(exclude, pd.DataFrame({"train_idx": np.sort(drop), "path": np.asarray(train_list.paths)[np.sort(drop)]}))
-    argv = ["--data_dir", data_dir, "--checkpoint_dir", str(arm_dir / "checkpoints"), "--models_dir", str(arm_dir / "models"),
-            "--exclude", str(exclude), "--save_checkpoints_every", str(settings["epochs"]), "--num_workers", str(num_workers),
-            "--device", device, "--dataset_tag", tag]
-    for k, v in settings.items():
-        if k == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
-            raise UserError(f"the original run's --weights {v} is gone; cannot retrain the same way")
-        if k == "hflip":
-            argv.append("--hflip" if v else "--no-hflip")
-        elif v is not None:
-            argv += [f"--{k}", str(v)]
-    rc = subprocess.run([sys.executable, "-m", "train", *argv]).returncode
-    if rc != 0:
-        raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
-    return find_checkpoints(arm_dir / "checkpoints")[-1]
-
-
 def clean_and_retrain(args) -> dict:
     ckpt_dir = Path(args.checkpoint_dir)
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
@@ -135,23 +68,26 @@ def clean_and_retrain(args) -> dict:
     m = int(round(args.fraction * len(train_ids)))
     open_ids = ~np.isin(train_ids, already)
     top = lambda s: train_ids[open_ids][np.argsort(-np.nan_to_num(s[open_ids], nan=-np.inf), kind="stable")[:m]]
-    arms = ([("none", np.zeros(0, dtype=np.int64))] if not args.no_reference else [])
-    arms += [(args.score, top(scores[args.score]))]
+    seed = int(settings["seed"])  # every arm starts from the original run's seed: only what is dropped differs
+    arms = ([Arm("none", np.zeros(0, dtype=np.int64), seed)] if not args.no_reference else [])
+    arms += [Arm(args.score, top(scores[args.score]), seed)]
     if args.score != "self_influence":
-        arms.append(("self_influence", top(scores["self_influence"])))
-    arms += [(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids[open_ids], size=m, replace=False))
+        arms.append(Arm("self_influence", top(scores["self_influence"]), seed))
+    arms += [Arm(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids[open_ids], size=m, replace=False), seed)
              for s in range(args.random_seeds)]
     out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain"), TOOL, "--out_dir")
+    retrainer = Retrainer("full", settings, args.data_dir, train_list, already, out, out, TOOL, args.num_workers, args.device)
     gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
     bad = set(read_table(gt_path, {"train_index": "int"}, f"re-prepare {args.data_dir}").train_index) if gt_path.exists() else None
-    results = {}
-    for name, drop in arms:
-        last = train_without(out / name, settings, args.data_dir, np.union1d(drop, already), train_list, args.num_workers,
-                             args.device, "clean_and_retrain", out, TOOL)
-        acc = float(load_checkpoint(last)["metrics"]["val_acc"])
-        results[name] = {"test_accuracy": acc, "dropped": int(len(drop)),
-                         "dropped_truly_mislabeled": None if bad is None else int(len(set(drop.tolist()) & bad))}
-        log.info(f"clean-and-retrain arm {name:<16}: dropped {len(drop)}, test accuracy {acc:.4f}")
+
+    def measure(arm: Arm) -> dict:
+        return {"test_accuracy": float(load_checkpoint(retrainer.checkpoint(arm))["metrics"]["val_acc"]),
+                "dropped": int(len(arm.drop)),
+                "dropped_truly_mislabeled": None if bad is None else int(len(set(arm.drop.tolist()) & bad))}
+
+    rows = run_arms(arms, measure, lambda row: f"dropped {row['dropped']}, test accuracy {row['test_accuracy']:.4f}")
+    results = {arm.name: {k: row[k] for k in ("test_accuracy", "dropped", "dropped_truly_mislabeled")}
+               for arm, row in zip(arms, rows)}
     rand = np.array([v["test_accuracy"] for k, v in results.items() if k.startswith("random_")])
     summary = {
         "fraction": args.fraction, "score": args.score, "settings": settings, "arms": results,

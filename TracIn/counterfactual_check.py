@@ -20,15 +20,13 @@ run's seed + 0, 1, ...), and every change is paired: the arm minus the nothing-r
 - --retrain full (default): train.py with the original run's settings (checkpoint_dir/train_args.json: initial
   weights, seed, schedule, batch size); --arch/--epochs make it cheaper and are said in the output.
 - --retrain head: keeps the last checkpoint's backbone and retrains only fc from a seeded initialisation with
-  the original optimiser, schedule and batch size, on the cached penultimate features. It checks the layer
-  TracIn scores here in seconds, but is blind to what removal would have changed in the backbone.
+  the original optimiser, schedule and batch size, on the cached penultimate features (TracIn/retraining.py). It
+  checks the layer TracIn scores here in seconds, but is blind to what removal would have changed in the backbone.
 
 Writes out_dir (default results_dir/counterfactual/<retrain>)/counterfactual.json and prints, per method and
 k, the mean +- standard deviation over seeds of the change in the group's mean loss and margin and of the
 predictions flipped, beside the random control's. A method beats the control only when its mean loss
 change exceeds the control's by more than both standard deviations.
-
-Why one module over 300 lines: the whole protocol (lists, arms, paired changes, the table) is read in one place.
 """
 from __future__ import annotations
 
@@ -41,10 +39,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import UserError, cli, nonneg_int, positive_int, remove_inside_owned, resolve_device, save_json, scheduled_lr
-from data_utils import ImageListDataset, eval_transform, list_split, make_loader
-from model_architecture import load_checkpoint, logit_figures, model_from_checkpoint, model_to_device, predict
-from TracIn.clean_and_retrain import claim_arms_folder, original_exclusions, original_settings, train_without
+from common import UserError, cli, nonneg_int, positive_int, resolve_device, save_json
+from data_utils import list_split
+from model_architecture import logit_figures
+from TracIn.retraining import Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings, run_arms
 from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints
 from TracIn.arguments import DAMPING, FactorArguments, ScoreArguments, pick
 from TracIn.scores import score_topk, scoring_views, self_influence_from_view
@@ -150,38 +148,6 @@ def removal_set(lists, k: int) -> np.ndarray:
     return np.unique(np.concatenate([np.asarray(row)[:k] for row in lists])).astype(np.int64)
 
 
-# ---------------------------------------------------------------- retraining
-def retrain_head(x_train: torch.Tensor, y_train: np.ndarray, keep: np.ndarray, settings: dict, seed: int) -> torch.Tensor:
-    """fc retrained on frozen features (bias as a column of ones) with train.py's optimiser, schedule and
-    batch size; returns the weight (C, F + 1). Float64, CPU: a few seconds at demo size."""
-    g = torch.Generator().manual_seed(seed)
-    n_feat, n_classes = x_train.shape[1], int(y_train.max()) + 1
-    bound = 1.0 / np.sqrt(n_feat - 1)  # nn.Linear's default initialisation
-    w = ((torch.rand(n_classes, n_feat, generator=g, dtype=torch.float64) * 2 - 1) * bound).requires_grad_()
-    opt = torch.optim.Adam([w], lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
-    x, y = x_train[keep], torch.from_numpy(y_train[keep])
-    bs = settings["batch_size"]
-    for epoch in range(1, settings["epochs"] + 1):
-        for group in opt.param_groups:
-            group["lr"] = scheduled_lr(epoch, settings["lr_schedule"], settings["learning_rate"], settings["epochs"])
-        order = torch.randperm(len(x), generator=g)
-        for b in range(0, len(x), bs):
-            idx = order[b:b + bs]
-            loss = torch.nn.functional.cross_entropy(x[idx] @ w.T, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach()
-
-
-def full_test_logits(ckpt_path: Path, data_dir: str, num_workers: int, device) -> np.ndarray:
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_to_device(model_from_checkpoint(ckpt), device)
-    listing = list_split(data_dir, "test")
-    loader = make_loader(ImageListDataset(listing, eval_transform(ckpt)), 256, False, num_workers, str(device))
-    return predict(model, loader, device)["logits"]
-
-
 # ---------------------------------------------------------------- the check
 def summarize(raw: list[dict], methods, ks, n_seeds) -> dict:
     """Paired changes per (method, k): arm minus nothing-removed at the same seed, mean and std over seeds."""
@@ -249,14 +215,14 @@ def check(args) -> dict:
     if "knn" in methods:
         lists["knn"] = knn_lists(run_factors, group, ks[-1])
     rest = np.setdiff1d(np.arange(run_factors.n_test), group)
-    x_train = run_factors.features("train") if args.retrain == "head" else None
-    x_test = run_factors.features("test") if args.retrain == "head" else None
+    features = (run_factors.features("train"), run_factors.features("test")) if args.retrain == "head" else None
+    retrainer = Retrainer(args.retrain, settings, args.data_dir, run_factors.train_list, already, out / "arms", out, TOOL,
+                          args.num_workers, args.device, features)
 
-    raw = []
-    arms = [("none", 0)] + [(m, k) for m in methods for k in ks]
+    arms = []
     for s in range(args.seeds):
         seed = int(settings["seed"]) + s
-        for m, k in arms:
+        for m, k in [("none", 0)] + [(m, k) for m in methods for k in ks]:
             if m == "none":
                 drop = np.zeros(0, dtype=np.int64)
             elif m == "random":
@@ -264,31 +230,20 @@ def check(args) -> dict:
                 drop = removal_set(random_lists(train_labels, test_labels[group], k, rng), k)
             else:
                 drop = removal_set(lists[m], k)
-            t0 = time.time()
-            drop = np.union1d(drop, already)
-            if args.retrain == "head":
-                keep = np.ones(run_factors.n_train, dtype=bool)
-                keep[drop] = False
-                logits = (x_test @ retrain_head(x_train, train_labels, keep, settings, seed).T).numpy()
-            else:
-                arm_dir = out / "arms" / f"{m}-k{k}-seed{seed}"
-                last = train_without(arm_dir, {**settings, "seed": seed}, args.data_dir, drop, run_factors.train_list,
-                                     args.num_workers, args.device, "counterfactual", out, TOOL)
-                logits = full_test_logits(last, args.data_dir, args.num_workers, device)
-                np.save(arm_dir / "test_logits.npy", logits)
-                for sub in ("checkpoints", "models"):  # a few hundred MB per arm otherwise; exclude.csv and logits stay
-                    remove_inside_owned(arm_dir / sub, out, TOOL)
-            loss, margin, _ = logit_figures(logits[None], test_labels)
-            pred = logits.argmax(1)
-            raw.append({"method": m, "k": k, "seed": s, "train_seed": seed, "removed": int(len(drop)),
-                        "group_loss": float(loss[0, group].mean()), "group_margin": float(margin[0, group].mean()),
-                        "group_pred": pred[group].tolist(),
-                        "group_accuracy": float((pred[group] == test_labels[group]).mean()),
-                        "rest_accuracy": float((pred[rest] == test_labels[rest]).mean()) if len(rest) else float("nan"),
-                        "seconds": time.time() - t0})
-            log.info(f"arm {m:<17} k={k:<3} seed {seed}: removed {len(drop):>4}, group loss {raw[-1]['group_loss']:.4f}, "
-                     f"margin {raw[-1]['group_margin']:+.3f}, accuracy {raw[-1]['group_accuracy']:.2f} "
-                     f"({raw[-1]['seconds']:.1f}s)")
+            arms.append(Arm(f"{m}-k{k}-seed{seed}", drop, seed, {"method": m, "k": k, "seed": s, "train_seed": seed}))
+
+    def measure(arm: Arm) -> dict:
+        logits = retrainer.test_logits(arm)
+        loss, margin, _ = logit_figures(logits[None], test_labels)
+        pred = logits.argmax(1)
+        return {"removed": int(len(retrainer.left_out(arm))),
+                "group_loss": float(loss[0, group].mean()), "group_margin": float(margin[0, group].mean()),
+                "group_pred": pred[group].tolist(),
+                "group_accuracy": float((pred[group] == test_labels[group]).mean()),
+                "rest_accuracy": float((pred[rest] == test_labels[rest]).mean()) if len(rest) else float("nan")}
+
+    raw = run_arms(arms, measure, lambda row: f"removed {row['removed']:>4}, group loss {row['group_loss']:.4f}, "
+                                              f"margin {row['group_margin']:+.3f}, accuracy {row['group_accuracy']:.2f}")
     summary = summarize(raw, methods, ks, args.seeds)
     result = {
         "retrain": args.retrain, "settings": settings, "methods": methods, "k": ks, "seeds": args.seeds,

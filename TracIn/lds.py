@@ -10,7 +10,7 @@ Spearman correlation over j between prediction and margin, averaged over the tes
 interval over test images).
 
 --retrain head: the fc layer retrained on the last checkpoint's cached features with the original run's optimiser,
-schedule, batch size and epochs (counterfactual_check.retrain_head), so 200 subsets take minutes on a CPU.
+schedule, batch size and epochs (TracIn/retraining.py, through training.fit), so 200 subsets take minutes on a CPU.
 --retrain full: train.py on each subset with the original run's settings (--arch/--epochs make it cheaper, and are
 part of the store's identity), its last checkpoint's test margins recorded; 50 subsets by default. Each subset is one record in out_dir/subsets/ (written atomically, keyed by the TracIn
 run and the subset settings): a killed run continues where it stopped, and any scoring method, new or old, is
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, remove_inside_owned, positive_int, read_json, resolve_device,
-                    save_json)
-from TracIn.clean_and_retrain import original_exclusions, original_settings, train_without
-from TracIn.counterfactual_check import RunFactors, full_test_logits, retrain_head
+from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, positive_int, read_json,
+                    resolve_device, save_json)
+from TracIn.counterfactual_check import RunFactors
+from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
 from model_architecture import logit_figures
 from TracIn.arguments import DAMPING
 from TracIn.lds_score import choose_damping, records_matrices
@@ -159,8 +159,9 @@ class SubsetStore:
 def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.ndarray, args, device, stop_after: int | None = None) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
     y_train, y_test = run_factors.train_list.labels, run_factors.test_list.labels
-    if args.retrain == "head":
-        x_train, x_test = run_factors.features("train"), run_factors.features("test")
+    features = (run_factors.features("train"), run_factors.features("test")) if args.retrain == "head" else None
+    retrainer = Retrainer(args.retrain, settings, args.data_dir, run_factors.train_list, np.zeros(0, dtype=np.int64),
+                          store.dir.parent / "work", store.dir.parent, TOOL, args.num_workers, args.device, features)
     done = 0
     for j in range(args.num_subsets):
         if store.has(j) or (args.shard is not None and j % args.shard[1] != args.shard[0]):
@@ -171,15 +172,9 @@ def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.n
         logits = 0.0
         margins, losses = [], []
         for m in range(args.models_per_subset):
-            seed = int(settings["seed"]) + 1000 * j + m
-            if args.retrain == "head":
-                logits = (x_test @ retrain_head(x_train, y_train, keep, settings, seed).T).numpy()
-            else:  # train.py in its own process on the subset, then the test split through the last checkpoint
-                work = store.dir.parent / "work"
-                last = train_without(work / f"subset_{j:05d}", {**settings, "seed": seed}, args.data_dir, np.flatnonzero(~keep),
-                                     run_factors.train_list, args.num_workers, args.device, "lds", store.dir.parent, TOOL)
-                logits = full_test_logits(last, args.data_dir, args.num_workers, device)
-                remove_inside_owned(work / f"subset_{j:05d}", store.dir.parent, TOOL)
+            # the original run's exclusions are outside every subset already (candidates), so in drop
+            arm = Arm(f"subset_{j:05d}", np.flatnonzero(~keep), int(settings["seed"]) + 1000 * j + m)
+            logits = retrainer.test_logits(arm, keep_folder=False)
             loss, margin, _ = logit_figures(logits[None], y_test)
             margins.append(margin[0])
             losses.append(loss[0])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from common import UserError, resolve_device
-from TracIn import counterfactual_check as cc, efficient_tracin as et
+from TracIn import counterfactual_check as cc, efficient_tracin as et, retraining
 from TracIn.results import load_results
 
 
@@ -66,7 +66,7 @@ def test_head_retrain_and_normalized_lists(prepared, trained, tmp_path):
     run_factors = cc.RunFactors(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
     x, y = run_factors.features("train"), run_factors.train_list.labels
     keep = np.ones(len(y), dtype=bool)
-    w = [cc.retrain_head(x, y, keep, res["settings"], seed) for seed in (0, 0, 1)]
+    w = [retraining.retrain_head(x, y, keep, res["settings"], seed) for seed in (0, 0, 1)]
     assert np.array_equal(w[0], w[1]) and not np.array_equal(w[0], w[2])
 
 

@@ -19,7 +19,7 @@ import train
 from common import UserError, os_error_message
 from data_utils import data_identity, list_split, read_exclusions
 from TracIn import (analyze_misprediction_influences, analyze_topk_results, clean_and_retrain, counterfactual_check,
-                    efficient_tracin as et, factors, mislabel_detection, report)
+                    efficient_tracin as et, factors, mislabel_detection, report, retraining)
 from TracIn.results import load_results, run_id
 from helpers import make_random_checkpoints, make_raw_tree, write_false_predictions
 from helpers import wait_for
@@ -399,14 +399,14 @@ def test_retrains_leave_out_what_the_original_run_left_out(prepared, trained, tm
     train_list = list_split(prepared, "train")
     saved["excluded"] = {"train_idx": [3], "path": [train_list.paths[3]]}
     (ckpt / "train_args.json").write_text(json.dumps(saved))
-    assert clean_and_retrain.original_exclusions(ckpt, train_list).tolist() == [3]
+    assert retraining.original_exclusions(ckpt, train_list).tolist() == [3]
     drops = {}
 
     def fake_train_without(arm_dir, settings, data_dir, drop, listing, num_workers, device, tag, owner, tool):
         drops[arm_dir.name] = drop.tolist()
         return trained / "ckpt" / "finetune_epoch_2.pth"
 
-    monkeypatch.setattr(clean_and_retrain, "train_without", fake_train_without)
+    monkeypatch.setattr(retraining, "train_without", fake_train_without)
     assert clean_and_retrain.main(["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--checkpoint_dir", str(ckpt),
                                    "--out_dir", str(tmp_path / "cr"), "--random_seeds", "2", "--fraction", "0.2"]) == 0
     assert len(drops) == 5 and all(3 in d for d in drops.values())
@@ -414,7 +414,7 @@ def test_retrains_leave_out_what_the_original_run_left_out(prepared, trained, tm
     saved["data_train_key"] = "0" * 16  # the data changed since the original run: its indices name other images
     (ckpt / "train_args.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="changed since the run"):
-        clean_and_retrain.original_exclusions(ckpt, train_list)
+        retraining.original_exclusions(ckpt, train_list)
 
 
 def test_empty_or_foreign_false_predictions_are_one_line(world, trained, prepared, tmp_path):
