@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 
 from common import UserError, cli, read_json as read_checked_json
+from TracIn.results import run_id
+from TracIn.run_folder import current
 
 
 def parse_args(argv=None):
@@ -28,17 +30,26 @@ def read_json(path: Path) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     ev = read_json(Path(args.eval_dir) / "metrics_test.json")
-    run = read_json(Path(args.results_dir) / "run.json")["summary"]
-    det = read_json(Path(args.results_dir) / "mislabel_detection.json")
+    record = read_json(Path(args.results_dir) / "run.json")
+    run = record["summary"]
+
+    def derived(name: str, file: str) -> dict:  # a tool folder of this TracIn run, or one line saying why not
+        notes = []
+        folder = current(Path(args.results_dir), name, run_id(record), notes)
+        if folder is None:
+            raise UserError(notes[0] if notes else f"{Path(args.results_dir) / name} is missing; run the demo steps first (make demo)")
+        return read_json(folder / file)
+
+    det = derived("mislabel", "mislabel_detection.json")
     metrics, default = det["metrics"], det["score"]
     cr_path = Path(args.results_dir) / "clean_and_retrain" / "clean_and_retrain.json"
     cr = read_json(cr_path) if cr_path.exists() else None
     cf_path = Path(args.results_dir) / "counterfactual" / "head" / "counterfactual.json"
     cf = read_json(cf_path) if cf_path.exists() else None
-    mis = read_json(Path(args.results_dir) / "misprediction_summary.json")
-    top = read_json(Path(args.results_dir) / "analysis" / "summary.json")
+    mis = derived("misprediction", "misprediction_summary.json")
+    top = derived("analysis", "summary.json")
     n_bad = det["n_mislabeled"]
-    score_fn = read_json(Path(args.results_dir) / "run.json")["args"].get("score_fn", "tracin")
+    score_fn = record["args"].get("score_fn", "tracin")
     lines = [
         "=" * 72,
         "demo report",
@@ -58,10 +69,10 @@ def main(argv=None):
              "loss_last": "   <- baseline: last-checkpoint loss"}.get(name, "")
           for name in dict.fromkeys((default, "self_influence_rank", "self_influence", "loss_last")) if name in metrics],
         f"  figures: {args.results_dir}/analysis/dashboard.png, {args.results_dir}/analysis/panels/, "
-        f"{args.results_dir}/mislabel_detection.png, false_predictions/combined_mispredictions.png, "
+        f"{args.results_dir}/mislabel/mislabel_detection.png, false_predictions/combined_mispredictions.png, "
         f"false_predictions/gradcam_mispredictions.png, {args.eval_dir}/confusion_matrix_test.png",
-        f"  tables: {args.results_dir}/top_k_influences.csv, mislabel_candidates.csv, misprediction_cross_analysis.csv, "
-        f"misprediction_influence_analysis.csv, analysis/most_influential.csv, false_predictions/false_predictions.csv",
+        f"  tables: {args.results_dir}/top_k_influences.csv, mislabel_candidates.csv, misprediction_influence_analysis.csv "
+        f"(links into mislabel/ and misprediction/), analysis/most_influential.csv, false_predictions/false_predictions.csv",
     ]
     if cr is not None:
         a = cr["arms"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, claim_files, cli, file_sha256, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
+from common import claim_files, cli, file_sha256, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
 from data_utils import data_identity
 from model_architecture import evaluate_model, find_best_model, predictions_frame
 

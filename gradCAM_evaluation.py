@@ -7,8 +7,9 @@ is used instead, and the figure title says which.
     $ python gradCAM_evaluation.py --test_idx 100 --num_proponents 6
 
 Writes false_predictions/gradcam_mispredictions.png (map of the predicted class over each
-mispredicted test image; each also alone as false_predictions/gradcam/test_{idx}.png for the report) and TracIn/results/gradcam_test_{idx}_proponents.png (the test
-image beside its top proponents, each with the map of its own given class).
+mispredicted test image; each also alone as false_predictions/gradcam/test_{idx}.png for the report) and
+TracIn/results/gradcam/gradcam_test_{idx}_proponents.png (the test image beside its top proponents, each with the map of
+its own given class; a tool folder of the run, TracIn/run_folder.py, with the TracIn run and model it came from).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +25,8 @@ from common import (UserError, building, check_replaceable, claim_files, cli, fi
                     resolve_device, save_figure, save_json)
 from data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from model_architecture import find_best_model, load_checkpoint, model_from_checkpoint
-from TracIn.results import RECORD, load_results
+from TracIn.results import RECORD, load_results, run_id
+from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "gradCAM_evaluation"
@@ -207,6 +208,7 @@ def main(argv=None):
 
     res = Path(args.results_dir)
     if (res / RECORD).exists():
+        check_replaceable(res / "gradcam", TOOL, "--results_dir")
         r = load_results(res, data_dir=args.data_dir)
         idx, vals = r["top_k_influences_indices"], r["top_k_influences_values"]
         t = args.test_idx if args.test_idx is not None else (int(wrong["index"].iloc[0]) if len(wrong) else int(r["test_indices"][0]))
@@ -221,9 +223,10 @@ def main(argv=None):
             overlay(axes[0, j + 1], paths[j + 1], cams[j + 1], f"proponent {j + 1}: #{idx[row, j]}\n{names[targets[j + 1]]} ({vals[row, j]:.3g})")
         fig.suptitle(f"Grad-CAM ({layer_name}) of each image's own label", fontsize=9)
         fig.tight_layout()
-        outputs.append(res / f"gradcam_test_{t}_proponents.png")
-        save_figure(outputs[-1], fig)
-        claim_files(res, [outputs[-1].name], TOOL)
+        with tool_folder(res / "gradcam", TOOL, {"tracin_run": run_id(r.record), "model": str(model_path),
+                                                 "model_sha256": model_sha}, "--results_dir") as build:
+            save_figure(build / f"gradcam_test_{t}_proponents.png", fig)
+        outputs.append(res / "gradcam" / f"gradcam_test_{t}_proponents.png")
     log.info("Grad-CAM: " + (", ".join(map(str, outputs)) if outputs else "nothing to show (no mispredictions, no TracIn results)"))
     return 0
 

@@ -80,7 +80,7 @@ def load_state_file(path: str | os.PathLike) -> dict:
 
 
 def make_checkpoint(model: nn.Module, *, arch: str, class_names: list[str], image_size: int, mean, std,
-                    epoch: int, lr: float, metrics: dict, optimizer=None, scheduler=None, extra: dict | None = None) -> dict:
+                    epoch: int, lr: float, metrics: dict, optimizer=None, scheduler=None, metadata: dict | None = None) -> dict:
     """The self-describing checkpoint dict (nanoGPT style)."""
     module = model.module if hasattr(model, "module") else model
     ckpt = {
@@ -100,8 +100,8 @@ def make_checkpoint(model: nn.Module, *, arch: str, class_names: list[str], imag
         ckpt["optimizer_state"] = optimizer.state_dict()
     if scheduler is not None:
         ckpt["scheduler_state"] = scheduler.state_dict()
-    if extra:
-        ckpt.update(extra)
+    if metadata:
+        ckpt.update(metadata)
     return ckpt
 
 

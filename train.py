@@ -11,8 +11,9 @@ checkpoint_dir/last.pth every epoch (for --resume), and the best model (by test 
 as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
 
-Why one script over 300 lines: training stays one readable file (arguments, the loop, DDP, exact resume,
-checkpoints and dynamics), as nanoGPT keeps its scripts flat; retraining tools call it as a process.
+Why one script over 300 lines: a training run stays one readable file (arguments, exact resume, what each batch and
+epoch records, checkpoints), as nanoGPT keeps its scripts flat; the loop itself is training.fit, shared with every
+retrain, and retraining tools run this script as a process (`python -m train`).
 """
 from __future__ import annotations
 
@@ -27,19 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast, cli, ensure_output_dir, git_commit,
                     mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int, read_json,
                     remove_inside_owned,
-                    resolve_device, save_json, scheduled_lr, set_seed)
+                    save_json, scheduled_lr, set_seed)
 from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
                         read_exclusions)
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
-from training import fit
+from training import Dist, fit
 from training_dynamics import DynamicsRecorder, load_dynamics
 
 log = logging.getLogger(__name__)
@@ -105,51 +105,6 @@ def resolve_weights(arch: str, weights: str) -> str | None:
 def lr_at(epoch: int, args) -> float:
     """Learning rate during 1-based `epoch` (common.scheduled_lr with train.py's flags)."""
     return scheduled_lr(epoch, args.lr_schedule, args.learning_rate, args.epochs)
-
-
-class Dist:
-    """torchrun awareness: rank, world size, reductions; a no-op in a single process."""
-
-    def __init__(self, device_name: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1:
-            use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-            self.device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-        else:
-            self.device = resolve_device(device_name)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def sum_array(self, values: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self.device)
-        dist.all_reduce(t)
-        return t.cpu().numpy()
-
-    def gather_eval(self, preds: dict) -> dict:
-        """All ranks' predictions, concatenated (rank 0 needs them for metrics)."""
-        if self.world == 1:
-            return preds
-        parts = [None] * self.world
-        dist.all_gather_object(parts, preds)
-        return {k: np.concatenate([p[k] for p in parts]) for k in preds}
-
-    def close(self):
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 # What defines a training run: a --resume must continue it with the very same settings.
@@ -325,11 +280,11 @@ def train(args) -> dict:
         if is_ckpt:
             # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
             prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
-            save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, extra=run_tag),
+            save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, metadata=run_tag),
                             ckpt_dir / f"finetune_epoch_{epoch}.pth")
         if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
             path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
-            save_checkpoint(make_checkpoint(module, lr=lr, **common, extra=run_tag), path)
+            save_checkpoint(make_checkpoint(module, lr=lr, **common, metadata=run_tag), path)
             if best["path"] and Path(best["path"]) != path:
                 Path(best["path"]).unlink(missing_ok=True)
             best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
@@ -337,7 +292,7 @@ def train(args) -> dict:
                 tmp.write_text(str(path) + "\n")
         dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
         save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
-                                        extra={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
+                                        metadata={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
         return best
 
     epoch_start = [time.time()]

@@ -7,14 +7,20 @@
 TracIn/retraining.py's fc-only retrainer (float64 on cached features), so every removal experiment and the LDS
 retrain with the very loop that trained the original model. What differs between them is in the arguments:
 `step(x, y)` gives the logits and loss of one batch, `batches(epoch)` gives an epoch's batches (and does that epoch's
-seeding), and the callbacks record what a trainer keeps. Training depends on nothing in TracIn/.
+seeding), and the callbacks record what a trainer keeps. `Dist` is train.py's torchrun awareness (rank, world size,
+reductions; a no-op in one process). Training depends on nothing in TracIn/.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from common import resolve_device
 
 
 @dataclass
@@ -72,3 +78,48 @@ def example_figures(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     other = logits.scatter(-1, y.unsqueeze(-1), -float("inf")).amax(-1)
     el2n = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)).norm(dim=-1)
     return loss, given - other, el2n
+
+
+class Dist:
+    """torchrun awareness: rank, world size, reductions; a no-op in a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+        else:
+            self.device = resolve_device(device_name)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_array(self, values: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def gather_eval(self, preds: dict) -> dict:
+        """All ranks' predictions, concatenated (rank 0 needs them for metrics)."""
+        if self.world == 1:
+            return preds
+        per_rank = [None] * self.world
+        dist.all_gather_object(per_rank, preds)
+        return {k: np.concatenate([p[k] for p in per_rank]) for k in preds}
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()

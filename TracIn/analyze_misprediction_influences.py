@@ -3,13 +3,15 @@
     $ python -m TracIn.analyze_misprediction_influences --results_dir TracIn/results \
         --false_predictions false_predictions/false_predictions.csv
 
-Writes to --results_dir:
+Writes results_dir/misprediction/ (TracIn/run_folder.py: built whole, with inputs.json):
 - misprediction_influence_analysis.csv: per mispredicted training image: appearances in
   top-k proponent/opponent lists, influence statistics, how many of the test images it
   supports are themselves mispredicted, and the class it pushes those predictions toward;
 - misprediction_cross_analysis.csv: per (mispredicted test image, mispredicted training
   image among its proponents): test_idx, train_idx, both paths, true and predicted classes,
-  influence, rank, and same_error (same true class and same wrong prediction).
+  influence, rank, and same_error (same true class and same wrong prediction);
+- misprediction_summary.json: the figures printed below.
+misprediction_influence_analysis.csv is linked as results_dir/misprediction_influence_analysis.csv.
 Prints negative influences, high-impact mispredicted training images, the error-propagation
 rate and the top confusion pairs.
 """
@@ -22,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, claim_files, cli, nonneg_int, save_csv, save_json
+from common import UserError, check_replaceable, cli, nonneg_int, save_csv, save_json
 from data_utils import list_split, read_false_predictions
 from TracIn.results import load_results, run_id
+from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
+TOOL = "analyze_misprediction_influences"
 
 
 def parse_args(argv=None):
@@ -34,15 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
     p.add_argument("--false_predictions", default="false_predictions/false_predictions.csv", help="from false_prediction.py")
-    p.add_argument("--out_dir", default=None, help="where to write (default: --results_dir)")
+    p.add_argument("--out_dir", default=None, help="this tool's folder, replaced whole (default: results_dir/misprediction)")
     p.add_argument("--high_impact", type=nonneg_int, default=5,
                    help="a mispredicted training image is high-impact above this many top-k appearances (default 5)")
     return p.parse_args(argv)
 
 
 def analyze(args) -> dict:
+    out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "misprediction"), TOOL, "--out_dir")
     r = load_results(args.results_dir, data_dir=args.data_dir)
-    fp, _ = read_false_predictions(args.false_predictions, args.data_dir)
+    fp, fp_record = read_false_predictions(args.false_predictions, args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     for split, listing in (("train", train_list), ("test", test_list)):
         rows = fp[fp.split == split]
@@ -93,9 +98,6 @@ def analyze(args) -> dict:
                                      "opponent_count", "mean_influence_as_proponent", "max_influence_as_proponent",
                                      "mispredicted_tests_supported", "pushes_toward", "self_influence"])
     per = per.sort_values(["proponent_count", "mispredicted_tests_supported"], ascending=False, kind="stable")
-    out = Path(args.out_dir or args.results_dir)
-    save_csv(out / "misprediction_influence_analysis.csv", per)
-    save_csv(out / "misprediction_cross_analysis.csv", cross)
 
     test_patterns = set(zip(wrong_test.true_label, wrong_test.pred_label))
     train_patterns = list(zip(wrong_train.true_label, wrong_train.pred_label))
@@ -111,9 +113,12 @@ def analyze(args) -> dict:
         "top_confusions": [f"{a} -> {b}: {n}" for (a, b), n in confusion.items()],
     }
     summary["tracin_run"] = run_id(r.record)  # what these tables were computed from
-    save_json(out / "misprediction_summary.json", summary)
-    claim_files(out, ["misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json"],
-                "analyze_misprediction_influences")
+    inputs = {"tracin_run": summary["tracin_run"], "false_predictions": str(args.false_predictions),
+              "model_sha256": fp_record.get("model_sha256")}
+    with tool_folder(out, TOOL, inputs) as build:
+        save_csv(build / "misprediction_influence_analysis.csv", per)
+        save_csv(build / "misprediction_cross_analysis.csv", cross)
+        save_json(build / "misprediction_summary.json", summary)
     return summary
 
 

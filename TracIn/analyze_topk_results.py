@@ -16,9 +16,10 @@ import logging
 import numpy as np
 import pandas as pd
 
-from common import building, check_replaceable, cli, positive_int, save_csv, save_figure, save_json
+from common import check_replaceable, cli, positive_int, save_csv, save_figure, save_json
 from data_utils import list_split, load_rgb
 from TracIn.results import load_results, run_id
+from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_topk_results"
@@ -196,7 +197,7 @@ def analyze(args) -> dict:
     r = load_results(args.results_dir, data_dir=args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     # built beside and swapped in whole: no panel of an earlier run stays next to the new ones
-    with building(args.out_dir, TOOL, "--out_dir") as out:
+    with tool_folder(args.out_dir, TOOL, {"tracin_run": run_id(r.record)}) as out:
         save_figure(out / "score_distribution.png", score_distribution(r))
         share = class_share(r, train_list, test_list)
         save_csv(out / "class_proponent_share.csv", share.reset_index())

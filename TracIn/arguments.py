@@ -5,12 +5,17 @@
     factor_args.key(projected)   # part of the factor cache's folder name and of the run identity
     score_args.key()             # part of the run identity (empty for plain TracIn, so TracIn runs keep theirs)
 
-efficient_tracin's command line (TracInConfig) is flat, as users type it and as run.json records it; it builds these
-two objects, and the library (factors.py, scores.py) takes them, never the command line.
+TracInConfig holds one job's settings flat, as efficient_tracin's flags name them and as run.json records them, and
+checks them; it builds the two stage objects, and the library (factors.py, scores.py) takes those, never the command
+line. A job from Python, without argv:
+
+    from TracIn.arguments import TracInConfig
+    from TracIn.job import tracin_job
+    summary = tracin_job(TracInConfig(data_dir="data/processed", output_dir="TracIn/results", top_k=20))
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -90,8 +95,8 @@ class ScoreArguments:
         """What --score_fn adds to a run's identity (nothing for plain TracIn, so TracIn runs keep theirs)."""
         if self.score_fn == "tracin":
             return {}
-        extra = {"trak_dim": self.trak_dim} if self.score_fn == "trak" else {}
-        return {"score_fn": self.score_fn, **({} if self.score_fn == "tracin_last" else {"damping": self.damping}), **extra}
+        trak = {"trak_dim": self.trak_dim} if self.score_fn == "trak" else {}
+        return {"score_fn": self.score_fn, **({} if self.score_fn == "tracin_last" else {"damping": self.damping}), **trak}
 
 
 def pick(cls, settings) -> object:
@@ -99,3 +104,61 @@ def pick(cls, settings) -> object:
     taking the defaults of fields they lack."""
     values = settings if isinstance(settings, dict) else vars(settings)
     return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values and values[f.name] not in (None, "")})
+
+
+@dataclass
+class TracInConfig:
+    """Validated settings of one TracIn run; each check names the flag to fix."""
+
+    data_dir: str = "data/processed"
+    checkpoint_dir: str = "models/checkpoints"
+    output_dir: str = "TracIn/results"
+    checkpoints: list[str] = field(default_factory=list)
+    lr_weights: list[float] = field(default_factory=list)
+    layers: list[str] = field(default_factory=lambda: ["fc"])
+    top_k: int = 100
+    batch_size: int = 32
+    train_subset: int = 0
+    test_subset: int = 0
+    seed: int = 0
+    test_block: int = 1024
+    train_block: int = 8192
+    device: str = "auto"
+    num_workers: int = 2
+    self_influence: bool = True
+    overwrite: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    merge: bool = False
+    amp: bool = False
+    normalize: str = ""
+    score_fn: str = SCORE_FN
+    damping: float = DAMPING
+    trak_dim: int = 2048
+    cache_dir: str = ""
+    proj_dim: int = 16
+    proj_seed: int = 0
+    project_linear: bool = False
+
+    def __post_init__(self):
+        if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
+            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
+        self.factor_args()  # each stage's arguments check themselves
+        self.score_args()
+        if self.train_subset < 0 or self.test_subset < 0:
+            raise UserError("--train_subset/--test_subset must be >= 0 (0 means the whole split)")
+        if any(not np.isfinite(w) or w <= 0 for w in self.lr_weights):
+            raise UserError("--lr_weights must be positive numbers")
+        if self.cache_dir and self.num_shards > 1:
+            raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
+        if self.num_shards > 1 and self.score_fn not in ("tracin", "tracin_last"):
+            raise UserError(f"--score_fn {self.score_fn} needs the whole training set's curvature, which one shard does not "
+                            "have; shard with --score_fn tracin or tracin_last, or run unsharded")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
+
+    def factor_args(self) -> FactorArguments:
+        return pick(FactorArguments, self)
+
+    def score_args(self) -> ScoreArguments:
+        return pick(ScoreArguments, self)

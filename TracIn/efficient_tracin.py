@@ -3,8 +3,8 @@
     $ python -m TracIn.efficient_tracin                                   # influence_last (the default), top-100, fc
     $ python -m TracIn.efficient_tracin --score_fn tracin --top_k 20      # re-scores from the factor cache: no forward pass
 
-This file is the flags and their checks (TracInConfig, flat as run.json records them); the work is in the library:
-job.py (one run, shard or merge), factors.py (stage 1: per-example factors (a, d) cached per checkpoint, resumable,
+This file is the flags; the work is in the library: arguments.py (TracInConfig, the settings flat as run.json
+records them, checked, and the two stages' argument objects), job.py (one run, shard or merge), factors.py (stage 1: per-example factors (a, d) cached per checkpoint, resumable,
 keyed by the image list, the checkpoint's bytes and FactorArguments.key), scores.py + curvature.py (stage 2: blocks of
 scores summed over checkpoints before a streamed top-k; the full n_test x n_train matrix never exists), shards.py
 (--num_shards N --shard_index i, then --merge: bit-identical to one run; TracIn scores only) and results.py (the files:
@@ -16,72 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from common import UserError, cli, nonneg_int, positive_float, positive_int
-from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FN, SCORE_FNS, FactorArguments, ScoreArguments, pick
+from common import cli, nonneg_int, positive_float, positive_int
+from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FN, SCORE_FNS, TracInConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TracInConfig:
-    """Validated settings of one TracIn run; each check names the flag to fix."""
-
-    data_dir: str = "data/processed"
-    checkpoint_dir: str = "models/checkpoints"
-    output_dir: str = "TracIn/results"
-    checkpoints: list[str] = field(default_factory=list)
-    lr_weights: list[float] = field(default_factory=list)
-    layers: list[str] = field(default_factory=lambda: ["fc"])
-    top_k: int = 100
-    batch_size: int = 32
-    train_subset: int = 0
-    test_subset: int = 0
-    seed: int = 0
-    test_block: int = 1024
-    train_block: int = 8192
-    device: str = "auto"
-    num_workers: int = 2
-    self_influence: bool = True
-    overwrite: bool = False
-    shard_index: int = 0
-    num_shards: int = 1
-    merge: bool = False
-    amp: bool = False
-    normalize: str = ""
-    score_fn: str = SCORE_FN
-    damping: float = DAMPING
-    trak_dim: int = 2048
-    cache_dir: str = ""
-    proj_dim: int = 16
-    proj_seed: int = 0
-    project_linear: bool = False
-
-    def __post_init__(self):
-        if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
-            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
-        self.factor_args()  # each stage's arguments check themselves
-        self.score_args()
-        if self.train_subset < 0 or self.test_subset < 0:
-            raise UserError("--train_subset/--test_subset must be >= 0 (0 means the whole split)")
-        if any(not np.isfinite(w) or w <= 0 for w in self.lr_weights):
-            raise UserError("--lr_weights must be positive numbers")
-        if self.cache_dir and self.num_shards > 1:
-            raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
-        if self.num_shards > 1 and self.score_fn not in ("tracin", "tracin_last"):
-            raise UserError(f"--score_fn {self.score_fn} needs the whole training set's curvature, which one shard does not "
-                            "have; shard with --score_fn tracin or tracin_last, or run unsharded")
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
-
-    def factor_args(self) -> FactorArguments:
-        return pick(FactorArguments, self)
-
-    def score_args(self) -> ScoreArguments:
-        return pick(ScoreArguments, self)
 
 
 def parse_args(argv=None) -> TracInConfig:
@@ -131,15 +70,10 @@ def parse_args(argv=None) -> TracInConfig:
     return TracInConfig(**{k: v for k, v in vars(a).items() if k != "no_self_influence"}, self_influence=not a.no_self_influence)
 
 
-def run(cfg: TracInConfig, _stop_after_batches: int | None = None) -> dict:
-    """One job with these settings (TracIn/job.py): a run, a shard, or the merge."""
-    from TracIn.job import tracin_job
-
-    return tracin_job(cfg, _stop_after_batches)
-
-
 def main(argv=None):
-    run(parse_args(argv))
+    from TracIn.job import tracin_job  # the job: a run, a shard, or the merge
+
+    tracin_job(parse_args(argv))
     return 0
 
 

@@ -58,10 +58,10 @@ def target_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
     return sorted(out, key=order.__getitem__)
 
 
-def _stable_seed(*parts) -> int:
+def _stable_seed(*keys) -> int:
     import hashlib
 
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(":".join(map(str, keys)).encode()).digest()[:8], "little") >> 1
 
 
 def projection(width: int, r: int, seed: int, layer: str, side: str) -> torch.Tensor | None:

@@ -17,9 +17,10 @@ Detectors (higher = more suspicious), all from data the pipeline already compute
 - ensemble (the default): the mean rank quantile of loss_last and aum (loss_last alone without
   training dynamics); chosen by the table in docs/mislabel.md over 8 data set x noise cells.
 
-Writes results_dir/mislabel_candidates.csv ranked by --score (column `rank`; every detector is a
-column). Where data_dir/mislabeled_ground_truth.csv exists (injected label noise) it also writes
-mislabel_detection.json and .png: recall at 5/10/20% inspected, average precision, ROC AUC of all.
+Writes results_dir/mislabel/ (TracIn/run_folder.py: built whole, with inputs.json) holding mislabel_candidates.csv
+ranked by --score (column `rank`; every detector is a column; linked as results_dir/mislabel_candidates.csv) and
+mislabel_detection.json. Where data_dir/mislabeled_ground_truth.csv exists (injected label noise) the json also holds
+recall at 5/10/20% inspected, average precision and ROC AUC of every detector, and mislabel_detection.png plots them.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, claim_files, cli, read_table, save_csv, save_figure, save_json
+from common import UserError, check_replaceable, cli, read_table, save_csv, save_figure, save_json
 from data_utils import list_split
 from TracIn.results import load_results, run_id
+from TracIn.run_folder import tool_folder
 from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
+TOOL = "mislabel_detection"
 FRACTIONS = (0.05, 0.10, 0.20)
 DETECTORS = ("ensemble", "aum", "loss_mean", "el2n", "self_influence_rank", "self_influence", "loss_last", "forgetting",
              "opponent_count")
@@ -120,7 +123,7 @@ def detector_scores(r, dynamics: dict | None, train_ids: np.ndarray) -> dict[str
 def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoint_dir: str = "models/checkpoints",
            score: str = DEFAULT_SCORE) -> dict:
     results_dir = Path(results_dir)
-    out = Path(out_dir) if out_dir else results_dir
+    out = check_replaceable(Path(out_dir) if out_dir else results_dir / "mislabel", TOOL, "--out_dir")
     r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
     dynamics = load_dynamics(checkpoint_dir, len(listing.paths), listing.class_names,
@@ -146,7 +149,7 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     # what the table was computed from: a reader compares it with the TracIn run it sits beside
     report = {"n_train": int(len(train_ids)), "score": score, "detectors": list(scores), "tracin_run": run_id(r.record),
               "train_run": None if dynamics is None else str(dynamics.get("train_run", ""))}
-    written = ["mislabel_candidates.csv", "mislabel_detection.json"]
+    figure = None
     if gt_path.exists():
         gt = read_table(gt_path, {"train_index": "int"}, f"re-prepare {data_dir}")
         is_bad = np.isin(train_ids, gt.train_index.to_numpy())
@@ -154,11 +157,13 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
         report["n_mislabeled"] = int(is_bad.sum())
         report["metrics"] = {name: evaluate(np.nan_to_num(v, nan=-np.inf), is_bad) for name, v in scores.items()}
         shown = {name: v for name, v in scores.items() if name in (score, "self_influence", "self_influence_rank", "loss_last", "aum")}
-        save_figure(out / "mislabel_detection.png", plot_curves(shown, is_bad))
-        written.append("mislabel_detection.png")
-    save_csv(out / "mislabel_candidates.csv", table)
-    save_json(out / "mislabel_detection.json", report)
-    claim_files(out, written, "mislabel_detection")
+        figure = plot_curves(shown, is_bad)
+    with tool_folder(out, TOOL, {"tracin_run": report["tracin_run"], "train_run": report["train_run"],
+                                 "data_train_key": r.record["data"].get("train_key")}) as build:
+        if figure is not None:
+            save_figure(build / "mislabel_detection.png", figure)
+        save_csv(build / "mislabel_candidates.csv", table)
+        save_json(build / "mislabel_detection.json", report)
     return report
 
 
@@ -199,14 +204,14 @@ def parse_args(argv=None):
                    help="train.py's folder with training_dynamics.npz, for aum and forgetting (default models/checkpoints)")
     p.add_argument("--score", choices=DETECTORS, default=DEFAULT_SCORE,
                    help=f"detector that orders mislabel_candidates.csv (default {DEFAULT_SCORE}; see docs/mislabel.md)")
-    p.add_argument("--out_dir", default=None, help="where to write (default: --results_dir)")
+    p.add_argument("--out_dir", default=None, help="this tool's folder, replaced whole (default: results_dir/mislabel)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     r = detect(args.results_dir, args.data_dir, args.out_dir, args.checkpoint_dir, args.score)
-    out = args.out_dir or args.results_dir
+    out = args.out_dir or Path(args.results_dir) / "mislabel"
     for name, m in r.get("metrics", {}).items():
         log.info(f"mislabel detection by {name:<20}: recall@5% {m['recall_at_5pct']:.3f}  recall@10% {m['recall_at_10pct']:.3f}  "
                  f"recall@20% {m['recall_at_20pct']:.3f}  AP {m['average_precision']:.3f}  ROC AUC {m['roc_auc']:.3f}"

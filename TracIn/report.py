@@ -43,6 +43,7 @@ from common import (UserError, building, check_replaceable, cli, identity_mismat
                     read_table)
 from data_utils import SplitListing, data_identity, list_split, read_false_predictions
 from TracIn.results import RECORD, index_of, load_results, run_id
+from TracIn.run_folder import current
 
 log = logging.getLogger(__name__)
 TOOL = "report"
@@ -294,9 +295,10 @@ def build(args) -> dict:
             notes.append(f"{kind} lists: {(rows < 0).sum()} test images of the main run were not scored there")
 
     # mislabel candidates (optional)
-    cand_path = res_dir / "mislabel_candidates.csv"
+    mislabel_dir = current(res_dir, "mislabel", this_run, notes)
+    cand_path = (mislabel_dir or res_dir / "mislabel") / "mislabel_candidates.csv"
     detectors, cand = [], None
-    det_json = derived_json(res_dir / "mislabel_detection.json", this_run, notes)
+    det_json = read_optional_json(mislabel_dir / "mislabel_detection.json", notes) if mislabel_dir else None
     if cand_path.exists() and det_json is not None:
         skip = {"rank", "train_idx", "path", "given_class", "predicted_class", "truly_mislabeled"}
         try:
@@ -307,8 +309,8 @@ def build(args) -> dict:
         cand = read_table(cand_path, {"rank": "int", "train_idx": "int", **{d: "float" for d in detectors}},
                           "rerun python -m TracIn.mislabel_detection")
         cand = cand[(cand.train_idx >= 0) & (cand.train_idx < len(train_list.paths))].sort_values("rank").head(args.candidates)
-    elif not cand_path.exists():
-        notes.append("no mislabel table (python -m TracIn.mislabel_detection writes mislabel_candidates.csv)")
+    elif not (res_dir / "mislabel").exists():
+        notes.append("no mislabel table (python -m TracIn.mislabel_detection writes mislabel/mislabel_candidates.csv)")
 
     # mispredictions (optional), with Grad-CAM where present
     fp_dir = Path(args.false_predictions)
@@ -337,13 +339,13 @@ def build(args) -> dict:
     # which training images the report shows: candidates first, then those in shown lists or mispredictions
     order = [] if cand is None else [int(i) for i in cand.train_idx]
     shown = set(order)
-    extra = set()
+    listed = set()
     for kind, run in lists.items():
         rows = list_rows[kind][list_rows[kind] >= 0]
         for name in ("top_k_influences_indices", "top_k_opponents_indices"):
-            extra.update(np.unique(np.asarray(run[name])[rows, :show_k]).tolist())
-    extra.update(m["i"] for m in mis_rows if m["split"] == "train")
-    order += sorted(extra - shown)
+            listed.update(np.unique(np.asarray(run[name])[rows, :show_k]).tolist())
+    listed.update(m["i"] for m in mis_rows if m["split"] == "train")
+    order += sorted(listed - shown)
 
     # per training image: appearances in the run's full top-k lists and the test images it influences most
     prop_i, prop_v = np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"])
@@ -380,10 +382,10 @@ def build(args) -> dict:
         test_records.append(rec)
 
     # figures that exist and belong to this run
-    analysis_ok = derived_json(res_dir / "analysis" / "summary.json", this_run, notes) is not None
+    analysis_ok = current(res_dir, "analysis", this_run, notes) is not None
     fig_candidates = [(res_dir / "analysis" / "dashboard.png", "TracIn dashboard", analysis_ok),
                       (res_dir / "analysis" / "concentration.png", "concentration of the top-10 lists", analysis_ok),
-                      (res_dir / "mislabel_detection.png", "mislabel detectors against injected noise", det_json is not None),
+                      (res_dir / "mislabel" / "mislabel_detection.png", "mislabel detectors against injected noise", det_json is not None),
                       (Path(args.eval_dir) / "confusion_matrix_test.png", "confusion matrix (test)", True),
                       (fp_dir / "gradcam_mispredictions.png", "Grad-CAM of mispredicted test images", cams_ok)]
     figures = [(p, t) for p, t, ok in fig_candidates if ok and p.exists()]

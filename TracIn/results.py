@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, git_commit, identity_mismatch, load_npy, owned_by, read_json, remove_claimed, remove_owned,
+from common import (UserError, git_commit, identity_mismatch, load_npy, read_json, remove_claimed,
                     save_csv, save_json, save_npy)
+
+from TracIn.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,12 @@ ARRAYS = (
 )
 REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)
-# Outputs of the analysis tools computed from a run, removed when a new run lands, but only what each tool marked as
-# its own: files it claimed (common.claim_files; removed only while byte-identical) and folders with its marker.
-# A user's file or folder of the same name is never touched; raw/ and normalized/ are runs of their own (the report
-# checks that they match) and stay.
-DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
-                 "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
-DERIVED_DIRS = {"analysis": "analyze_topk_results", "clean_and_retrain": "clean_and_retrain",
-                "counterfactual": "counterfactual_check", "report": "report", "lds": "lds"}
+# Outputs of the analysis tools computed from a run are removed when a new run lands, but only what each tool marked as
+# its own: its subfolder of the run folder (TracIn/run_folder.py) and the links into it, and the flat files an older
+# version claimed (common.claim_files; removed only while byte-identical). A user's file or folder of the same name is
+# never touched; raw/ and normalized/ are runs of their own (the report checks that they match) and stay.
+OLD_DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
+                     "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
 
 
 def run_id(record: dict) -> str:
@@ -114,10 +114,8 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
                 os.replace(staging / name, out / name)
             elif name in previous:
                 (out / name).unlink(missing_ok=True)
-        remove_claimed(out, list(DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
-        for name, tool in DERIVED_DIRS.items():
-            if (out / name).is_dir() and not (out / name).is_symlink() and owned_by(out / name, tool):
-                remove_owned(out / name, tool)
+        remove_claimed(out, list(OLD_DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
+        remove_derived(out)
         os.replace(staging / RECORD, out / RECORD)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

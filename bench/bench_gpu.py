@@ -12,7 +12,7 @@ Parts, in the order they run (sized to finish well under 8 minutes on one H200):
 2. the TracIn factor pass alone (all checkpoints resident) in fp32 and bf16, random tensors.
 3. the scoring stage on random factors of the full size held on the GPU (blocked exact
    scores, top-k proponents and opponents, self-influence).
-4. end to end: `efficient_tracin.run` as a user runs it, on synthetic JPEGs of Animals-10's
+4. end to end: a TracIn job (TracIn.job.tracin_job) as efficient_tracin runs it, on synthetic JPEGs of Animals-10's
    count and typical size (20,893 train x 5,224 test, 300 x 225 px, 10 class folders) and 8
    ResNet50 checkpoints, top-100; JPEG decoding, the factor cache on disk and every output
    file included. Also the loader alone (decode + resize), to show which side bounds it.
@@ -113,12 +113,12 @@ def make_checkpoints(ckpt_dir: Path, n: int, image_size: int, arch: str = "resne
     return sorted(ckpt_dir.glob("finetune_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
 
 
-def tracin(data, ckpts, out, device, *extra, bs=64, workers=2, top_k=10):
-    from TracIn import efficient_tracin as et
+def tracin(data, ckpts, out, device, bs=64, workers=2, top_k=10, **settings):
+    from TracIn.arguments import TracInConfig
+    from TracIn.job import tracin_job
 
-    argv = ["--data_dir", str(data), "--checkpoints", *map(str, ckpts), "--output_dir", str(out), "--device", device,
-            "--batch_size", str(bs), "--num_workers", str(workers), "--top_k", str(top_k), *extra]
-    return et.run(et.parse_args(argv))
+    return tracin_job(TracInConfig(data_dir=str(data), checkpoints=list(map(str, ckpts)), output_dir=str(out), device=device,
+                                   batch_size=bs, num_workers=workers, top_k=top_k, **settings))
 
 
 def rel(a, b):
@@ -129,9 +129,9 @@ def rel(a, b):
 def part0_agreement(work, data, ckpts, device, args):
     """GPU vs CPU on the same subset; TF32 off so both are float32 throughout."""
     set_tf32(False)
-    sub = ["--train_subset", str(min(args.n_train, 256)), "--test_subset", str(min(args.n_test, 32))]
-    tracin(data, ckpts[:2], work / "agree_cpu", "cpu", *sub, workers=args.workers)
-    tracin(data, ckpts[:2], work / "agree_dev", device.type, *sub, workers=args.workers)
+    sub = {"train_subset": min(args.n_train, 256), "test_subset": min(args.n_test, 32)}
+    tracin(data, ckpts[:2], work / "agree_cpu", "cpu", workers=args.workers, **sub)
+    tracin(data, ckpts[:2], work / "agree_dev", device.type, workers=args.workers, **sub)
     set_tf32(True)
     from TracIn.results import load_results
 
@@ -232,9 +232,9 @@ def part4_end_to_end(work, data, ckpts, device, args):
              f"{args.n_train + args.n_test} JPEGs: {(args.n_train + args.n_test) / decode_ips:.1f}s")]
     s = tracin(data, ckpts, work / "e2e", device.type, bs=args.batch_size, workers=args.workers, top_k=args.top_k)
     pairs = args.n_train * args.n_test
-    rows.append((f"efficient_tracin end to end: factors (img x ckpt / s)", (args.n_train + args.n_test) * len(ckpts) / s["seconds_factors"],
+    rows.append(("efficient_tracin end to end: factors (img x ckpt / s)", (args.n_train + args.n_test) * len(ckpts) / s["seconds_factors"],
                  f"decode + {len(ckpts)} ckpts: {s['seconds_factors']:.1f}s"))
-    rows.append((f"efficient_tracin end to end: scores (Mpairs/s)", pairs / s["seconds_scores"] / 1e6,
+    rows.append(("efficient_tracin end to end: scores (Mpairs/s)", pairs / s["seconds_scores"] / 1e6,
                  f"{pairs:,} pairs: {s['seconds_scores']:.1f}s"))
     return rows, s
 

@@ -29,9 +29,10 @@ ROOT = Path("bench/results/mislabel")
 
 def run_cell(name: str, demo_set: str, kind: str, rate: float, args) -> dict:
     cell = ROOT / name
-    result = cell / "results" / "mislabel_detection.json"
-    if result.exists():
-        return json.loads(result.read_text())
+    result = cell / "results" / "mislabel" / "mislabel_detection.json"
+    for done in (result, cell / "results" / "mislabel_detection.json"):  # the second: a cell of an older version
+        if done.exists():
+            return json.loads(done.read_text())
     t0 = time.time()
     raw = ROOT / f"raw-{demo_set}"
     assert prepare_data.main(["--demo", "--demo_set", demo_set, "--raw_dir", str(raw), "--out_dir", str(cell / "data"),

@@ -47,7 +47,7 @@ def cell(demo_set: str, name: str, layers: list[str], proj_dim: int) -> dict:
     summary = json.loads((out / "run.json").read_text())["summary"]
     cache = sum(f.stat().st_size for f in (out / "factors").rglob("*.npy"))
     assert mislabel_detection.main(["--results_dir", str(out), "--data_dir", str(data), "--checkpoint_dir", str(ckpt)]) == 0
-    det = json.loads((out / "mislabel_detection.json").read_text())["metrics"]
+    det = json.loads((out / "mislabel" / "mislabel_detection.json").read_text())["metrics"]
     assert counterfactual_check.main(["--results_dir", str(out), "--data_dir", str(data), "--retrain", "head", "--k", "40",
                                       "--n_test", "10", "--seeds", "3", "--methods", "tracin", "tracin_normalized", "random"]) == 0
     cf = json.loads((out / "counterfactual" / "head" / "counterfactual.json").read_text())["summary"]

@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from TracIn import report
-from TracIn.results import write_run
+from common import save_json
+from TracIn.results import run_id, write_run
+from TracIn.run_folder import tool_folder
 
 ROOT = Path("bench/results/report")
 CLASSES = ["cane", "cavallo", "elefante", "farfalla", "gallina", "gatto", "mucca", "pecora", "ragno", "scoiattolo"]
@@ -66,10 +68,15 @@ def make_results(res: Path, data: Path, k: int, seed: int = 1) -> None:
     write_run(res, arrays, {}, record)
     score = rng.random(n_train)
     order = np.argsort(-score)
-    pd.DataFrame({"rank": np.arange(1, n_train + 1), "train_idx": order, "path": np.asarray(tr.paths)[order],
-                  "given_class": np.asarray(CLASSES)[tr.labels[order]], "predicted_class": np.asarray(CLASSES)[arrays["train_pred_last"][order]],
-                  "ensemble": score[order], "aum": rng.normal(size=n_train), "loss_last": arrays["train_loss_last"][order],
-                  "self_influence": arrays["self_influence"][order]}).to_csv(res / "mislabel_candidates.csv", index=False)
+    candidates = pd.DataFrame({"rank": np.arange(1, n_train + 1), "train_idx": order, "path": np.asarray(tr.paths)[order],
+                               "given_class": np.asarray(CLASSES)[tr.labels[order]],
+                               "predicted_class": np.asarray(CLASSES)[arrays["train_pred_last"][order]],
+                               "ensemble": score[order], "aum": rng.normal(size=n_train), "loss_last": arrays["train_loss_last"][order],
+                               "self_influence": arrays["self_influence"][order]})
+    with tool_folder(res / "mislabel", "mislabel_detection", {"tracin_run": run_id(record)}) as build:  # as the tool writes it
+        candidates.to_csv(build / "mislabel_candidates.csv", index=False)
+        save_json(build / "mislabel_detection.json", {"tracin_run": run_id(record), "score": "ensemble",
+                                                      "detectors": ["ensemble", "aum", "loss_last", "self_influence"]})
     wrong = np.flatnonzero(test_pred != te.labels)
     fp = ROOT / "false_predictions"
     fp.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from model_architecture import find_checkpoints
-from TracIn import efficient_tracin as et
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 from TracIn.results import load_results
 
 
-def tracin(args, out: Path, *extra) -> tuple[float, dict]:
-    argv = ["--data_dir", args.data_dir, "--checkpoint_dir", args.checkpoint_dir, "--output_dir", str(out),
-            "--num_workers", str(args.num_workers), *extra]
+def tracin(args, out: Path, **settings) -> tuple[float, dict]:
+    cfg = TracInConfig(data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, output_dir=str(out),
+                       num_workers=args.num_workers, **settings)
     t0 = time.time()
-    summary = et.run(et.parse_args(argv))
+    summary = tracin_job(cfg)
     return time.time() - t0, summary
 
 
@@ -50,10 +51,10 @@ def main():
     try:
         first_s, first = tracin(args, work / "cached")
         rows = [("first run (factors + scores)", first_s, first["batches_computed"], 1.0, None)]
-        for label, extra in (("--top_k 20", ["--top_k", "20"]), ("--test_subset 200", ["--test_subset", "200"]),
-                             ("one checkpoint fewer", ["--checkpoints", *ckpts[1:]])):
-            s, summary = tracin(args, work / "cached", *extra)
-            tracin(args, work / f"fresh{len(rows)}", *extra)
+        for label, extra in (("--top_k 20", {"top_k": 20}), ("--test_subset 200", {"test_subset": 200}),
+                             ("one checkpoint fewer", {"checkpoints": ckpts[1:]})):
+            s, summary = tracin(args, work / "cached", **extra)
+            tracin(args, work / f"fresh{len(rows)}", **extra)
             rows.append((label, s, summary["batches_computed"], s / first_s, compare(work / "cached", work / f"fresh{len(rows)}")))
         print(f"efficient_tracin on {args.data_dir}: {first['n_test']} test x {first['n_train']} train, {first['n_checkpoints']} checkpoints")
         print(f"| {'run (same --output_dir)':<30} | {'seconds':>8} | {'forward batches (train, test)':>30} | {'x first':>7} | "

@@ -16,14 +16,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from TracIn import efficient_tracin as et
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 
-ROWS = (("tracin --normalize train (previous default)", ["--score_fn", "tracin", "--normalize", "train"]),
-        ("tracin --normalize none", ["--score_fn", "tracin", "--normalize", "none"]),
-        ("tracin_last", ["--score_fn", "tracin_last", "--normalize", "none"]),
-        ("influence_last (default)", ["--score_fn", "influence_last"]),
-        ("influence", ["--score_fn", "influence"]),
-        ("trak", ["--score_fn", "trak"]))
+ROWS = (("tracin --normalize train (previous default)", {"score_fn": "tracin", "normalize": "train"}),
+        ("tracin --normalize none", {"score_fn": "tracin", "normalize": "none"}),
+        ("tracin_last", {"score_fn": "tracin_last", "normalize": "none"}),
+        ("influence_last (default)", {"score_fn": "influence_last"}),
+        ("influence", {"score_fn": "influence"}),
+        ("trak", {"score_fn": "trak"}))
 
 
 def main():
@@ -33,15 +34,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     record = json.loads((Path(args.results_dir) / "run.json").read_text())
-    base = ["--data_dir", args.data_dir, "--cache_dir", str(Path(args.results_dir) / "factors"), "--device", "cpu",
-            "--num_workers", "0", "--top_k", str(record["args"]["top_k"]), "--layers", *record["args"]["layers"],
-            "--checkpoints", *[c["path"] for c in record["checkpoints"]]]
+    base = {"data_dir": args.data_dir, "cache_dir": str(Path(args.results_dir) / "factors"), "device": "cpu", "num_workers": 0,
+            "top_k": record["args"]["top_k"], "layers": record["args"]["layers"],
+            "checkpoints": [c["path"] for c in record["checkpoints"]]}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for label, extra in ROWS:
             seconds, batches = [], None
             for r in range(args.repeats):
-                s = et.run(et.parse_args(base + ["--output_dir", f"{work}/{len(rows)}-{r}", *extra]))
+                s = tracin_job(TracInConfig(**base, output_dir=f"{work}/{len(rows)}-{r}", **extra))
                 seconds.append(s["seconds_scores"])
                 batches = s["batches_computed"]
             rows.append((label, statistics.median(seconds), batches))

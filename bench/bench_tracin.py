@@ -63,7 +63,9 @@ class PairDataset(torch.utils.data.Dataset):
 def part1(args):
     from data_utils import ImageListDataset, build_transform, list_split
     from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint
-    from TracIn import efficient_tracin as et
+    from TracIn.arguments import TracInConfig
+    from TracIn.factors import choose_subset
+    from TracIn.job import tracin_job
     from TracIn.results import load_results
 
     paths = find_checkpoints(args.checkpoint_dir)
@@ -72,8 +74,8 @@ def part1(args):
     ckpts = [load_checkpoint(p) for p in paths]
     models = [model_from_checkpoint(c) for c in ckpts]
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
-    train_ids = et.choose_subset(len(train_list.paths), args.n_train, 0)
-    test_ids = et.choose_subset(len(test_list.paths), args.n_test, 1)
+    train_ids = choose_subset(len(train_list.paths), args.n_train, 0)
+    test_ids = choose_subset(len(test_list.paths), args.n_test, 1)
     tf = build_transform(ckpts[0]["image_size"], train=False)
     train_ds, test_ds = ImageListDataset(train_list, tf, train_ids), ImageListDataset(test_list, tf, test_ids)
     rows = []
@@ -89,10 +91,10 @@ def part1(args):
 
     def ours():
         with tempfile.TemporaryDirectory() as out:
-            cfg = et.TracInConfig(data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, output_dir=out,
-                                  top_k=args.top_k, batch_size=args.batch_size, train_subset=args.n_train,
-                                  test_subset=args.n_test, num_workers=args.num_workers, score_fn="tracin")
-            et.run(cfg)
+            cfg = TracInConfig(data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, output_dir=out,
+                               top_k=args.top_k, batch_size=args.batch_size, train_subset=args.n_train,
+                               test_subset=args.n_test, num_workers=args.num_workers, score_fn="tracin")
+            tracin_job(cfg)
             return np.asarray(load_results(out)["top_k_influences_indices"])
 
     with torch.no_grad():  # warm-up: kernels and caches, so neither side pays the cold start

@@ -33,13 +33,14 @@ def trained(prepared, tmp_path_factory):
     """Two epochs of resnet18 on the tiny data, and TracIn over its checkpoints."""
     root = tmp_path_factory.mktemp("trained")
     import train
-    from TracIn import efficient_tracin as et
+    from TracIn.arguments import TracInConfig
+    from TracIn.job import tracin_job
 
     assert train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "2", "--batch_size", "4",
                        "--weights", "none", "--save_checkpoints_every", "1", "--checkpoint_dir", str(root / "ckpt"),
                        "--models_dir", str(root / "models"), "--num_workers", "0", "--no-hflip"]) == 0
-    assert et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "res"),
-                    "--top_k", "3", "--num_workers", "0", "--score_fn", "tracin", "--normalize", "none"]) == 0
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(root / "ckpt"), output_dir=str(root / "res"), top_k=3,
+                            num_workers=0, score_fn="tracin", normalize="none"))
     return root
 
 

@@ -71,7 +71,7 @@ def test_topk_analysis_outputs(workdir):
 
 def test_misprediction_analysis_joins_correctly(workdir):
     res = workdir / "TracIn" / "results"
-    cross = pd.read_csv(res / "misprediction_cross_analysis.csv")
+    cross = pd.read_csv(res / "misprediction" / "misprediction_cross_analysis.csv")
     fp = pd.read_csv(workdir / "false_predictions" / "false_predictions.csv")
     idx = np.load(res / "top_k_influences_indices.npy")
     vals = np.load(res / "top_k_influences_values.npy")
@@ -92,7 +92,7 @@ def test_mislabel_detection_outputs(workdir):
     res = workdir / "TracIn" / "results"
     cand = pd.read_csv(res / "mislabel_candidates.csv")
     assert list(cand["rank"]) == list(range(1, len(cand) + 1))
-    report = json.loads((res / "mislabel_detection.json").read_text())
+    report = json.loads((res / "mislabel" / "mislabel_detection.json").read_text())
     assert (np.diff(cand[report["score"]]) <= 0).all()  # ranked by the default detector
     assert set(report["detectors"]) <= set(cand.columns) and {"aum", "forgetting", "self_influence"} <= set(report["detectors"])
     gt = pd.read_csv(workdir / "data/processed/mislabeled_ground_truth.csv")
@@ -104,7 +104,7 @@ def test_mislabel_detection_outputs(workdir):
 def test_gradcam_script_outputs(workdir):
     assert (workdir / "false_predictions" / "gradcam_mispredictions.png").exists() or \
         not (pd.read_csv(workdir / "false_predictions/false_predictions.csv").split == "test").any()
-    assert list((workdir / "TracIn" / "results").glob("gradcam_test_*_proponents.png"))
+    assert list((workdir / "TracIn" / "results" / "gradcam").glob("gradcam_test_*_proponents.png"))
 
 
 def test_recall_and_auc_against_hand_computed_values():

@@ -6,7 +6,10 @@ import torch
 
 from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
+from common import UserError
 from TracIn import efficient_tracin as et
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 from TracIn.curvature import KroneckerCurvature
 from TracIn.influence_utils import InfluenceHook, ghost_influence_block, per_example_grads
 from helpers import make_random_checkpoints, tiny_resnet_batch, tiny_resnets
@@ -68,10 +71,9 @@ def reference(prepared, ckpts, score_fn, damping, trak_dim=2048):
 
 @pytest.mark.parametrize("score_fn,damping", [("influence", 0.1), ("influence_last", 10.0), ("trak", 0.01)])
 def test_scores_match_the_dense_reference(prepared, ckpts, tmp_path, score_fn, damping):
-    argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(tmp_path / "out"),
-            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4",
-            "--score_fn", score_fn, "--damping", str(damping), "--device", "cpu"]
-    et.run(et.parse_args(argv))
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(ckpts[0].parent), output_dir=str(tmp_path / "out"), top_k=5,
+                            batch_size=4, num_workers=0, train_block=7, test_block=4, score_fn=score_fn, damping=damping,
+                            device="cpu"))
     want = reference(prepared, ckpts, score_fn, damping)
     values, indices = np.load(tmp_path / "out" / "top_k_influences_values.npy"), np.load(tmp_path / "out" / "top_k_influences_indices.npy")
     scale = float(want.abs().max())
@@ -101,11 +103,11 @@ def test_the_damping_split_gives_the_damping_times_the_mean_curvature():
 
 def test_bad_score_settings_are_one_line_errors(prepared, ckpts, tmp_path):
     base = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(et.UserError, match="--normalize train is for --score_fn tracin"):
+    with pytest.raises(UserError, match="--normalize train is for --score_fn tracin"):
         et.parse_args(base + ["--score_fn", "influence", "--normalize", "train"])
     with pytest.raises(SystemExit):
         et.parse_args(base + ["--damping", "-1"])
-    with pytest.raises(et.UserError, match="needs the whole training set's curvature"):  # a shard holds part of it
+    with pytest.raises(UserError, match="needs the whole training set's curvature"):  # a shard holds part of it
         et.parse_args(base + ["--num_shards", "2"])
     assert et.parse_args(base).normalize == "none" and et.parse_args(base + ["--score_fn", "tracin"]).normalize == "train"
     assert et.parse_args(base).score_fn == "influence_last"

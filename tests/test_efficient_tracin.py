@@ -8,9 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+from common import UserError
 from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import efficient_tracin as et, scores
+from TracIn import scores
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 from helpers import make_random_checkpoints
 
 
@@ -20,10 +23,15 @@ def ckpts(prepared, tmp_path_factory):
     return make_random_checkpoints(tmp_path_factory.mktemp("ckpt"), names, n=3)
 
 
-def run(prepared, ckpts, out, *extra):
-    argv = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(out),
-            "--top_k", "5", "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", "--score_fn", "tracin", "--normalize", "none", *extra]
-    return et.run(et.parse_args(argv))
+def config(prepared, ckpts, out, **settings) -> TracInConfig:
+    return TracInConfig(**{"data_dir": str(prepared), "checkpoint_dir": str(ckpts[0].parent), "output_dir": str(out), "top_k": 5,
+                           "batch_size": 4, "num_workers": 0, "train_block": 7, "test_block": 4, "score_fn": "tracin",
+                           "normalize": "none", **settings})
+
+
+def run(prepared, ckpts, out, **settings):
+    """A TracIn job through the library, as efficient_tracin runs it."""
+    return tracin_job(config(prepared, ckpts, out, **settings))
 
 
 def load_outputs(out):
@@ -83,13 +91,11 @@ def test_outputs_shapes_dtypes_csv_and_run_json(prepared, ckpts, tmp_path):
 
 def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_path):
     run(prepared, ckpts, tmp_path / "clean")
-    cfg = et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir",
-                         str(tmp_path / "resumed"), "--top_k", "5", "--batch_size", "4", "--num_workers", "0",
-                         "--train_block", "7", "--test_block", "4", "--score_fn", "tracin", "--normalize", "none"])
+    cfg = config(prepared, ckpts, tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        et.run(cfg, _stop_after_batches=2)
+        tracin_job(cfg, _stop_after_batches=2)
     assert not (tmp_path / "resumed" / "top_k_influences_values.npy").exists()
-    summary = et.run(cfg)
+    summary = tracin_job(cfg)
     assert summary["batches_computed"] == {"train": 3, "test": 2}  # 5 train batches, 2 were done
     a, b = load_outputs(tmp_path / "clean"), load_outputs(tmp_path / "resumed")
     for k in a:
@@ -97,8 +103,8 @@ def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_p
 
 
 def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
-    run(prepared, ckpts, tmp_path / "full", "--top_k", "18")
-    run(prepared, ckpts, tmp_path / "sub", "--train_subset", "10", "--test_subset", "3", "--top_k", "10")
+    run(prepared, ckpts, tmp_path / "full", top_k=18)
+    run(prepared, ckpts, tmp_path / "sub", train_subset=10, test_subset=3, top_k=10)
     sub, full = load_outputs(tmp_path / "sub"), load_outputs(tmp_path / "full")
     train_ids = np.load(tmp_path / "sub" / "train_indices.npy")
     assert len(train_ids) == 10 and set(sub["top_k_influences_indices"].ravel()) == set(train_ids)
@@ -131,19 +137,18 @@ def test_bad_input_is_one_line_exit_2(prepared, ckpts, tmp_path, extra, message)
 
 def test_checkpoint_with_other_classes_is_refused(prepared, tmp_path):
     make_random_checkpoints(tmp_path / "c", ["a", "b", "c"], n=1)
-    with pytest.raises(et.UserError, match="trained on classes"):
-        et.run(et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(tmp_path / "c"),
-                              "--output_dir", str(tmp_path / "o"), "--top_k", "2"]))
+    with pytest.raises(UserError, match="trained on classes"):
+        tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(tmp_path / "c"), output_dir=str(tmp_path / "o"), top_k=2))
 
 
 def test_sharded_runs_merge_to_the_unsharded_result(prepared, ckpts, tmp_path):
-    run(prepared, ckpts, tmp_path / "one", "--train_block", "4")
+    run(prepared, ckpts, tmp_path / "one", train_block=4)
     sizes = []
     for i in range(3):  # 18 images = 5 units of 4: shards of 2, 2 and 1 units
-        sizes.append(run(prepared, ckpts, tmp_path / "sharded", "--num_shards", "3", "--shard_index", str(i), "--train_block", "4")["n_train"])
+        sizes.append(run(prepared, ckpts, tmp_path / "sharded", num_shards=3, shard_index=i, train_block=4)["n_train"])
     assert sizes == [8, 8, 2]
     assert not (tmp_path / "sharded" / "top_k_influences_values.npy").exists()
-    run(prepared, ckpts, tmp_path / "sharded", "--num_shards", "3", "--merge", "--train_block", "4")
+    run(prepared, ckpts, tmp_path / "sharded", num_shards=3, merge=True, train_block=4)
     a, b = load_outputs(tmp_path / "one"), load_outputs(tmp_path / "sharded")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -152,13 +157,13 @@ def test_sharded_runs_merge_to_the_unsharded_result(prepared, ckpts, tmp_path):
 
 
 def test_merge_refuses_unfinished_shards(prepared, ckpts, tmp_path):
-    run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--shard_index", "1", "--train_block", "4")
-    with pytest.raises(et.UserError, match="shard_000"):
-        run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--merge", "--train_block", "4")
-    with pytest.raises(et.UserError, match="--shard_index"):
-        run(prepared, ckpts, tmp_path / "o", "--num_shards", "2", "--shard_index", "2")
-    with pytest.raises(et.UserError, match="shard unit"):  # lcm(4, 7) = 28 > 18 images: one unit
-        run(prepared, ckpts, tmp_path / "o2", "--num_shards", "2", "--shard_index", "0")
+    run(prepared, ckpts, tmp_path / "o", num_shards=2, shard_index=1, train_block=4)
+    with pytest.raises(UserError, match="shard_000"):
+        run(prepared, ckpts, tmp_path / "o", num_shards=2, merge=True, train_block=4)
+    with pytest.raises(UserError, match="--shard_index"):
+        run(prepared, ckpts, tmp_path / "o", num_shards=2, shard_index=2)
+    with pytest.raises(UserError, match="shard unit"):  # lcm(4, 7) = 28 > 18 images: one unit
+        run(prepared, ckpts, tmp_path / "o2", num_shards=2, shard_index=0)
 
 
 def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path, monkeypatch):
@@ -177,7 +182,7 @@ def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path
 def test_normalized_scores_equal_torch_func_gradients_divided_by_their_norms(prepared, ckpts, tmp_path, normalize):
     from TracIn.influence_utils import per_example_grads
 
-    run(prepared, ckpts, tmp_path / "out", "--normalize", normalize, "--top_k", "18")
+    run(prepared, ckpts, tmp_path / "out", normalize=normalize, top_k=18)
     ours = load_outputs(tmp_path / "out")
     train_list, test_list = list_split(prepared, "train"), list_split(prepared, "test")
     tf = build_transform(32, train=False)

@@ -131,7 +131,7 @@ def test_retraining_arms_never_clear_a_folder_they_did_not_mark(prepared, traine
 def test_clean_results_removes_only_what_the_pipeline_marked(world, trained, tmp_path):
     repo = tmp_path / "repo"
     res, ckpt, fp, ev = repo / "TracIn/results", repo / "models/checkpoints", repo / "false_predictions", repo / "models/evaluation"
-    shutil.copytree(world["res"], res)
+    shutil.copytree(world["res"], res, symlinks=True)  # the notebook links stay links, as `cp -a` keeps them
     shutil.copytree(trained / "ckpt", ckpt)
     for d in (res, fp, repo / "models"):
         d.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def test_report_escapes_crafted_values_in_every_file_it_reads(world, tmp_path, b
     assert mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(c["data"]), "--checkpoint_dir", str(c["ckpt"])]) == 0
     cand = pd.read_csv(res / "mislabel_candidates.csv").rename(columns={"loss_last": CRAFT})
     cand.to_csv(res / "mislabel_candidates.csv", index=False)
-    (res / "mislabel_detection.json").write_text(json.dumps({
+    (res / "mislabel" / "mislabel_detection.json").write_text(json.dumps({
         "tracin_run": rid, "score": CRAFT, "n_mislabeled": CRAFT, "metrics": {CRAFT: {"roc_auc": CRAFT, "recall_at_5pct": 0.5}}}))
     (res / "counterfactual" / CRAFT.replace("/", "_")).mkdir(parents=True)
     (res / "counterfactual" / CRAFT.replace("/", "_") / "counterfactual.json").write_text(json.dumps({

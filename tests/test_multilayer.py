@@ -8,7 +8,8 @@ import torch
 
 from common import UserError
 from data_utils import list_split
-from TracIn import efficient_tracin as et
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
 from helpers import TinyResNet, make_random_checkpoints, tiny_resnet_batch as batch, tiny_resnets as tiny
 
@@ -86,11 +87,12 @@ def data(prepared, tmp_path_factory):
     return prepared, root
 
 
-def run(data, out, *extra):
+def run(data, out, **settings):
+    """A TracIn job through the library, as efficient_tracin runs it."""
     d, root = data
-    return et.run(et.parse_args(["--data_dir", str(d), "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(out),
-                                 "--top_k", "4", "--num_workers", "0", "--layers", "layer4", "fc", "--proj_dim", "4",
-                                 "--score_fn", "tracin", "--normalize", "none", *extra]))
+    return tracin_job(TracInConfig(**{"data_dir": str(d), "checkpoint_dir": str(root / "ckpt"), "output_dir": str(out), "top_k": 4,
+                                      "num_workers": 0, "layers": ["layer4", "fc"], "proj_dim": 4, "score_fn": "tracin",
+                                      "normalize": "none", **settings}))
 
 
 def test_pipeline_with_conv_layers_matches_the_hook_and_caches_by_projection(data, tmp_path):
@@ -116,7 +118,7 @@ def test_pipeline_with_conv_layers_matches_the_hook_and_caches_by_projection(dat
     expected = -np.sort(-full, axis=1)[:, :4]
     np.testing.assert_allclose(np.load(tmp_path / "o" / "top_k_influences_values.npy"), expected, rtol=2e-4, atol=1e-6)
     # re-scoring reuses the cache; another projection seed is another cache
-    assert run(data, tmp_path / "o", "--top_k", "3")["batches_computed"] == {"train": 0, "test": 0}
-    assert run(data, tmp_path / "o", "--proj_seed", "1")["batches_computed"]["train"] > 0
+    assert run(data, tmp_path / "o", top_k=3)["batches_computed"] == {"train": 0, "test": 0}
+    assert run(data, tmp_path / "o", proj_seed=1)["batches_computed"]["train"] > 0
     with pytest.raises(UserError, match="larger than layer layer4.0.conv1's width"):
-        run(data, tmp_path / "o", "--proj_dim", "100000")
+        run(data, tmp_path / "o", proj_dim=100000)

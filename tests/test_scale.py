@@ -101,11 +101,11 @@ def test_slurm_train_then_tracin_array_and_merge(slurm, prepared, tmp_path):
     wait_for(set(ids), env)
     assert job_states(ids[0], env) == ["COMPLETED"] * 3 and job_states(ids[1], env) == ["COMPLETED"]
 
-    from TracIn import efficient_tracin as et
+    from TracIn.arguments import TracInConfig
+    from TracIn.job import tracin_job
 
-    et.run(et.parse_args(["--data_dir", str(prepared), "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
-                          str(tmp_path / "one"), "--top_k", "5", "--batch_size", "4", "--train_block", "4",
-                          "--test_block", "4", "--num_workers", "0", "--score_fn", "tracin"]))
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "one"), top_k=5,
+                            batch_size=4, train_block=4, test_block=4, num_workers=0, score_fn="tracin"))
     for name in ("top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
                  "top_k_opponents_indices", "self_influence"):
         np.testing.assert_array_equal(np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "sharded" / f"{name}.npy"))

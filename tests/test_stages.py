@@ -10,7 +10,9 @@ from PIL import Image
 
 from common import UserError
 from data_utils import list_split
-from TracIn import analyze_misprediction_influences, analyze_topk_results, efficient_tracin as et, mislabel_detection
+from TracIn import analyze_misprediction_influences, analyze_topk_results, mislabel_detection
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 from TracIn.results import ARRAYS, index_of, load_results
 from helpers import make_random_checkpoints, write_false_predictions
 
@@ -24,11 +26,12 @@ def data(prepared, tmp_path):
     return d, ckpts
 
 
-def tracin(data, out, *extra):
+def tracin(data, out, **settings):
+    """A TracIn job through the library (TracInConfig, tracin_job), as efficient_tracin runs it."""
     d, ckpts = data
-    argv = ["--data_dir", str(d), "--checkpoint_dir", str(ckpts[0].parent), "--output_dir", str(out), "--top_k", "5",
-            "--batch_size", "4", "--num_workers", "0", "--train_block", "7", "--test_block", "4", *extra]
-    return et.run(et.parse_args(argv))
+    return tracin_job(TracInConfig(**{"data_dir": str(d), "checkpoint_dir": str(ckpts[0].parent), "output_dir": str(out),
+                                      "top_k": 5, "batch_size": 4, "num_workers": 0, "train_block": 7, "test_block": 4,
+                                      **settings}))
 
 
 def arrays(out) -> dict:
@@ -41,18 +44,18 @@ def assert_same(a: dict, b: dict):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("change", [["--top_k", "2"], ["--lr_weights", "1", "2", "3"], ["--test_subset", "3"],
-                                    ["--train_subset", "9"], "one checkpoint fewer"])
+@pytest.mark.parametrize("change", [{"top_k": 2}, {"lr_weights": [1.0, 2.0, 3.0]}, {"test_subset": 3},
+                                    {"train_subset": 9}, "one checkpoint fewer"])
 def test_rescoring_runs_no_forward_pass_and_equals_a_fresh_run(data, tmp_path, change):
     first = tracin(data, tmp_path / "out")
     assert first["batches_computed"] == {"train": 5, "test": 2}
     if change == "one checkpoint fewer":
-        change = ["--checkpoints", *map(str, data[1][1:])]
-    again = tracin(data, tmp_path / "out", *change)  # no --overwrite needed
+        change = {"checkpoints": list(map(str, data[1][1:]))}
+    again = tracin(data, tmp_path / "out", **change)  # no --overwrite needed
     assert again["batches_computed"] == {"train": 0, "test": 0}
-    tracin(data, tmp_path / "fresh", *change)
+    tracin(data, tmp_path / "fresh", **change)
     a, b = arrays(tmp_path / "out"), arrays(tmp_path / "fresh")
-    if "--test_subset" in change or "--train_subset" in change:
+    if "test_subset" in change or "train_subset" in change:
         # rows cached from the full run's batches differ from a subset's batches by float round-off only
         assert sorted(a) == sorted(b)
         for k in a:
@@ -92,13 +95,13 @@ def test_a_failed_run_leaves_the_previous_results_and_blocks_nothing(data, tmp_p
     good = open(victim, "rb").read()
     open(victim, "wb").write(good[:100])
     with pytest.raises(UserError, match="cannot read image"):
-        tracin(data, tmp_path / "out", "--overwrite", "--top_k", "3")
+        tracin(data, tmp_path / "out", overwrite=True, top_k=3)
     with pytest.raises(UserError, match="--layers: no layer named 'nonexistent'"):
-        tracin(data, tmp_path / "out", "--layers", "nonexistent")
+        tracin(data, tmp_path / "out", layers=["nonexistent"])
     after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
     assert after == before
     open(victim, "wb").write(good)
-    tracin(data, tmp_path / "out", "--top_k", "3")  # the corrected command is not refused
+    tracin(data, tmp_path / "out", top_k=3)  # the corrected command is not refused
     assert np.load(tmp_path / "out" / "top_k_influences_values.npy").shape == (6, 3)
 
 
@@ -108,7 +111,7 @@ def test_files_a_run_does_not_write_are_removed(data, tmp_path):
     assert mislabel_detection.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d),  # derived from this run
                                     "--checkpoint_dir", str(data[1][0].parent)]) == 0
     assert (tmp_path / "out" / "mislabel_candidates.csv").exists()
-    tracin(data, tmp_path / "out", "--no_self_influence")
+    tracin(data, tmp_path / "out", self_influence=False)
     assert not (tmp_path / "out" / "self_influence.npy").exists()
     assert not (tmp_path / "out" / "mislabel_candidates.csv").exists()
     with pytest.raises(UserError, match="--no_self_influence"):
@@ -118,7 +121,7 @@ def test_files_a_run_does_not_write_are_removed(data, tmp_path):
 
 def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_path):
     d, _ = data
-    tracin(data, tmp_path / "out", "--train_subset", "11")
+    tracin(data, tmp_path / "out", train_subset=11)
     r = load_results(tmp_path / "out", data_dir=d)
     fp = tmp_path / "fp.csv"
     train_list = list_split(d, "train")

@@ -1,6 +1,8 @@
 // The TracIn results browser: plain JavaScript, runs from file://, fetches nothing from the network.
 // Data: window.REPORT_META (data/meta.js) and chunks data/<series>_<n>.js loaded on demand, each
 // calling REPORT_CHUNK(series, n, rows). Review decisions live in localStorage, one key per run.
+// Why one file over 300 lines: it is loaded from file:// by a <script> tag (no modules, no bundler), and its views
+// (test list, test page, training page, mislabel table, figures, review export) share one small state.
 "use strict";
 (function () {
   const M = window.REPORT_META;

@@ -1,0 +1,117 @@
+"""The run folder: one TracIn run at its root (results.py writes it), and one subfolder per tool that works from it.
+
+    TracIn/results/                      efficient_tracin.py: run.json, top_k_*.npy, self_influence.npy, ...
+        factors/                         efficient_tracin.py's factor cache
+        mislabel/                        mislabel_detection.py      (mislabel_candidates.csv is linked at the root)
+        misprediction/                   analyze_misprediction_influences.py (misprediction_influence_analysis.csv too)
+        analysis/                        analyze_topk_results.py
+        gradcam/                         gradCAM_evaluation.py's proponent panels
+        counterfactual/, clean_and_retrain/, lds/, report/
+
+Each tool subfolder is built beside its place and swapped in whole (common.building), marked as the tool's own, and
+carries `inputs.json`: the TracIn run it was computed from (results.run_id) and the tool's other inputs. A new TracIn
+run removes every subfolder its tool marked (never a folder of yours of the same name) and the links into them, so
+nothing derived from the previous run survives it; a reader calls `current()` and skips (or refuses) a subfolder of
+another run with one line saying which.
+
+    from TracIn.run_folder import current
+    mislabel = current("TracIn/results", "mislabel", run_id(record), notes)   # the folder, or None with a note
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from common import building, owned_by, remove_owned
+
+INPUTS = "inputs.json"
+# subfolder -> the tool that writes it (its owner marker)
+TOOL_FOLDERS = {"mislabel": "mislabel_detection", "misprediction": "analyze_misprediction_influences",
+                "analysis": "analyze_topk_results", "gradcam": "gradCAM_evaluation", "counterfactual": "counterfactual_check",
+                "clean_and_retrain": "clean_and_retrain", "lds": "lds", "report": "report"}
+# the seed's notebook paths at the root, kept as links into the folder that now holds them
+NOTEBOOK_LINKS = {"mislabel_candidates.csv": "mislabel", "misprediction_influence_analysis.csv": "misprediction"}
+
+
+@contextlib.contextmanager
+def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir") -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `out` whole, with inputs.json ({"tool", **inputs}; inputs
+    holds "tracin_run"), and the root's notebook links into `out` are refreshed. On failure `out` stays as it was."""
+    out = Path(out)
+    with building(out, tool, flag) as build:
+        yield build
+        with open(build / INPUTS, "w") as f:
+            json.dump({"tool": tool, **inputs}, f, indent=2, sort_keys=True, default=str)
+    link_notebook_paths(out)
+
+
+def link_notebook_paths(out: Path) -> list[str]:
+    """Where `out` is a run folder's tool subfolder, point the root's notebook paths for it at its files. A link is
+    made or replaced only where the name is free or already a link; a file of yours of that name stays (said)."""
+    import logging
+
+    root, made = out.parent, []
+    for name, sub in NOTEBOOK_LINKS.items():
+        if out.name != sub or not (out / name).is_file() or not (root / "run.json").exists():
+            continue
+        link = root / name
+        if link.exists() and not link.is_symlink():
+            logging.getLogger(__name__).warning(f"warning: {link} is a file that is not a link; left as it is, the table is "
+                                                f"{out / name}")
+            continue
+        tmp = root / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"{sub}/{name}", tmp)
+        os.replace(tmp, link)
+        made.append(name)
+    return made
+
+
+def read_inputs(folder: Path) -> dict | None:
+    try:
+        value = json.loads((Path(folder) / INPUTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def current(root: Path, name: str, run: str, notes: list[str] | None = None) -> Path | None:
+    """results_dir/name when its tool wrote it from the TracIn run `run` (results.run_id); else None, with one line in
+    `notes` saying why (absent folders say nothing)."""
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return None
+    inputs = read_inputs(folder)
+    if inputs is None or not owned_by(folder, TOOL_FOLDERS.get(name, inputs.get("tool", ""))):
+        why = f"{folder} skipped: not written by {TOOL_FOLDERS.get(name, 'its tool')} (no readable {INPUTS} or owner marker)"
+    elif inputs.get("tracin_run") != run:
+        why = (f"{folder} skipped: it was computed from another TracIn run ({inputs.get('tracin_run') or 'unknown'}, this one "
+               f"is {run}); rerun the tool that wrote it")
+    else:
+        return folder
+    if notes is not None:
+        notes.append(why)
+    return None
+
+
+def remove_derived(root: Path) -> None:
+    """A new TracIn run in `root`: every tool subfolder its tool marked goes, and the root's links into them."""
+    root = Path(root)
+    for name, tool in TOOL_FOLDERS.items():
+        if (root / name).is_dir() and not (root / name).is_symlink() and owned_by(root / name, tool):
+            remove_owned(root / name, tool)
+    remove_dangling_links(root)
+
+
+def remove_dangling_links(root: Path) -> int:
+    """The root's notebook links whose tool folder is gone (only links this module makes: name -> sub/name)."""
+    n = 0
+    for name, sub in NOTEBOOK_LINKS.items():
+        link = Path(root) / name
+        if link.is_symlink() and os.readlink(link) == f"{sub}/{name}" and not link.exists():
+            link.unlink()
+            n += 1
+    return n

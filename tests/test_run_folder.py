@@ -1,0 +1,81 @@
+"""The run folder: one subfolder per tool, built whole with the identity of its inputs, checked by readers."""
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+import demo_report
+from common import UserError
+from TracIn import mislabel_detection
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
+from TracIn.results import load_results, run_id
+from TracIn.run_folder import current, tool_folder
+
+
+def detect(prepared, trained, res):
+    return mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt")])
+
+
+def test_a_tool_folder_records_its_run_and_links_the_notebook_path(prepared, trained, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    assert detect(prepared, trained, res) == 0
+    rid = run_id(load_results(res).record)
+    inputs = json.loads((res / "mislabel" / "inputs.json").read_text())
+    assert inputs["tool"] == "mislabel_detection" and inputs["tracin_run"] == rid
+    link = res / "mislabel_candidates.csv"
+    assert link.is_symlink() and os.readlink(link) == "mislabel/mislabel_candidates.csv"
+    assert pd.read_csv(link).equals(pd.read_csv(res / "mislabel" / "mislabel_candidates.csv"))
+    assert current(res, "mislabel", rid) == res / "mislabel"
+
+    # a reader of another run's folder: skipped with one note naming it
+    notes = []
+    assert current(res, "mislabel", "0" * 16, notes) is None
+    assert len(notes) == 1 and "mislabel" in notes[0] and "another TracIn run" in notes[0]
+    # a folder without inputs.json (hand-made, or of an older version) is not taken for the tool's
+    (res / "mislabel" / "inputs.json").unlink()
+    notes = []
+    assert current(res, "mislabel", rid, notes) is None and "inputs.json" in notes[0]
+
+
+def test_a_stale_tool_folder_is_refused_by_the_demo_summary(prepared, trained, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    assert detect(prepared, trained, res) == 0
+    kept = tmp_path / "kept"
+    shutil.copytree(res / "mislabel", kept)
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(trained / "ckpt"), output_dir=str(res), top_k=2,
+                            num_workers=0, score_fn="tracin", normalize="none"))
+    assert not (res / "mislabel").exists() and not os.path.lexists(res / "mislabel_candidates.csv")  # went with the old run
+    shutil.copytree(kept, res / "mislabel")  # the previous run's folder, put back by hand
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "metrics_test.json").write_text(json.dumps({"accuracy": 0.5, "n": 6, "model": "m"}))
+    with pytest.raises(UserError, match="computed from another TracIn run"):
+        demo_report.main(["--results_dir", str(res), "--eval_dir", str(ev)])
+
+
+def test_a_failed_tool_run_leaves_the_folder_and_a_user_file_under_a_link_name_stays(prepared, trained, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    assert detect(prepared, trained, res) == 0
+    before = (res / "mislabel" / "mislabel_candidates.csv").read_bytes()
+    with pytest.raises(RuntimeError):
+        with tool_folder(res / "mislabel", "mislabel_detection", {"tracin_run": "x"}) as build:
+            (build / "mislabel_candidates.csv").write_text("half")
+            raise RuntimeError("killed")
+    assert (res / "mislabel" / "mislabel_candidates.csv").read_bytes() == before
+    assert json.loads((res / "mislabel" / "inputs.json").read_text())["tracin_run"] != "x"
+    os.unlink(res / "mislabel_candidates.csv")
+    (res / "mislabel_candidates.csv").write_text("my own table")
+    assert detect(prepared, trained, res) == 0
+    assert (res / "mislabel_candidates.csv").read_text() == "my own table"
+    with pytest.raises(UserError, match="did not write"):  # a folder of yours where the tool's goes
+        shutil.rmtree(res / "mislabel")
+        (res / "mislabel").mkdir()
+        (res / "mislabel" / "notes.txt").write_text("mine")
+        detect(prepared, trained, res)
+    assert (res / "mislabel" / "notes.txt").read_text() == "mine"
