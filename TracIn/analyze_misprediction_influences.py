@@ -26,7 +26,7 @@ import pandas as pd
 
 from common import UserError, check_replaceable, cli, nonneg_int, save_csv, save_json
 from data_utils import list_split, read_false_predictions
-from TracIn.results import load_results, run_id
+from TracIn.results import appearances, load_results, run_id
 from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def analyze(args) -> dict:
     wrong_test = fp[fp.split == "test"].set_index("index")
     test_ids = np.asarray(r["test_indices"])
     prop_i, prop_v = np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"])
-    opp_i = np.asarray(r["top_k_opponents_indices"])
 
     # pairs: mispredicted test image x mispredicted training image among its proponents
     rows = []
@@ -77,8 +76,7 @@ def analyze(args) -> dict:
 
     # per mispredicted training image
     n_train = len(train_list.paths)
-    prop_count = np.bincount(prop_i.ravel(), minlength=n_train)
-    opp_count = np.bincount(opp_i.ravel(), minlength=n_train)
+    prop_count, opp_count = appearances(r, "proponents", n_train), appearances(r, "opponents", n_train)
     test_pred_of_row = {row: wrong_test.loc[t].pred_label for row, t in enumerate(test_ids) if t in wrong_test.index}
     per = []
     for j, tr in wrong_train.iterrows():

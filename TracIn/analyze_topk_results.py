@@ -18,7 +18,7 @@ import pandas as pd
 
 from common import check_replaceable, cli, positive_int, save_csv, save_figure, save_json
 from data_utils import list_split, load_rgb
-from TracIn.results import load_results, run_id
+from TracIn.results import appearances, load_results, run_id
 from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def concentration(indices: np.ndarray, train_ids: np.ndarray, k: int = 10) -> di
     """
     top = np.asarray(indices)[:, :k]
     counts = pd.Series(top.ravel()).value_counts()  # a list holds each image once: count = test lists it is in
-    appearances = counts.reindex(np.asarray(train_ids), fill_value=0).to_numpy()
+    per_image = counts.reindex(np.asarray(train_ids), fill_value=0).to_numpy()
     return {"k": int(top.shape[1]), "distinct": int(len(counts)), "max_test_share": float(counts.max() / len(top)),
-            "max_train_idx": int(counts.idxmax()), "gini": gini(appearances)}
+            "max_train_idx": int(counts.idxmax()), "gini": gini(per_image)}
 
 
 def lorenz(r, k: int = 10, ax=None):
@@ -139,8 +139,7 @@ def lorenz(r, k: int = 10, ax=None):
 
 def most_influential(r, train_list) -> pd.DataFrame:
     n = len(train_list.paths)
-    prop = np.bincount(np.asarray(r["top_k_influences_indices"]).ravel(), minlength=n)
-    opp = np.bincount(np.asarray(r["top_k_opponents_indices"]).ravel(), minlength=n)
+    prop, opp = appearances(r, "proponents", n), appearances(r, "opponents", n)
     ids = np.asarray(r["train_indices"])
     names = np.asarray(train_list.class_names)
     t = pd.DataFrame({"train_idx": ids, "path": np.asarray(train_list.paths)[ids], "class_name": names[train_list.labels[ids]],

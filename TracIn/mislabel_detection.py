@@ -33,7 +33,7 @@ import pandas as pd
 
 from common import UserError, check_replaceable, cli, read_table, save_csv, save_figure, save_json
 from data_utils import list_split
-from TracIn.results import load_results, run_id
+from TracIn.results import appearances, load_results, run_id
 from TracIn.run_folder import tool_folder
 from training_dynamics import load_dynamics
 
@@ -112,9 +112,7 @@ def detector_scores(r, dynamics: dict | None, train_ids: np.ndarray) -> dict[str
         seen = ~np.isnan(margin)
         s["aum"] = np.where(seen.any(0), -np.nansum(margin, 0) / np.maximum(seen.sum(0), 1), np.nan)
         s["forgetting"] = forgetting_events(dynamics["correct"][:, train_ids])
-    opp = np.asarray(r["top_k_opponents_indices"]).ravel()
-    counts = np.bincount(opp, minlength=int(max(opp.max(initial=0), train_ids.max(initial=0))) + 1)
-    s["opponent_count"] = counts[train_ids].astype(np.float64)
+    s["opponent_count"] = appearances(r, "opponents", int(train_ids.max(initial=0)) + 1)[train_ids].astype(np.float64)
     members = [m for m in ENSEMBLE_MEMBERS if m in s]
     s["ensemble"] = np.mean([rank_quantile(s[m]) for m in members], axis=0)
     return {name: s[name] for name in DETECTORS if name in s}

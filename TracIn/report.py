@@ -42,7 +42,7 @@ import pandas as pd
 from common import (UserError, building, check_replaceable, cli, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
                     read_table)
 from data_utils import SplitListing, data_identity, list_split, read_false_predictions
-from TracIn.results import RECORD, index_of, load_results, run_id
+from TracIn.results import RECORD, index_of, appearances, load_results, run_id
 from TracIn.run_folder import current
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- thumbnails
-def _thumb(job) -> bool:
+def write_thumbnail(job) -> bool:
     src, dst = job
     from PIL import Image
 
@@ -115,9 +115,9 @@ def make_thumbnails(wanted: dict[str, str], num_workers: int, index: dict) -> tu
         os.makedirs(d, exist_ok=True)
     if num_workers > 1 and len(jobs) > 200:
         with Pool(num_workers, initializer=quiet_worker) as pool:
-            ok = pool.map(_thumb, jobs, chunksize=64)
+            ok = pool.map(write_thumbnail, jobs, chunksize=64)
     else:
-        ok = [_thumb(j) for j in jobs]
+        ok = [write_thumbnail(j) for j in jobs]
     missing += [src for (src, _), good in zip(jobs, ok) if not good]
     for (src, dst), good in zip(jobs, ok):
         if not good:
@@ -351,7 +351,7 @@ def build(args) -> dict:
     prop_i, prop_v = np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"])
     opp_i, opp_v = np.asarray(r["top_k_opponents_indices"]), np.asarray(r["top_k_opponents_values"])
     n_train = len(train_list.paths)
-    n_prop, n_opp = np.bincount(prop_i.ravel(), minlength=n_train), np.bincount(opp_i.ravel(), minlength=n_train)
+    n_prop, n_opp = appearances(r, "proponents", n_train), appearances(r, "opponents", n_train)
     top_p, top_o = influenced(prop_i, prop_v, test_ids, True), influenced(opp_i, opp_v, test_ids, False)
     pred_last = r.train_values("train_pred_last", np.arange(n_train)) if "train_pred_last" in r else np.full(n_train, np.nan)
     cand_by_idx = {} if cand is None else {int(row["train_idx"]): row for row in cand.to_dict("records")}

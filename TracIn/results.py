@@ -231,6 +231,13 @@ class TracInResults:
         return np.where(pos >= 0, values[np.maximum(pos, 0)], np.nan)
 
 
+def appearances(r, kind: str, n_train: int) -> np.ndarray:
+    """(>= n_train,) in how many test images' top-k lists of `kind` ("proponents" or "opponents") each training image
+    is, indexed by split index (r: a TracInResults, or any mapping of its array names)."""
+    name = {"proponents": "top_k_influences_indices", "opponents": "top_k_opponents_indices"}[kind]
+    return np.bincount(np.asarray(r[name]).ravel(), minlength=n_train)
+
+
 def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
     """Load a complete run, checked against `data_dir` (its path, split sizes and class names).
 

@@ -73,7 +73,7 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
         assert rec["l"]["normalized"]["oi"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
     # without the optional outputs the report still builds and says what is missing
     bare = tmp_path / "bare"
-    shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("raw", "mislabel_*", "report"))
+    shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("raw", "mislabel", "mislabel_*", "report"))
     assert report.main(["--results_dir", str(bare), "--data_dir", str(run["data"]), "--false_predictions", str(tmp_path / "no"),
                         "--eval_dir", str(tmp_path / "no"), "--num_workers", "0"]) == 0
     notes = " ".join(meta(bare / "report")["notes"])

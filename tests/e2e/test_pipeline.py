@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from common import UserError
 import model_architecture
 import prepare_data
 import train
@@ -133,15 +134,15 @@ def test_train_evaluate_end_to_end_and_resume(prepared, tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(prepared, tmp_path):
     torch.save(build_model("resnet18", 3).state_dict(), tmp_path / "bare.pth")
-    with pytest.raises(evaluate.UserError, match="not a checkpoint"):
+    with pytest.raises(UserError, match="not a checkpoint"):
         evaluate.main(["--data_dir", str(prepared), "--model", str(tmp_path / "bare.pth")])
     (tmp_path / "junk.pth").write_bytes(b"garbage")
-    with pytest.raises(evaluate.UserError, match="cannot load"):
+    with pytest.raises(UserError, match="cannot load"):
         evaluate.main(["--data_dir", str(prepared), "--model", str(tmp_path / "junk.pth")])
     from helpers import make_random_checkpoints
 
     (p,) = make_random_checkpoints(tmp_path / "c", ["a", "b"], n=1)
-    with pytest.raises(evaluate.UserError, match="trained on classes"):
+    with pytest.raises(UserError, match="trained on classes"):
         evaluate.main(["--data_dir", str(prepared), "--model", str(p)])
     with pytest.raises(train.UserError, match="does not hold resnet50 weights"):
         build_model("resnet50", 3, weights=str(tmp_path / "bare.pth"))

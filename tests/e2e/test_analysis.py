@@ -16,7 +16,7 @@ from TracIn import analyze_misprediction_influences, analyze_topk_results, effic
 from TracIn.mislabel_detection import recall_at, roc_auc
 from helpers import make_raw_tree
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from model_architecture import find_checkpoints, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_torchrun_two_cpu_processes(prepared, tmp_path):

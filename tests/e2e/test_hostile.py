@@ -25,7 +25,7 @@ from helpers import make_random_checkpoints, make_raw_tree, write_false_predicti
 from helpers import wait_for
 from helpers import checksums, one_error_line, sh
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_report_never_reuses_thumbnails_or_gradcam_maps_of_other_data_or_models(
     (tmp_path / "fp" / "gradcam" / "identity.json").write_text(json.dumps({"model_sha256": "b" * 64}))  # another model's maps
     assert report.main(report_args(c, out=out, fp=tmp_path / "fp")) == 0
     fresh = tmp_path / "fresh.jpg"
-    assert report._thumb((test.paths[0], str(fresh)))
+    assert report.write_thumbnail((test.paths[0], str(fresh)))
     assert (out / "thumbs" / "test" / "0.jpg").read_bytes() == fresh.read_bytes()
     m = json.loads((out / "data" / "meta.js").read_text().split("=", 1)[1].strip().rstrip(";"))
     assert any("Grad-CAM maps" in n and "skipped" in n for n in m["notes"])
