@@ -165,9 +165,17 @@ def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False):
 
 
 # ---------------------------------------------------------------- atomic writes
+def usual_mode(folder: bool = False) -> int:
+    """The permissions open() or mkdir() would give under this process's umask (mkstemp and mkdtemp give 0600 and
+    0700, which would hide results from the colleagues a umask lets read them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    """Yield a temporary path next to `path`; rename it onto `path` only on success (with the usual permissions)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -175,6 +183,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -462,6 +471,7 @@ def building(target: str | os.PathLike, tool: str, flag: str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
     try:
+        os.chmod(build, usual_mode(folder=True))
         yield build
         mark_owned(build, tool)
         check_replaceable(target, tool, flag)  # again: it may have changed while we worked

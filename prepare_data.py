@@ -45,7 +45,7 @@ import pandas as pd
 from PIL import Image
 
 from common import (OWNER_MARKER, UserError, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
-                    owned_by, positive_int, quiet_worker, save_json)
+                    owned_by, positive_int, quiet_worker, save_json, usual_mode)
 from data_utils import SPLITS, english_class_name, list_split, load_rgb, read_review_csv
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
     pixels, labels = load_demo_set(demo_set)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
     try:
+        os.chmod(tmp, usual_mode(folder=True))
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
@@ -285,6 +286,7 @@ def prepare(args) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, usual_mode(folder=True))  # it becomes out_dir: readable as a mkdir'd folder would be
         # Decode + resize every file once into a staging folder, then split the readable ones.
         jobs, meta, taken = [], [], set()
         for name in class_names:

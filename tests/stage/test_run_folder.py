@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import demo_report
-from common import UserError
+from common import UserError, usual_mode
 from TracIn import mislabel_detection
 from TracIn.arguments import TracInConfig
 from TracIn.job import tracin_job
@@ -30,6 +30,10 @@ def test_a_tool_folder_records_its_run_and_links_the_notebook_path(prepared, tra
     assert link.is_symlink() and os.readlink(link) == "mislabel/mislabel_candidates.csv"
     assert pd.read_csv(link).equals(pd.read_csv(res / "mislabel" / "mislabel_candidates.csv"))
     assert current(res, "mislabel", rid) == res / "mislabel"
+    # as readable as mkdir and open() make them under this umask (not mkdtemp's 0700, mkstemp's 0600)
+    assert (res / "mislabel").stat().st_mode & 0o777 == usual_mode(folder=True)
+    assert (res / "mislabel" / "mislabel_candidates.csv").stat().st_mode & 0o777 == usual_mode()
+    assert (res / "run.json").stat().st_mode & 0o777 == usual_mode()
 
     # a reader of another run's folder: skipped with one note naming it
     notes = []
