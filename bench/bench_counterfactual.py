@@ -22,7 +22,9 @@ from pathlib import Path
 
 import train
 from bench.bench_mislabel import ROOT as MISLABEL_ROOT, run_cell
-from TracIn import counterfactual_check, efficient_tracin
+from TracIn import counterfactual_check
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 
 ROOT = Path("bench/results/counterfactual")
 COMMON = ["--n_test", "10", "--k", "10", "40", "--seeds", "3", "--seed", "0"]
@@ -45,8 +47,8 @@ def resnet18_run(data: Path, out: Path, top_k: int) -> None:
                        "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
                        "--no-hflip", "--checkpoint_dir", str(out / "ckpt"), "--models_dir", str(out / "models"),
                        "--overwrite"]) == 0
-    assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(out / "ckpt"),
-                                  "--output_dir", str(out / "results"), "--top_k", str(top_k), "--batch_size", "64"]) == 0
+    tracin_job(TracInConfig(data_dir=str(data), checkpoint_dir=str(out / "ckpt"), output_dir=str(out / "results"), top_k=top_k,
+                            batch_size=64))
 
 
 def full_cell(demo_set: str) -> dict:

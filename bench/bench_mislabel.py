@@ -22,7 +22,9 @@ import numpy as np
 
 import prepare_data
 import train
-from TracIn import efficient_tracin, mislabel_detection
+from TracIn import mislabel_detection
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 
 ROOT = Path("bench/results/mislabel")
 
@@ -41,8 +43,8 @@ def run_cell(name: str, demo_set: str, kind: str, rate: float, args) -> dict:
                        "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
                        "--no-hflip", "--checkpoint_dir", str(cell / "ckpt"), "--models_dir", str(cell / "models"), "--overwrite",
                        "--num_workers", "2"]) == 0
-    assert efficient_tracin.main(["--data_dir", str(cell / "data"), "--checkpoint_dir", str(cell / "ckpt"),
-                                  "--output_dir", str(cell / "results"), "--top_k", "20", "--batch_size", "64"]) == 0
+    tracin_job(TracInConfig(data_dir=str(cell / "data"), checkpoint_dir=str(cell / "ckpt"), output_dir=str(cell / "results"),
+                            top_k=20, batch_size=64))
     assert mislabel_detection.main(["--results_dir", str(cell / "results"), "--data_dir", str(cell / "data"),
                                     "--checkpoint_dir", str(cell / "ckpt")]) == 0
     report = json.loads(result.read_text())

@@ -26,7 +26,9 @@ import shutil
 from pathlib import Path
 
 from bench.bench_mislabel import ROOT as MISLABEL_ROOT, run_cell
-from TracIn import counterfactual_check, efficient_tracin, mislabel_detection
+from TracIn import counterfactual_check, mislabel_detection
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
 
 ROOT = Path("bench/results/multilayer")
 LAYER_SETS = {"fc": ["fc"], "layer4.2+fc": ["layer4.2", "fc"], "layer4+fc": ["layer4", "fc"],
@@ -42,8 +44,8 @@ def cell(demo_set: str, name: str, layers: list[str], proj_dim: int) -> dict:
     run_cell(src, demo_set, "uniform", 0.1, argparse.Namespace(arch="resnet50", epochs=4))
     data, ckpt = MISLABEL_ROOT / src / "data", MISLABEL_ROOT / src / "ckpt"
     shutil.rmtree(out, ignore_errors=True)
-    assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                                  "--top_k", "40", "--batch_size", "64", "--layers", *layers, "--proj_dim", str(proj_dim)]) == 0
+    tracin_job(TracInConfig(data_dir=str(data), checkpoint_dir=str(ckpt), output_dir=str(out), top_k=40, batch_size=64,
+                            layers=list(layers), proj_dim=int(proj_dim)))
     summary = json.loads((out / "run.json").read_text())["summary"]
     cache = sum(f.stat().st_size for f in (out / "factors").rglob("*.npy"))
     assert mislabel_detection.main(["--results_dir", str(out), "--data_dir", str(data), "--checkpoint_dir", str(ckpt)]) == 0
