@@ -45,7 +45,7 @@ import numpy as np
 
 from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, positive_int, read_json,
                     resolve_device, save_json)
-from TracIn.counterfactual_check import RunFactors
+from TracIn.run_factors import RunFactors
 from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
 from model_architecture import logit_figures
 from TracIn.arguments import DAMPING
@@ -156,7 +156,7 @@ class SubsetStore:
             raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
 
 
-def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.ndarray, args, device, stop_after: int | None = None) -> int:
+def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.ndarray, args, stop_after: int | None = None) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
     y_train, y_test = run_factors.train_list.labels, run_factors.test_list.labels
     features = (run_factors.features("train"), run_factors.features("test")) if args.retrain == "head" else None
@@ -238,7 +238,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                             f"{', '.join(map(str, missing[:5]))}); run their shards before --merge")
         retrained = 0
     else:
-        retrained = fill_store(store, run_factors, settings, candidates, args, device, stop_after)
+        retrained = fill_store(store, run_factors, settings, candidates, args, stop_after)
     seconds_retrain = time.time() - t1
     if args.shard is not None:
         log.info(f"LDS shard {args.shard[0]}/{args.shard[1]}: {retrained} subset(s) retrained in {seconds_retrain:.0f}s into {store.dir}; "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -62,8 +63,7 @@ def link_notebook_paths(out: Path) -> list[str]:
             logging.getLogger(__name__).warning(f"warning: {link} is a file that is not a link; left as it is, the table is "
                                                 f"{out / name}")
             continue
-        tmp = root / f".{name}.link"
-        tmp.unlink(missing_ok=True)
+        tmp = root / f".{name}.{uuid.uuid4().hex[:12]}.link"  # a fresh name: nothing to delete first
         os.symlink(f"{sub}/{name}", tmp)
         os.replace(tmp, link)
         made.append(name)
