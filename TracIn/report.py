@@ -328,8 +328,8 @@ def build(args) -> dict:
                 if not 0 <= row["index"] < sizes[row["split"]]:
                     continue
                 cam = fp_dir / "gradcam" / f"test_{row['index']}.png"
-                mis_rows.append({"split": row["split"], "i": int(row["index"]), "true": str(row["true_label"]),
-                                 "pred": str(row["pred_label"]), "conf": rounded([row["confidence"]], 3)[0],
+                mis_rows.append({"split": row["split"], "idx": int(row["index"]), "true": str(row["true_label"]),
+                                 "pred": str(row["pred_label"]), "confidence": rounded([row["confidence"]], 3)[0],
                                  "cam": cam.name if cams_ok and row["split"] == "test" and cam.exists() else None})
             if not any(m["cam"] for m in mis_rows) and cams_ok:
                 notes.append("no Grad-CAM maps (python gradCAM_evaluation.py writes false_predictions/gradcam/)")
@@ -344,7 +344,7 @@ def build(args) -> dict:
         rows = list_rows[kind][list_rows[kind] >= 0]
         for name in ("top_k_influences_indices", "top_k_opponents_indices"):
             listed.update(np.unique(np.asarray(run[name])[rows, :show_k]).tolist())
-    listed.update(m["i"] for m in mis_rows if m["split"] == "train")
+    listed.update(m["idx"] for m in mis_rows if m["split"] == "train")
     order += sorted(listed - shown)
 
     # per training image: appearances in the run's full top-k lists and the test images it influences most
@@ -359,26 +359,26 @@ def build(args) -> dict:
     for i in order:
         c = cand_by_idx.get(i)
         train_records.append({
-            "i": i, "y": int(train_list.labels[i]), "p": None if np.isnan(pred_last[i]) else int(pred_last[i]),
-            "f": os.path.basename(train_list.paths[i]), "path": train_list.paths[i],
-            "r": None if c is None else int(c["rank"]), "s": None if c is None else rounded([c[d] for d in detectors]),
-            "bad": None if c is None or "truly_mislabeled" not in c else str(c["truly_mislabeled"]).strip().lower() == "true",
-            "np": int(n_prop[i]), "no": int(n_opp[i]),
-            "tp": top_p.get(i, ([], [])), "to": top_o.get(i, ([], [])),
+            "idx": i, "label": int(train_list.labels[i]), "pred": None if np.isnan(pred_last[i]) else int(pred_last[i]),
+            "file": os.path.basename(train_list.paths[i]), "path": train_list.paths[i],
+            "rank": None if c is None else int(c["rank"]), "scores": None if c is None else rounded([c[d] for d in detectors]),
+            "injected": None if c is None or "truly_mislabeled" not in c else str(c["truly_mislabeled"]).strip().lower() == "true",
+            "in_proponent_lists": int(n_prop[i]), "in_opponent_lists": int(n_opp[i]),
+            "helps_most": top_p.get(i, ([], [])), "hurts_most": top_o.get(i, ([], [])),
         })
 
     # per test image: its lists (show_k) in every available kind
     test_records = []
     for row, t in enumerate(test_ids):
-        rec = {"i": int(t), "l": {}}
+        rec = {"idx": int(t), "lists": {}}
         for kind, run in lists.items():
             rr = int(list_rows[kind][row])
             if rr < 0:
                 continue
-            rec["l"][kind] = {"pi": np.asarray(run["top_k_influences_indices"][rr, :show_k]).tolist(),
-                              "pv": rounded(run["top_k_influences_values"][rr, :show_k]),
-                              "oi": np.asarray(run["top_k_opponents_indices"][rr, :show_k]).tolist(),
-                              "ov": rounded(run["top_k_opponents_values"][rr, :show_k])}
+            rec["lists"][kind] = {"proponents": np.asarray(run["top_k_influences_indices"][rr, :show_k]).tolist(),
+                                  "proponent_scores": rounded(run["top_k_influences_values"][rr, :show_k]),
+                                  "opponents": np.asarray(run["top_k_opponents_indices"][rr, :show_k]).tolist(),
+                                  "opponent_scores": rounded(run["top_k_opponents_values"][rr, :show_k])}
         test_records.append(rec)
 
     # figures that exist and belong to this run
@@ -424,12 +424,12 @@ def build(args) -> dict:
         "lds": None if lds_result is None else {
             "retrain": text(lds_result.get("retrain")), "subsets": number(lds_result.get("reported_subsets")),
             "n_test": number(lds_result.get("n_test")), "accuracy": number(lds_result.get("subset_model_accuracy")),
-            "methods": {text(m): {"lds": number(v.get("lds")), "lo": number((v.get("ci95") or [None, None])[0]),
-                                  "hi": number((v.get("ci95") or [None, None])[1]), "damping": number(v.get("damping"))}
+            "methods": {text(m): {"lds": number(v.get("lds")), "ci_low": number((v.get("ci95") or [None, None])[0]),
+                                  "ci_high": number((v.get("ci95") or [None, None])[1]), "damping": number(v.get("damping"))}
                         for m, v in (lds_result.get("methods") or {}).items() if isinstance(v, dict)}},
         "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
-        "test": {"i": test_ids.tolist(), "y": test_list.labels[test_ids].tolist(), "p": np.asarray(r["test_pred"]).tolist(),
-                 "f": [os.path.basename(test_list.paths[t]) for t in test_ids]},
+        "test": {"idx": test_ids.tolist(), "label": test_list.labels[test_ids].tolist(), "pred": np.asarray(r["test_pred"]).tolist(),
+                 "file": [os.path.basename(test_list.paths[t]) for t in test_ids]},
         "test_chunk": TEST_CHUNK, "train_chunk": TRAIN_CHUNK, "train_order": order,
         "n_candidates": 0 if cand is None else len(cand), "mispredictions": len(mis_rows),
     }
@@ -447,7 +447,7 @@ def build(args) -> dict:
         # every test image of the run and every training image the report shows
         thumbs = {str(build / "thumbs" / "test" / f"{t}.jpg"): test_list.paths[t] for t in test_ids}
         thumbs.update({str(build / "thumbs" / "train" / f"{i}.jpg"): train_list.paths[i] for i in order})
-        thumbs.update({str(build / "thumbs" / "test" / f"{m['i']}.jpg"): test_list.paths[m["i"]] for m in mis_rows if m["split"] == "test"})
+        thumbs.update({str(build / "thumbs" / "test" / f"{m['idx']}.jpg"): test_list.paths[m["idx"]] for m in mis_rows if m["split"] == "test"})
         t_thumbs = time.time()
         made, kept, missing = make_thumbnails(thumbs, args.num_workers, index)
         t_thumbs = time.time() - t_thumbs

@@ -35,7 +35,7 @@
       document.head.appendChild(s);
     });
   }
-  const testRow = new Map(M.test.i.map((idx, row) => [idx, row]));
+  const testRow = new Map(M.test.idx.map((idx, row) => [idx, row]));
   const trainPos = new Map(M.train_order.map((idx, pos) => [idx, pos]));
   function testRecord(idx) {
     const row = testRow.get(idx);
@@ -100,7 +100,7 @@
     document.querySelectorAll(".review").forEach(paintReview);
   }
   function reviewControls(rec) {
-    return '<span class="review" data-idx="' + rec.i + '" data-path="' + esc(rec.path) + '">' +
+    return '<span class="review" data-idx="' + rec.idx + '" data-path="' + esc(rec.path) + '">' +
       '<button type="button" data-d="keep">keep</button><button type="button" data-d="drop">drop</button>' +
       '<select data-d="relabel"><option value="">relabel to…</option>' +
       names.map((c) => '<option value="' + esc(c) + '">' + esc(c) + "</option>").join("") + "</select></span>";
@@ -187,7 +187,7 @@
         "mean over " + fmt(M.lds.n_test, 0) + " test images, 95% bootstrap interval); the subset models' accuracy " + fmt(M.lds.accuracy, 4) + ".</p>" +
         '<table id="lds-table"><tr><th class="l">method</th><th>LDS</th><th>95% interval</th><th>damping</th></tr>' +
         Object.entries(M.lds.methods).map(([m, v]) => '<tr><td class="l">' + esc(m) + "</td><td>" + fmt(v.lds) + "</td><td>" +
-          fmt(v.lo) + " – " + fmt(v.hi) + "</td><td>" + (v.damping === null ? "" : fmt(v.damping)) + "</td></tr>").join("") + "</table>";
+          fmt(v.ci_low) + " – " + fmt(v.ci_high) + "</td><td>" + (v.damping === null ? "" : fmt(v.damping)) + "</td></tr>").join("") + "</table>";
     }
     if (M.figures.length) h += '<h2>Figures</h2><div class="figures">' + M.figures.map((f) => "<h3>" + esc(f.title) + '</h3><img src="' + esc(f.file) + '" alt="' + esc(f.title) + '">').join("") + "</div>";
     main.innerHTML = h;
@@ -196,8 +196,8 @@
   // ------------------------------------------------------------ test images
   function filteredTests() {
     const s = state.test, out = [];
-    for (let row = 0; row < M.test.i.length; row++) {
-      const y = M.test.y[row], p = M.test.p[row];
+    for (let row = 0; row < M.test.idx.length; row++) {
+      const y = M.test.label[row], p = M.test.pred[row];
       if (s.cls !== "" && y !== +s.cls) continue;
       if (s.status === "correct" && y !== p) continue;
       if (s.status === "wrong" && y === p) continue;
@@ -225,11 +225,11 @@
       '</select></label><label>prediction <select id="f-status">' +
       [["all", "all"], ["correct", "correct"], ["wrong", "mispredicted"]].map(([v, t]) => '<option value="' + v + '"' + (s.status === v ? " selected" : "") + ">" + t + "</option>").join("") +
       '</select></label><label>jump to <input id="jump" size="18" placeholder="test index or file name"></label>' +
-      '<span class="small" id="test-count">' + rows.length + " of " + M.test.i.length + ' test images</span><span class="small">keys: ← → (or k j) previous / next</span></div>' +
+      '<span class="small" id="test-count">' + rows.length + " of " + M.test.idx.length + ' test images</span><span class="small">keys: ← → (or k j) previous / next</span></div>' +
       '<div id="test-detail"></div>' + pager("test", s.page, rows.length) + '<div class="grid" id="test-grid">' +
       rows.slice(s.page * PAGE.test, (s.page + 1) * PAGE.test).map((row) => {
-        const i = M.test.i[row], wrong = M.test.y[row] !== M.test.p[row];
-        return thumb("test", i, "#" + i + " " + esc(names[M.test.y[row]]) + (wrong ? " → " + esc(names[M.test.p[row]]) : ""),
+        const i = M.test.idx[row], wrong = M.test.label[row] !== M.test.pred[row];
+        return thumb("test", i, "#" + i + " " + esc(names[M.test.label[row]]) + (wrong ? " → " + esc(names[M.test.pred[row]]) : ""),
           (wrong ? "wrong" : "") + (i === current.idx ? " sel" : ""));
       }).join("") + "</div>";
     main.innerHTML = h;
@@ -238,23 +238,24 @@
     document.getElementById("jump").addEventListener("keydown", (e) => {
       if (e.key !== "Enter") return;
       const q = e.target.value.trim();
-      let row = /^\d+$/.test(q) ? testRow.get(+q) : M.test.f.findIndex((f) => f.includes(q));
+      let row = /^\d+$/.test(q) ? testRow.get(+q) : M.test.file.findIndex((f) => f.includes(q));
       if (row === undefined || row < 0 || q === "") { e.target.value = ""; e.target.placeholder = "not found: " + q; return; }
-      location.hash = "#test/" + M.test.i[row];
+      location.hash = "#test/" + M.test.idx[row];
     });
     if (current.idx === null) return Promise.resolve();
     return testRecord(current.idx).then((rec) => {
       const box = document.getElementById("test-detail");
       if (!box) return;
       if (!rec) { box.innerHTML = '<div class="note">test image #' + current.idx + " is not in this run</div>"; return; }
-      const row = testRow.get(rec.i), y = M.test.y[row], p = M.test.p[row];
+      const row = testRow.get(rec.idx), y = M.test.label[row], p = M.test.pred[row];
       const need = new Set();
-      Object.values(rec.l).forEach((l) => l.pi.concat(l.oi).forEach((i) => need.add(i)));
-      return Promise.all([...need].map((i) => trainRecord(i).then((t) => { if (t) trainClassOf[i] = t.y; }))).then(() => {
-        box.innerHTML = '<div class="detail"><div class="head">' + img("test", rec.i, true) + "<div><h2>test image #" + rec.i + "</h2><div>" +
-          esc(M.test.f[row]) + "</div><div>true class <b>" + esc(names[y]) + "</b>, predicted <b class=\"" + (y === p ? "pos" : "neg") + '">' +
+      Object.values(rec.lists).forEach((l) => l.proponents.concat(l.opponents).forEach((i) => need.add(i)));
+      return Promise.all([...need].map((i) => trainRecord(i).then((t) => { if (t) trainClassOf[i] = t.label; }))).then(() => {
+        box.innerHTML = '<div class="detail"><div class="head">' + img("test", rec.idx, true) + "<div><h2>test image #" + rec.idx + "</h2><div>" +
+          esc(M.test.file[row]) + "</div><div>true class <b>" + esc(names[y]) + "</b>, predicted <b class=\"" + (y === p ? "pos" : "neg") + '">' +
           esc(names[p]) + "</b></div></div></div><div class=\"lists\">" +
-          Object.entries(rec.l).map(([kind, l]) => "<div>" + listBlock(kind, "prop", l.pi, l.pv) + listBlock(kind, "opp", l.oi, l.ov) + "</div>").join("") +
+          Object.entries(rec.lists).map(([kind, l]) => "<div>" + listBlock(kind, "prop", l.proponents, l.proponent_scores) +
+            listBlock(kind, "opp", l.opponents, l.opponent_scores) + "</div>").join("") +
           (M.kinds.length < 2 ? '<div class="note small">only the ' + M.kinds[0] + " lists: the overview says how to add the other kind</div>" : "") +
           "</div></div>";
       });
@@ -276,23 +277,25 @@
           "listed here are the training images that appear in the shown lists or mispredictions</div>";
       h += '<div id="train-detail"></div>' + pager("train", s.page, total) + '<table id="train-table"><tr><th>rank</th><th></th><th>index</th><th class="l">given</th><th class="l">predicted</th>' +
         M.detectors.map((d) => "<th>" + esc(d) + "</th>").join("") + "<th>in proponent lists</th><th>in opponent lists</th>" +
-        (recs.some((r) => r.bad !== null) ? "<th>injected error</th>" : "") + '<th class="l">review</th></tr>' +
-        recs.map((r) => '<tr class="clickable' + (r.i === current.idx ? " sel" : "") + '" data-split="train" data-idx="' + r.i + '"><td>' + (r.r ?? "–") + "</td><td>" +
-          '<img class="row-thumb" width="40" height="40" loading="lazy" alt="" src="thumbs/train/' + r.i + '.jpg"></td><td>' + r.i + '</td><td class="l">' + esc(names[r.y]) + '</td><td class="l">' +
-          (r.p === null ? "–" : esc(names[r.p])) + "</td>" + M.detectors.map((d, j) => "<td>" + fmt(r.s ? r.s[j] : null) + "</td>").join("") +
-          "<td>" + r.np + "</td><td>" + r.no + "</td>" + (recs.some((x) => x.bad !== null) ? "<td>" + (r.bad === null ? "–" : r.bad ? "yes" : "no") + "</td>" : "") +
+        (recs.some((r) => r.injected !== null) ? "<th>injected error</th>" : "") + '<th class="l">review</th></tr>' +
+        recs.map((r) => '<tr class="clickable' + (r.idx === current.idx ? " sel" : "") + '" data-split="train" data-idx="' + r.idx + '"><td>' + (r.rank ?? "–") + "</td><td>" +
+          '<img class="row-thumb" width="40" height="40" loading="lazy" alt="" src="thumbs/train/' + r.idx + '.jpg"></td><td>' + r.idx + '</td><td class="l">' + esc(names[r.label]) + '</td><td class="l">' +
+          (r.pred === null ? "–" : esc(names[r.pred])) + "</td>" + M.detectors.map((d, j) => "<td>" + fmt(r.scores ? r.scores[j] : null) + "</td>").join("") +
+          "<td>" + r.in_proponent_lists + "</td><td>" + r.in_opponent_lists + "</td>" +
+          (recs.some((x) => x.injected !== null) ? "<td>" + (r.injected === null ? "–" : r.injected ? "yes" : "no") + "</td>" : "") +
           '<td class="l">' + reviewControls(r) + "</td></tr>").join("") + "</table>";
       main.innerHTML = h;
       if (current.idx !== null) {
         const box = document.getElementById("train-detail");
         box.innerHTML = !sel ? '<div class="note">training image #' + current.idx + " is not in this report</div>" :
-          '<div class="detail" id="train-sel"><div class="head">' + img("train", sel.i, true) + "<div><h2>training image #" + sel.i + "</h2><div>" + esc(sel.f) +
-          "</div><div>given class <b>" + esc(names[sel.y]) + "</b>, predicted <b>" + (sel.p === null ? "–" : esc(names[sel.p])) + "</b>" +
-          (sel.r ? ", mislabel rank " + sel.r : "") + "</div><div>in " + sel.np + " proponent and " + sel.no + " opponent lists (top " + M.top_k + ")</div><div>" +
+          '<div class="detail" id="train-sel"><div class="head">' + img("train", sel.idx, true) + "<div><h2>training image #" + sel.idx + "</h2><div>" + esc(sel.file) +
+          "</div><div>given class <b>" + esc(names[sel.label]) + "</b>, predicted <b>" + (sel.pred === null ? "–" : esc(names[sel.pred])) + "</b>" +
+          (sel.rank ? ", mislabel rank " + sel.rank : "") + "</div><div>in " + sel.in_proponent_lists + " proponent and " + sel.in_opponent_lists +
+          " opponent lists (top " + M.top_k + ")</div><div>" +
           reviewControls(sel) + '</div></div></div><div class="lists"><div class="list" data-role="helps"><h3>Proponent of (it helps these test images most)</h3><div class="grid">' +
-          sel.tp[0].map((t, j) => thumb("test", t, "#" + t + '<br><span class="pos">' + fmt(sel.tp[1][j]) + "</span>")).join("") +
+          sel.helps_most[0].map((t, j) => thumb("test", t, "#" + t + '<br><span class="pos">' + fmt(sel.helps_most[1][j]) + "</span>")).join("") +
           '</div></div><div class="list" data-role="hurts"><h3>Opponent of (it hurts these most)</h3><div class="grid">' +
-          sel.to[0].map((t, j) => thumb("test", t, "#" + t + '<br><span class="neg">' + fmt(sel.to[1][j]) + "</span>")).join("") + "</div></div></div></div>";
+          sel.hurts_most[0].map((t, j) => thumb("test", t, "#" + t + '<br><span class="neg">' + fmt(sel.hurts_most[1][j]) + "</span>")).join("") + "</div></div></div></div>";
       }
       document.querySelectorAll(".review").forEach(paintReview);
     });
@@ -309,9 +312,9 @@
         '</select></label><span class="small">training images are judged by their given label, injected noise included</span></div>' +
         (rows.length ? "" : '<div class="note">no mispredictions table (python false_prediction.py)</div>') + pager("mis", s.page, shown.length) +
         '<table id="mis-table"><tr><th class="l">split</th><th></th><th>index</th><th class="l">true</th><th class="l">predicted</th><th>confidence</th><th class="l">Grad-CAM (predicted class)</th></tr>' +
-        shown.slice(s.page * PAGE.mis, (s.page + 1) * PAGE.mis).map((r) => '<tr class="clickable" data-split="' + esc(r.split) + '" data-idx="' + fmt(r.i, 0) + '"><td class="l">' + esc(r.split) +
-          '</td><td><img width="48" height="48" loading="lazy" alt="" src="thumbs/' + esc(r.split) + "/" + fmt(r.i, 0) + '.jpg"></td><td>' + fmt(r.i, 0) + '</td><td class="l">' + esc(r.true) +
-          '</td><td class="l">' + esc(r.pred) + "</td><td>" + fmt(r.conf) + '</td><td class="l">' +
+        shown.slice(s.page * PAGE.mis, (s.page + 1) * PAGE.mis).map((r) => '<tr class="clickable" data-split="' + esc(r.split) + '" data-idx="' + fmt(r.idx, 0) + '"><td class="l">' + esc(r.split) +
+          '</td><td><img width="48" height="48" loading="lazy" alt="" src="thumbs/' + esc(r.split) + "/" + fmt(r.idx, 0) + '.jpg"></td><td>' + fmt(r.idx, 0) + '</td><td class="l">' + esc(r.true) +
+          '</td><td class="l">' + esc(r.pred) + "</td><td>" + fmt(r.confidence) + '</td><td class="l">' +
           (r.cam ? '<img width="64" height="64" loading="lazy" alt="Grad-CAM" src="gradcam/' + esc(r.cam) + '">' : '<span class="small">–</span>') + "</td></tr>").join("") + "</table>";
       document.getElementById("f-split").addEventListener("change", (e) => { s.split = e.target.value; s.page = 0; renderMis(); });
     });
@@ -339,7 +342,7 @@
       if (!rows.length) return;
       const pos = current.idx === null ? -1 : rows.indexOf(testRow.get(current.idx));
       const next = rows[Math.min(rows.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))];
-      location.hash = "#test/" + M.test.i[next];
+      location.hash = "#test/" + M.test.idx[next];
     } else if (current.view === "train") {
       const pos = current.idx === null ? -1 : (trainPos.get(current.idx) ?? -1);
       const next = M.train_order[Math.min(M.train_order.length - 1, Math.max(0, pos < 0 ? 0 : pos + step))];

@@ -63,14 +63,14 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
     assert m["kinds"] == ["normalized", "raw"] and m["show_k"] == 3 and m["n_candidates"] == 18
     assert any("no longer matches the run" in n for n in m["notes"])  # the deleted file
     assert not (out / "thumbs" / "test" / f"{run['gone']}.jpg").exists()
-    assert (out / "thumbs" / "test" / f"{m['test']['i'][0]}.jpg").exists()
+    assert (out / "thumbs" / "test" / f"{m['test']['idx'][0]}.jpg").exists()
     r = load_results(run["res"])
     chunk = (out / "data" / "test_0.js").read_text()
     rows = json.loads(chunk[chunk.index(",[") + 1: chunk.rindex(")")])
     for rec in rows:
-        row = r.test_row(rec["i"])
-        assert rec["l"]["normalized"]["pi"] == np.asarray(r["top_k_influences_indices"])[row, :3].tolist()
-        assert rec["l"]["normalized"]["oi"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
+        row = r.test_row(rec["idx"])
+        assert rec["lists"]["normalized"]["proponents"] == np.asarray(r["top_k_influences_indices"])[row, :3].tolist()
+        assert rec["lists"]["normalized"]["opponents"] == np.asarray(r["top_k_opponents_indices"])[row, :3].tolist()
     # without the optional outputs the report still builds and says what is missing
     bare = tmp_path / "bare"
     shutil.copytree(run["res"], bare, ignore=shutil.ignore_patterns("raw", "mislabel", "mislabel_*", "report"))
@@ -108,7 +108,7 @@ def test_browser_views_filters_keys_and_review_export(run, browser, tmp_path):
 
     # filters: class and mispredicted, against direct counts
     m = meta(res / "report")
-    y, p = np.asarray(m["test"]["y"]), np.asarray(m["test"]["p"])
+    y, p = np.asarray(m["test"]["label"]), np.asarray(m["test"]["pred"])
     d.execute_script("const s = document.getElementById('f-class'); s.value = '1'; s.dispatchEvent(new Event('change', {bubbles: true}))")
     assert sorted(idxs(d, "#test-grid .thumb")) == sorted(test_ids[y == 1].tolist())
     d.execute_script("const s = document.getElementById('f-class'); s.value = ''; s.dispatchEvent(new Event('change', {bubbles: true}));"
