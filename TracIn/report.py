@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, building, check_replaceable, cli, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
+from common import (UserError, check_replaceable, cli, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
                     read_table)
 from data_utils import SplitListing, data_identity, list_split, read_false_predictions
 from TracIn.results import RECORD, index_of, appearances, load_results, run_id
-from TracIn.run_folder import current
+from TracIn.run_folder import current, tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "report"
@@ -436,7 +436,7 @@ def build(args) -> dict:
 
     # write: the whole report folder built beside the old one and swapped in (report.js, data, index.html, ...);
     # thumbnails of the old one are carried over (hard links) and reused only when made from the very same file
-    with building(out, TOOL, "--out_dir") as build:
+    with tool_folder(out, TOOL, {"tracin_run": this_run, "data_dir": str(Path(args.data_dir).resolve())}) as build:
         index = {}
         if (out / "thumbs").is_dir() and owned_by(out, TOOL):
             shutil.copytree(out / "thumbs", build / "thumbs", copy_function=link_or_copy)

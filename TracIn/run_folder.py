@@ -6,7 +6,8 @@
         misprediction/                   analyze_misprediction_influences.py (misprediction_influence_analysis.csv too)
         analysis/                        analyze_topk_results.py
         gradcam/                         gradCAM_evaluation.py's proponent panels
-        counterfactual/, clean_and_retrain/, lds/, report/
+        report/                          report.py's results browser
+        counterfactual/, clean_and_retrain/, lds/   filled arm by arm (resumable): the run id is in their JSON
 
 Each tool subfolder is built beside its place and swapped in whole (common.building), marked as the tool's own, and
 carries `inputs.json`: the TracIn run it was computed from (results.run_id) and the tool's other inputs. A new TracIn
@@ -26,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from common import building, owned_by, remove_owned
+from common import building, owned_by, remove_owned, save_json
 
 INPUTS = "inputs.json"
 # subfolder -> the tool that writes it (its owner marker)
@@ -44,8 +45,7 @@ def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir") -> 
     out = Path(out)
     with building(out, tool, flag) as build:
         yield build
-        with open(build / INPUTS, "w") as f:
-            json.dump({"tool": tool, **inputs}, f, indent=2, sort_keys=True, default=str)
+        save_json(build / INPUTS, {"tool": tool, **inputs})
     link_notebook_paths(out)
 
 
