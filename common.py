@@ -262,6 +262,15 @@ def remove_owned(folder: str | os.PathLike, tool: str) -> bool:
     return True
 
 
+def remove_dangling_link(link: str | os.PathLike, target: str) -> bool:
+    """Delete `link` only if it is a symlink to exactly `target` (the link a tool made) that no longer resolves."""
+    link = Path(link)
+    if link.is_symlink() and os.readlink(link) == target and not link.exists():
+        link.unlink()
+        return True
+    return False
+
+
 def remove_inside_owned(path: str | os.PathLike, owner_root: str | os.PathLike, tool: str) -> None:
     """Delete `path` (a file or folder) that lies inside `owner_root`, only if `tool` marked `owner_root` as its own."""
     import shutil

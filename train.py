@@ -256,7 +256,7 @@ def train(args) -> dict:
         dynamics.record(idx, out, y)
 
     def on_epoch(epoch, lr, stats):
-        nonlocal last_metrics, best
+        nonlocal last_metrics, best, epoch_start
         loss_sum, correct, seen = d.sum([stats.loss_sum, stats.correct, stats.seen])
         dynamics.end_epoch(epoch, reduce=d.sum_array if d.world > 1 else None)
         if not math.isfinite(loss_sum):
@@ -268,9 +268,9 @@ def train(args) -> dict:
         if d.main:
             log.info(f"epoch {epoch}/{args.epochs} | lr {lr:.2e} | train_loss {last_metrics['train_loss']:.4f} "
                      f"train_acc {last_metrics['train_acc']:.4f} | val_loss {m['loss']:.4f} val_acc {m['accuracy']:.4f} "
-                     f"| {time.time() - epoch_start[0]:.1f}s")
+                     f"| {time.time() - epoch_start:.1f}s")
             best = save_epoch(epoch, lr, m, last_metrics, best)
-        epoch_start[0] = time.time()
+        epoch_start = time.time()
 
     def save_epoch(epoch, lr, m, metrics, best):
         common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
@@ -295,7 +295,7 @@ def train(args) -> dict:
                                         metadata={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
         return best
 
-    epoch_start = [time.time()]
+    epoch_start = time.time()
     fit(step, optimizer, batches, args.epochs, lambda epoch: lr_at(epoch, args), start_epoch=start_epoch,
         on_batch=on_batch, on_epoch=on_epoch)
     if d.main:

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import UserError, check_replaceable, mark_owned, read_json, remove_inside_owned, save_csv, scheduled_lr
+from common import (UserError, check_replaceable, mark_owned, read_json, remove_inside_owned, resolve_device, save_csv,
+                    scheduled_lr)
 from data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
 from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device, predict
 from training import fit
@@ -169,8 +170,6 @@ class Retrainer:
             keep = np.ones(len(self.train_list.paths), dtype=bool)
             keep[self.left_out(arm)] = False
             return (x_test @ retrain_head(x_train, self.train_list.labels, keep, self.settings, arm.seed).T).numpy()
-        from common import resolve_device
-
         last = self.checkpoint(arm)
         logits = full_test_logits(last, self.data_dir, self.num_workers, resolve_device(self.device))
         arm_dir = self.arms_dir / arm.name

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from common import building, owned_by, remove_owned, save_json
+from common import building, owned_by, remove_dangling_link, remove_owned, save_json
 
 INPUTS = "inputs.json"
 # subfolder -> the tool that writes it (its owner marker)
@@ -108,10 +108,4 @@ def remove_derived(root: Path) -> None:
 
 def remove_dangling_links(root: Path) -> int:
     """The root's notebook links whose tool folder is gone (only links this module makes: name -> sub/name)."""
-    n = 0
-    for name, sub in NOTEBOOK_LINKS.items():
-        link = Path(root) / name
-        if link.is_symlink() and os.readlink(link) == f"{sub}/{name}" and not link.exists():
-            link.unlink()
-            n += 1
-    return n
+    return sum(remove_dangling_link(Path(root) / name, f"{sub}/{name}") for name, sub in NOTEBOOK_LINKS.items())

@@ -83,3 +83,20 @@ def test_a_failed_tool_run_leaves_the_folder_and_a_user_file_under_a_link_name_s
         (res / "mislabel" / "notes.txt").write_text("mine")
         detect(prepared, trained, res)
     assert (res / "mislabel" / "notes.txt").read_text() == "mine"
+
+
+def test_out_dir_is_the_tools_folder_and_the_run_root_is_refused(prepared, trained, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    mine = tmp_path / "mine"
+    assert mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir",
+                                    str(trained / "ckpt"), "--out_dir", str(mine)]) == 0
+    assert (mine / "mislabel_candidates.csv").is_file() and json.loads((mine / "inputs.json").read_text())["tracin_run"] == \
+        run_id(load_results(res).record)
+    assert not os.path.lexists(res / "mislabel_candidates.csv") and not (res / "mislabel").exists()  # no link for elsewhere
+    # the older habit, --out_dir = the results folder: refused with one line, nothing in it changed
+    before = sorted(p.name for p in res.iterdir())
+    with pytest.raises(UserError, match="did not write"):
+        mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir",
+                                 str(trained / "ckpt"), "--out_dir", str(res)])
+    assert sorted(p.name for p in res.iterdir()) == before
