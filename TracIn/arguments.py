@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from common import UserError
+from TracIn.methods import SCORE_FNS  # the registry's shipped methods
 
 NORMALIZE = ("none", "train", "both")
-SCORE_FNS = ("tracin", "tracin_last", "influence", "influence_last", "trak")
 SCORE_FN = "influence_last"  # the default: the best LDS, head and full retraining, on both data sets (docs/lds.md)
 DAMPING = 10.0  # x the mean curvature: within 0.035 of each cell's best LDS on its held-apart subsets (docs/lds.md)
 

@@ -13,7 +13,7 @@ Methods (each gives a ranked list per test image; a group's removal set is the u
   TracIn run or efficient_tracin's default);
 - knn: the nearest training images by cosine of the last checkpoint's penultimate features (the fc input);
 - random: k random training images of the test image's class, a new draw per training seed (the control).
-The lists come from efficient_tracin.py's factor cache in results_dir (TracIn/run_factors.py; no forward pass when it
+The lists come from efficient_tracin.py's factor cache in results_dir (TracIn/run.py; no forward pass when it
 is complete).
 
 Arms: nothing removed, and each method at each k. Every arm is retrained once per training seed (the original
@@ -44,11 +44,12 @@ from model_architecture import logit_figures
 from TracIn.factors import choose_subset
 from TracIn.results import run_id
 from TracIn.retraining import Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings, run_arms
-from TracIn.run_factors import RunFactors
+from TracIn.methods import METHODS as REGISTRY
+from TracIn.run import InfluenceRun
 
 log = logging.getLogger(__name__)
 TOOL = "counterfactual_check"
-METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")
+METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")  # the registry's (TracIn/methods.py), then two controls
 
 
 def parse_args(argv=None):
@@ -73,7 +74,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- the lists
-def knn_lists(run_factors: RunFactors, group: np.ndarray, k: int) -> np.ndarray:
+def knn_lists(run_factors: InfluenceRun, group: np.ndarray, k: int) -> np.ndarray:
     tr = torch.nn.functional.normalize(run_factors.features("train")[:, :-1], dim=1)
     te = torch.nn.functional.normalize(run_factors.features("test")[group, :-1], dim=1)
     return torch.topk(te @ tr.T, k, dim=1).indices.numpy()
@@ -127,7 +128,8 @@ def check(args) -> dict:
     device = resolve_device(args.device)
     if args.retrain == "head" and (args.arch or args.epochs):
         raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
-    run_factors = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
+    run_factors = InfluenceRun.from_results(args.results_dir, args.data_dir, device, args.num_workers)
+    run_factors.require_full("the check")
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
     if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
@@ -150,12 +152,8 @@ def check(args) -> dict:
                         "image's class; lower --k")
     methods = [m for m in METHODS if m in args.methods]
     lists = {}
-    if "tracin" in methods:
-        lists["tracin"] = run_factors.proponents(group, ks[-1])
-    if "tracin_normalized" in methods:
-        lists["tracin_normalized"] = run_factors.proponents(group, ks[-1], normalize="train")
-    if "influence_last" in methods:
-        lists["influence_last"] = run_factors.proponents(group, ks[-1], score_fn="influence_last")
+    for name in (m for m in methods if m in REGISTRY):  # ranked as efficient_tracin ships the method
+        lists[name] = run_factors.proponents(group, ks[-1], score_fn=REGISTRY[name].score_fn, normalize=REGISTRY[name].normalize)
     if "knn" in methods:
         lists["knn"] = knn_lists(run_factors, group, ks[-1])
     rest = np.setdiff1d(np.arange(run_factors.n_test), group)

@@ -63,6 +63,7 @@ class KroneckerCurvature:
                 if gauss_newton and layer in gauss_newton:
                     d_mom = gauss_newton_d(torch.from_numpy(np.asarray(gauss_newton[layer][t])))
                 self.moments[(t, layer)] = (a_sum / n_train, d_mom)
+        self._inverses: dict = {}  # damping -> {(t, layer): damped inverses}, kept for the next test side
 
     @staticmethod
     def damped_inverses(a_mom: torch.Tensor, d_mom: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,9 @@ class KroneckerCurvature:
 
     def whiten(self, test_view, damping: float) -> "TransformedView":
         """The test view with (a, d) -> (a (A + dA)^{-1}, d (D + dD)^{-1}) per checkpoint and layer."""
-        inverse = {key: self.damped_inverses(a, d, damping) for key, (a, d) in self.moments.items()}
+        if damping not in self._inverses:
+            self._inverses[damping] = {key: self.damped_inverses(a, d, damping) for key, (a, d) in self.moments.items()}
+        inverse = self._inverses[damping]
         return TransformedView(test_view, lambda t, layer, a, d: (a @ inverse[(t, layer)][0].to(a), d @ inverse[(t, layer)][1].to(d)))
 
 

@@ -9,7 +9,7 @@ The cache is output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<la
 the whole split with per-row done flags, so any subset reuses rows already computed, a new checkpoint costs only its
 own forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale cache. A killed run resumes
 where it stopped and gives the same bits. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
-interface: FactorView (from the cache), ResidentFactors (held on the GPU), scores.NormalizedView (unit gradients).
+interface: FactorView (from the cache), ResidentFactors (held on the GPU), methods.NormalizedView (unit gradients).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, se
 
 
 def extract_factors(caches: list[CheckpointFactors], models, factor_args: FactorArguments, listing, ids: np.ndarray, transform,
-                    num_workers, device, desc, stop_after=None) -> int:
+                    num_workers, device, desc) -> int:
     """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
 
     Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
@@ -198,7 +197,6 @@ def extract_factors(caches: list[CheckpointFactors], models, factor_args: Factor
     amp = factor_args.amp and device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=factor_args.batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    kill_after = int(os.environ.get("TRACIN_KILL_AFTER_BATCHES", "0"))  # fault injection for the resume test
     done_now = 0
     with contextlib.ExitStack() as stack:
         hooks = [stack.enter_context(make_hook(m, factor_args)) for m in models]
@@ -216,10 +214,6 @@ def extract_factors(caches: list[CheckpointFactors], models, factor_args: Factor
                 cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
                 cache.sync(force=False)
             done_now += 1
-            if kill_after and done_now == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop_after is not None and done_now >= stop_after:
-                raise KeyboardInterrupt("stopped on request (test hook)")
     return done_now
 
 
@@ -258,7 +252,7 @@ class ResidentFactors:
 
 
 def factor_views(factor_args: FactorArguments, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path,
-                 num_workers: int, stop_after=None):
+                 num_workers: int):
     """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
     Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
     models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
@@ -271,7 +265,7 @@ def factor_views(factor_args: FactorArguments, device, ckpts, shas, train_list, 
         caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, setting)
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
         computed[split] = extract_factors(caches[split], models, factor_args, listing, ids, tf, num_workers, device,
-                                          f"factors {split}", stop_after)
+                                          f"factors {split}")
         views[split] = FactorView(caches[split], ids)
     return views, computed, dims
 

@@ -29,7 +29,8 @@ Methods, all from the TracIn run's factor cache (no forward pass):
   chosen on the first --select_subsets subsets, which are then left out of the reported LDS.
 
 Why one module over 300 lines: the evaluator's whole protocol (subsets, records, retraining in processes or shards,
-scoring every method) is read in one place; the score itself is lds_score.py, the matrices dense_scores.py.
+scoring every method) is read in one place; the score itself is lds_score.py, each method's matrix methods.py (the
+same definition efficient_tracin streams).
 """
 from __future__ import annotations
 
@@ -45,18 +46,18 @@ import numpy as np
 
 from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, positive_int, read_json,
                     resolve_device, save_json)
-from TracIn.run_factors import RunFactors
 from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
 from model_architecture import logit_figures
 from TracIn.arguments import DAMPING
 from TracIn.lds_score import choose_damping, records_matrices
-from TracIn.dense_scores import ekfac_scores, influence_scores, tracin_scores, trak_scores
-from TracIn.factors import FactorView, choose_subset
+from TracIn.methods import METHODS as REGISTRY
+from TracIn.factors import choose_subset
+from TracIn.run import InfluenceRun
 from TracIn.results import run_id
 
 log = logging.getLogger(__name__)
 TOOL = "lds"
-METHODS = ("tracin", "tracin_normalized", "tracin_last", "influence", "influence_last", "ekfac", "ekfac_last", "trak")
+METHODS = tuple(REGISTRY)  # every method of the registry (TracIn/methods.py)
 DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature (holds DAMPING)
 
 
@@ -156,11 +157,11 @@ class SubsetStore:
             raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
 
 
-def fill_store(store: SubsetStore, run_factors, settings: dict, candidates: np.ndarray, args, stop_after: int | None = None) -> int:
+def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, args, stop_after: int | None = None) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
-    y_train, y_test = run_factors.train_list.labels, run_factors.test_list.labels
-    features = (run_factors.features("train"), run_factors.features("test")) if args.retrain == "head" else None
-    retrainer = Retrainer(args.retrain, settings, args.data_dir, run_factors.train_list, np.zeros(0, dtype=np.int64),
+    y_train, y_test = run.train_list.labels, run.test_list.labels
+    features = (run.features("train"), run.features("test")) if args.retrain == "head" else None
+    retrainer = Retrainer(args.retrain, settings, args.data_dir, run.train_list, np.zeros(0, dtype=np.int64),
                           store.dir.parent / "work", store.dir.parent, TOOL, args.num_workers, args.device, features)
     done = 0
     for j in range(args.num_subsets):
@@ -218,14 +219,15 @@ def evaluate(args, stop_after: int | None = None) -> dict:
     if args.select_subsets >= args.num_subsets:
         raise UserError(f"--select_subsets {args.select_subsets} leaves no subset to report of --num_subsets {args.num_subsets}")
     device = resolve_device(args.device)
-    run_factors = RunFactors(args.results_dir, args.data_dir, device, args.num_workers)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
+    run = InfluenceRun.from_results(args.results_dir, args.data_dir, device, args.num_workers)
+    run.require_full("the LDS")
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
-    excluded = original_exclusions(ckpt_dir, run_factors.train_list)
-    candidates = np.setdiff1d(np.arange(run_factors.n_train), excluded)
+    excluded = original_exclusions(ckpt_dir, run.train_list)
+    candidates = np.setdiff1d(np.arange(run.n_train), excluded)
     out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
     mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
-    identity = {"tracin_run": run_id(run_factors.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
+    identity = {"tracin_run": run_id(run.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
                 "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
     store = SubsetStore(out, identity)
     t1 = time.time()
@@ -238,7 +240,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                             f"{', '.join(map(str, missing[:5]))}); run their shards before --merge")
         retrained = 0
     else:
-        retrained = fill_store(store, run_factors, settings, candidates, args, stop_after)
+        retrained = fill_store(store, run, settings, candidates, args, stop_after)
     seconds_retrain = time.time() - t1
     if args.shard is not None:
         log.info(f"LDS shard {args.shard[0]}/{args.shard[1]}: {retrained} subset(s) retrained in {seconds_retrain:.0f}s into {store.dir}; "
@@ -246,33 +248,16 @@ def evaluate(args, stop_after: int | None = None) -> dict:
         return {"shard": list(args.shard), "retrained_now": retrained, "seconds_retrain": seconds_retrain}
 
     records = [store.load(j) for j in range(args.num_subsets)]
-    group = choose_subset(run_factors.n_test, min(args.n_test, run_factors.n_test), args.seed)
-    masks, margins = records_matrices(records, run_factors.n_train, group)
+    group = choose_subset(run.n_test, min(args.n_test, run.n_test), args.seed)
+    masks, margins = records_matrices(records, run.n_train, group)
 
-    test_view = FactorView(run_factors.test_caches, group)
+    fs = run.group(group)
     t2 = time.time()
     candidates_scores: dict[str, dict] = {}
-    if "tracin" in args.methods:
-        candidates_scores["tracin"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=False)}
-    if "tracin_last" in args.methods:  # the baseline of influence_last: the same checkpoint, no curvature
-        candidates_scores["tracin_last"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=False,
-                                                                only=len(run_factors.lrs) - 1)}
-    if "tracin_normalized" in args.methods:
-        candidates_scores["tracin_normalized"] = {None: tracin_scores(test_view, run_factors.train_view, run_factors.layers, run_factors.lrs, normalize=True)}
-    for name, last in (("ekfac", False), ("ekfac_last", True)):
-        if name in args.methods:
-            if "fc" not in run_factors.layers:
-                raise UserError(f"{name} needs the fc layer's factors; the TracIn run scored {', '.join(run_factors.layers)}")
-            candidates_scores[name] = ekfac_scores(test_view, run_factors.train_view, run_factors.train_view.logits(), run_factors.lrs, DAMPINGS, last)
-    for name, last in (("influence", False), ("influence_last", True)):
-        if name in args.methods:
-            candidates_scores[name] = influence_scores(test_view, run_factors.train_view, run_factors.n_train, run_factors.layers, run_factors.train_view.logits(),
-                                                  run_factors.lrs, DAMPINGS, last)
-    if "trak" in args.methods:
-        if "fc" not in run_factors.layers:
-            raise UserError(f"trak needs the fc layer's factors; the TracIn run scored {', '.join(run_factors.layers)}")
-        candidates_scores["trak"] = trak_scores(test_view, run_factors.train_view, run_factors.train_list.labels, run_factors.train_view.logits(),
-                                                run_factors.test_list.labels[group], test_view.logits(), len(run_factors.lrs), DAMPINGS, args.trak_dim)
+    for name in (m for m in METHODS if m in args.methods):  # every method of the registry, as efficient_tracin streams it
+        method = REGISTRY[name]
+        dampings = DAMPINGS if method.damped else (None,)
+        candidates_scores[name] = {lam: fs.dense(method, lam, args.trak_dim) for lam in dampings}
     seconds_scores = time.time() - t2
 
     methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed)
@@ -288,7 +273,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
     result = {"retrain": args.retrain, "num_subsets": args.num_subsets, "select_subsets": args.select_subsets,
               "reported_subsets": args.num_subsets - args.select_subsets, "fraction": args.fraction, "n_test": len(group),
               "test_group": group.tolist(), "subset_model_accuracy": float(accuracy.mean()),
-              "subset_model_accuracy_std": float(accuracy.std()), "methods": methods, "tracin_run": run_id(run_factors.record),
+              "subset_model_accuracy_std": float(accuracy.std()), "methods": methods, "tracin_run": run_id(run.record),
               "retrained_now": retrained, "seconds_retrain": seconds_retrain, "seconds_scores": seconds_scores,
               "seconds": time.time() - t0}
     save_json(out / "lds.json", result)

@@ -5,7 +5,7 @@
     row = r.test_row(100)                       # row of test image #100 in the [n_test, k] arrays
     r.arrays["top_k_influences_indices"][row]   # its proponents (split indices of the train split)
 
-Writing (`write_tracin_run` builds a finished run's arrays, table and record; `write_run` writes them): every file goes to a staging folder first; then the old record
+Writing (`tracin_outputs` builds a finished run's arrays, table and record; `write_run` only writes them): every file goes to a staging folder first; then the old record
 (run.json) is removed, the new files replace the old ones, files this run did not write
 (and analysis outputs derived from the previous run, only those their tool marked as its own) are
 removed, and the record is moved in last. So a results folder holds one complete run or no record at all, and a run that fails
@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,10 +121,10 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_tracin_run(out: Path, cfg, identity: dict, inputs, scored, device, t_start: float) -> dict:
-    """A finished run (or merge) as results files: the arrays, the lists as a table, and the record (cfg: the command
-    line's settings, recorded as "args"; inputs: job.RunInputs; scored: scores.ScoredRun). Returns the run's summary."""
-    train_list, test_list, train_ids, test_ids = inputs.train_list, inputs.test_list, inputs.train_ids, inputs.test_ids
+def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, dict, dict, dict]:
+    """A finished run (or merge) as results files: (arrays, tables, record, summary) for write_run. run: run.InfluenceRun
+    (its config is recorded as "args", --layers expanded); scored: scores.ScoredRun."""
+    train_list, test_list, train_ids, test_ids = run.train_list, run.test_list, run.train_ids, run.test_ids
     train_arrays, test_pred, stage_summary = scored.train_arrays, scored.test_pred, scored.summary
     prop_v, prop_i = (x.cpu().numpy() for x in scored.tracker.proponents())
     opp_v, opp_i = (x.cpu().numpy() for x in scored.tracker.opponents())
@@ -147,10 +147,9 @@ def write_tracin_run(out: Path, cfg, identity: dict, inputs, scored, device, t_s
     table = pd.concat(frames).sort_values(["test_idx", "kind", "rank"], ascending=[True, False, True])
 
     pairs = len(train_ids) * len(test_ids)
-    neg_share = float((opp_v < 0).mean())
     summary = {
-        "pairs_scored": pairs, "n_train": len(train_ids), "n_test": len(test_ids), "n_checkpoints": len(inputs.ckpts),
-        "seconds_total": time.time() - t_start, "opponent_negative_share": neg_share,
+        "pairs_scored": pairs, "n_train": len(train_ids), "n_test": len(test_ids), "n_checkpoints": len(run.ckpts),
+        "seconds_total": time.time() - t_start, "opponent_negative_share": float((opp_v < 0).mean()),
         "proponent_negative_share": float((prop_v < 0).mean()), **stage_summary,
     }
     arrays = {
@@ -165,26 +164,23 @@ def write_tracin_run(out: Path, cfg, identity: dict, inputs, scored, device, t_s
         "train_el2n_per_ckpt": train_arrays["el2n_per_ckpt"], "train_grad_sq_norm_per_ckpt": train_arrays.get("grad_sq_norm_per_ckpt"),
     }
     record = {
-        "args": asdict(cfg), "identity": identity, "git_commit": git_commit(), "device": str(device),
+        "args": run.recorded_args(), "identity": identity, "git_commit": git_commit(), "device": str(run.device),
         "data": {**{k: identity[k] for k in ("data_dir", "manifest_key", "train_key", "test_key")}, "n_train_split": len(train_list.paths),
                  "n_test_split": len(test_list.paths), "class_names": list(train_list.class_names)},
         "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr, "train_run": c.get("train_run")}
-                        for p, c, sha, lr in zip(inputs.paths, inputs.ckpts, inputs.shas, inputs.lrs)],
-        "layers": cfg.layers, "summary": summary,
+                        for p, c, sha, lr in zip(run.paths, run.ckpts, run.shas, run.lrs)],
+        "layers": run.layers, "summary": summary,
     }
-    now = f"--score_fn {cfg.score_fn} --normalize {cfg.normalize}"
-    try:  # a corrupt or foreign record is simply replaced
-        was = json.loads((out / "run.json").read_text())["args"]
-        old = f"--score_fn {was.get('score_fn', 'tracin')} --normalize {was['normalize']}"
+    return arrays, {"top_k_influences.csv": table}, record, summary
+
+
+def previous_method(out: Path) -> str | None:
+    """"--score_fn X --normalize Y" of the run now in `out` (None: no readable record)."""
+    try:
+        was = json.loads((Path(out) / RECORD).read_text())["args"]
+        return f"--score_fn {was.get('score_fn', 'tracin')} --normalize {was['normalize']}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        old = now
-    if old != now:
-        log.warning(f"warning: replacing results of {old} in {out} with {now} (use another --output_dir to keep both)")
-    write_run(out, arrays, {"top_k_influences.csv": table}, record)
-    log.info(f"TracIn: {pairs:,} pairs scored ({len(test_ids)} test x {len(train_ids)} train, {len(inputs.ckpts)} checkpoints, "
-             f"layers {','.join(cfg.layers)}, --score_fn {cfg.score_fn}) in {summary['seconds_total']:.1f}s "
-             f"(forward batches run: {stage_summary['batches_computed']}); negative share among opponents {neg_share:.1%}; outputs in {out}")
-    return summary
+        return None
 
 
 def index_of(ids: np.ndarray, wanted) -> np.ndarray:

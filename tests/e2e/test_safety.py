@@ -155,7 +155,7 @@ def test_tracin_rerun_after_sigkill_gives_identical_arrays(prepared, tmp_path):
     base = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--top_k", "4", "--batch_size", "4",
             "--num_workers", "0"]
     assert efficient_tracin.main(base + ["--output_dir", str(tmp_path / "clean")]) == 0
-    killed = sh("TracIn/efficient_tracin.py", *base, "--output_dir", tmp_path / "resumed", env={"TRACIN_KILL_AFTER_BATCHES": "3"})
+    killed = sh("tests/kill_after.py", "3", *base, "--output_dir", tmp_path / "resumed")
     assert killed.returncode == -9 and not (tmp_path / "resumed" / "run.json").exists()
     assert efficient_tracin.main(base + ["--output_dir", str(tmp_path / "resumed")]) == 0
     for n in RESULT_ARRAYS:

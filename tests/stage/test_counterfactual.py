@@ -10,7 +10,7 @@ import pytest
 from common import UserError, resolve_device
 from TracIn import counterfactual_check as cc, efficient_tracin as et, retraining
 from TracIn.results import load_results
-from TracIn.run_factors import RunFactors
+from TracIn.run import InfluenceRun
 
 
 def run_check(prepared, trained, out, *extra):
@@ -64,7 +64,7 @@ def test_head_retrain_and_normalized_lists(prepared, trained, tmp_path):
     for g, row in zip(res["group"], res["lists"]["tracin_normalized"]):
         assert row == props[r.test_row(g)][:2].tolist()
     # head retraining is seeded: the same seed and data give the same weights; another seed does not
-    run_factors = RunFactors(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
+    run_factors = InfluenceRun.from_results(str(trained / "res"), str(prepared), resolve_device("cpu"), 0)
     x, y = run_factors.features("train"), run_factors.train_list.labels
     keep = np.ones(len(y), dtype=bool)
     w = [retraining.retrain_head(x, y, keep, res["settings"], seed) for seed in (0, 0, 1)]
@@ -94,7 +94,7 @@ def test_lists_from_a_record_of_an_older_version(prepared, trained, tmp_path):
     record["args"].pop("damping", None)
     record["args"]["normalize"] = "train"
     (res / "run.json").write_text(json.dumps(record))
-    run_factors = RunFactors(str(res), str(prepared), resolve_device("cpu"), 0)
+    run_factors = InfluenceRun.from_results(str(res), str(prepared), resolve_device("cpu"), 0)
     group = np.arange(3)
     for score_fn, normalize in (("tracin", "none"), ("tracin", "train"), ("influence_last", "none")):
         lists = run_factors.proponents(group, 2, score_fn=score_fn, normalize=normalize)

@@ -11,7 +11,7 @@ import torch
 from common import UserError
 from data_utils import ImageListDataset, build_transform, list_split
 from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import scores
+from TracIn import factors, scores
 from TracIn.arguments import TracInConfig
 from TracIn.job import tracin_job
 from helpers import make_random_checkpoints
@@ -89,11 +89,21 @@ def test_outputs_shapes_dtypes_csv_and_run_json(prepared, ckpts, tmp_path):
     assert summary["pairs_scored"] == 6 * 18
 
 
-def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_path):
+def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_path, monkeypatch):
     run(prepared, ckpts, tmp_path / "clean")
     cfg = config(prepared, ckpts, tmp_path / "resumed")
-    with pytest.raises(KeyboardInterrupt):
-        tracin_job(cfg, _stop_after_batches=2)
+    seen, to_device = [], factors.batch_to_device
+
+    def stop_after_two_batches(x, device):  # Ctrl-C as the factor pass starts its third batch
+        if len(seen) == 2:
+            raise KeyboardInterrupt("stopped by the test")
+        seen.append(1)
+        return to_device(x, device)
+
+    with monkeypatch.context() as m:
+        m.setattr(factors, "batch_to_device", stop_after_two_batches)
+        with pytest.raises(KeyboardInterrupt):
+            tracin_job(cfg)
     assert not (tmp_path / "resumed" / "top_k_influences_values.npy").exists()
     summary = tracin_job(cfg)
     assert summary["batches_computed"] == {"train": 3, "test": 2}  # 5 train batches, 2 were done

@@ -1,0 +1,204 @@
+"""The run object: one TracIn run's inputs resolved once, and the factors and scores every tool takes from it.
+
+    from TracIn.run import InfluenceRun
+    run = InfluenceRun(TracInConfig(top_k=20))                        # a new run: efficient_tracin's job
+    run = InfluenceRun.from_results("TracIn/results", device="cpu")   # a finished run: lds, counterfactual, notebooks
+    fs = run.factors()                                                 # methods.FactorSet over every scored row
+    lists = run.proponents(np.array([4, 17]), k=10, score_fn="influence_last")   # (2, 10) split indices
+    hits = run.explain_factors(images, labels)                         # a FactorSet of new images vs the cached training side
+
+It reads the two splits and checks their classes, picks the scored rows (--train_subset/--test_subset), loads the
+checkpoints (one model family, lr_t, sha256 of each file), expands --layers to modules and checks each projection: once,
+for the CLI (job.py), the shards and merge, the LDS, the counterfactual check, clean-and-retrain and the notebook API
+(api.py). A finished run is reopened with the settings its run.json recorded, its checkpoints checked unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from common import UserError, resolve_device
+from data_utils import data_identity, list_split
+from model_architecture import model_from_checkpoint, model_to_device
+from TracIn.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
+from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints, make_hook
+from TracIn.influence_utils import target_layers
+from TracIn.methods import FactorSet, method_for
+from TracIn.results import load_results
+from TracIn.scores import score_topk
+
+log = logging.getLogger(__name__)
+
+
+class InfluenceRun:
+    """One run's inputs. cfg: a TracInConfig (or a namespace with its fields). Attributes: train_list, test_list
+    (SplitListing), train_ids, test_ids (the scored split indices), paths, ckpts, lrs, shas (per checkpoint), layers
+    (expanded), factor_args (FactorArguments), factor_key (what the cached factors depend on)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.train_list, self.test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
+        if self.train_list.class_names != self.test_list.class_names:
+            raise UserError(f"train and test class folders differ in {cfg.data_dir}")
+        self.paths, self.ckpts, self.lrs, self.shas = load_checkpoints(cfg, self.train_list.class_names)
+        self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
+        self.train_ids = choose_subset(self.n_train, cfg.train_subset, cfg.seed)
+        self.test_ids = choose_subset(self.n_test, cfg.test_subset, cfg.seed + 1)
+        model0 = model_from_checkpoint(self.ckpts[0])
+        try:  # blocks expand to their layers
+            self.layers = target_layers(model0, cfg.layers)
+        except ValueError as e:
+            raise UserError(f"--layers: {e}") from None
+        self.factor_args = replace(pick(FactorArguments, cfg), layers=tuple(self.layers))
+        try:  # each layer's projection checked against its width
+            hook = make_hook(model0, self.factor_args)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.factor_key = self.factor_args.key(projected=any(hook.projected.values()))
+        self.record, self.results_dir, self.sharded = None, None, False
+        self.device = resolve_device(getattr(cfg, "device", "cpu"))
+        self._factor_set, self._models = None, None
+
+    @classmethod
+    def from_results(cls, results_dir, data_dir=None, device="cpu", num_workers: int = 0) -> "InfluenceRun":
+        """The run in results_dir (efficient_tracin's --output_dir) with the settings its run.json recorded, on
+        data_dir (default: the data it recorded, checked unchanged), its checkpoints checked unchanged."""
+        r = load_results(results_dir)
+        rec = r.record
+        data_dir = str(data_dir or rec["data"]["data_dir"])
+        load_results(results_dir, data_dir=data_dir)  # the data checked against the record
+        defaults = {k: v for k, v in asdict(TracInConfig()).items() if k not in ("score_fn", "normalize")}
+        args = {**defaults, **rec["args"], "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
+                "num_workers": num_workers, "overwrite": False, "checkpoints": [c["path"] for c in rec["checkpoints"]],
+                "lr_weights": [c["lr"] for c in rec["checkpoints"]], "num_shards": 1, "shard_index": 0, "merge": False}
+        run = cls(SimpleNamespace(**args))
+        changed = [str(p) for p, s, c in zip(run.paths, run.shas, rec["checkpoints"]) if s != c["sha256"]]
+        if changed:
+            raise UserError(f"checkpoint(s) {', '.join(changed)} changed since the TracIn run in {results_dir}; rerun "
+                            "efficient_tracin.py")
+        if not np.array_equal(run.train_ids, np.asarray(r["train_indices"])) or \
+                not np.array_equal(run.test_ids, np.asarray(r["test_indices"])):
+            raise UserError(f"{results_dir}'s train/test indices do not match its recorded subset settings; rerun efficient_tracin.py")
+        run.record, run.results_dir, run.results = rec, Path(results_dir), r
+        run.sharded = rec["args"].get("num_shards", 1) > 1
+        return run
+
+    # ------------------------------------------------------------------ identity
+    def identity(self, data_id: dict | None = None) -> dict:
+        """What a run's scores depend on (its factors' own identity is their cache key); results.run_id hashes it."""
+        c = self.cfg
+        data_id = data_id if data_id is not None else data_identity(c.data_dir)
+        score_key = pick(ScoreArguments, c).key()
+        return {**data_id, "checkpoint_sha256": self.shas, "lr_weights": self.lrs, "layers": self.layers, "top_k": c.top_k,
+                "batch_size": c.batch_size, "train_subset": c.train_subset, "test_subset": c.test_subset, "seed": c.seed,
+                "self_influence": c.self_influence, "num_shards": c.num_shards, "amp": c.amp, "normalize": c.normalize,
+                **score_key, "train_block": c.train_block, "test_block": c.test_block, "factors": self.factor_key}
+
+    def recorded_args(self) -> dict:
+        """The settings as run.json records them: the config with --layers expanded."""
+        return {**asdict(self.cfg), "layers": self.layers}
+
+    # ------------------------------------------------------------------ factors and scores of a finished run
+    def cache_root(self) -> Path:
+        return Path(self.cfg.cache_dir or Path(self.cfg.output_dir) / "factors")
+
+    def require_full(self, what: str) -> None:
+        """Refuse a run that did not score every training image in one process (a subset or shards)."""
+        if self.cfg.train_subset or self.sharded:
+            raise UserError(f"{self.results_dir} scored a --train_subset or ran in shards; {what} needs one unsharded run "
+                            "over every training image")
+
+    def factors(self) -> FactorSet:
+        """The finished run's FactorSet: its scored training rows against every test image, from the factor cache
+        (rows the cache lacks are computed and said), built once."""
+        if self.sharded:
+            raise UserError(f"{self.results_dir} ran in shards, whose factors stay in each shard's folder; this needs one "
+                            "unsharded run (efficient_tracin.py without --num_shards)")
+        if self._factor_set is None:
+            views, computed, _ = factor_views(self.factor_args, self.device, self.ckpts, self.shas, self.train_list,
+                                              self.test_list, self.train_ids, np.arange(self.n_test), self.cache_root(),
+                                              self.cfg.num_workers)
+            if any(computed.values()):
+                log.info(f"factor cache completed: {computed} forward batches")
+            self.train_view, self.test_caches = views["train"], views["test"].caches
+            self._factor_set = FactorSet(views["train"], views["test"], self.lrs, self.layers,
+                                         self.train_list.labels[self.train_ids], self.test_list.labels, self.device,
+                                         views["train"].logits(), views["test"].logits(), block=self.cfg.train_block)
+        return self._factor_set
+
+    def score_args(self, score_fn: str | None = None, normalize: str | None = None, **changes) -> ScoreArguments:
+        """ScoreArguments with the run's blocks, damping and trak_dim as recorded (an older record takes the defaults of
+        what it lacks) and the method score_fn/normalize (default: the run's own; a record without one ran TracIn)."""
+        c = vars(self.cfg)
+        if score_fn is None:
+            score_fn, normalize = c.get("score_fn") or "tracin", c.get("normalize") or "none"
+        kept = {k: c[k] for k in ("damping", "trak_dim", "test_block", "train_block") if c.get(k) not in (None, "")}
+        return ScoreArguments(score_fn=score_fn, normalize=normalize or "none", **{**kept, **changes})
+
+    def group(self, test_idx: np.ndarray) -> FactorSet:
+        """The run's FactorSet restricted to the test images test_idx (split indices)."""
+        fs = self.factors()
+        view = FactorView(self.test_caches, np.asarray(test_idx))
+        return fs.with_test(view, self.test_list.labels[test_idx], view.logits())
+
+    def topk(self, fs: FactorSet, k: int, score_fn: str | None = None, normalize: str | None = None):
+        """The streamed top-k (TopKInfluenceTracker) of a FactorSet's test side, scored as efficient_tracin ranks
+        with score_fn/normalize (default: this run's own)."""
+        sa = self.score_args(score_fn, normalize, top_k=k)
+        views, layers, weights = fs.scoring_views(method_for(sa.score_fn, sa.normalize), sa.damping, sa.trak_dim)
+        return score_topk(views["test"], views["train"], fs.n_test, fs.n_train, layers, weights, k, sa.test_block,
+                          sa.train_block, self.train_ids, self.device)
+
+    def proponents(self, group: np.ndarray, k: int, score_fn: str = "tracin", normalize: str = "none") -> np.ndarray:
+        """(len(group), k) split indices of the top-k proponents of test images `group`, exactly as efficient_tracin
+        ranks them with that --score_fn and --normalize."""
+        return self.topk(self.group(group), k, score_fn, normalize).proponents()[1].cpu().numpy()
+
+    def features(self, split: str) -> torch.Tensor:
+        """The last checkpoint's fc input per image of a split, with the bias column of ones: (n, F + 1)."""
+        if "fc" not in self.layers:
+            raise UserError(f"knn and --retrain head need the fc layer's factors; the TracIn run scored {', '.join(self.layers)}")
+        self.factors()
+        view = self.train_view if split == "train" else FactorView(self.test_caches, np.arange(self.n_test))
+        return view.load(len(self.lrs) - 1, "fc", slice(None), torch.device("cpu"))[0].double()
+
+    # ------------------------------------------------------------------ new images
+    def models(self) -> list:
+        """Every checkpoint's model on the run's device, built once."""
+        if self._models is None:
+            self._models = [model_to_device(model_from_checkpoint(c), self.device) for c in self.ckpts]
+        return self._models
+
+    def query_factors(self, x: torch.Tensor, labels: torch.Tensor) -> "MemoryView":
+        """Factors (a, d) of a batch of transformed images under `labels`, per checkpoint, as a view."""
+        per_ckpt, logits = [], []
+        for model in self.models():
+            with make_hook(model, self.factor_args) as hook:
+                factors, lg, _ = hook.factors(x.to(self.device), labels.to(self.device))
+            per_ckpt.append({l: (a.float(), d.float()) for l, (a, d) in factors.items()})
+            logits.append(lg.float().cpu().numpy())
+        return MemoryView(per_ckpt, np.stack(logits))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        """The last checkpoint's logits (n, C) of a batch of transformed images."""
+        return self.models()[-1](x.to(self.device)).float().cpu().numpy()
+
+
+class MemoryView:
+    """Factors held in memory, one {layer: (A, D)} per checkpoint, with FactorView's `load` and `logits`."""
+
+    def __init__(self, per_ckpt: list[dict], logits: np.ndarray):
+        self.per_ckpt, self._logits = per_ckpt, logits
+
+    def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+        a, d = self.per_ckpt[t][layer]
+        return a[rows].to(device), d[rows].to(device)
+
+    def logits(self) -> np.ndarray:
+        return self._logits
