@@ -55,6 +55,11 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             im = ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit/float scaled, palette and alpha composited on white (load_rgb's modes)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max()

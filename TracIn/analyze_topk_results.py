@@ -169,23 +169,32 @@ def bar_chart(table: pd.DataFrame, top_n: int, ax=None):
 
 
 def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
-    plt = _plt()
     t = int(r["test_indices"][row])
+    names = train_list.class_names
+    title = f"test #{t}\ntrue {names[test_list.labels[t]]}" + (f"\npred {pred_name}" if pred_name else "")
+    lists = {kind: (np.asarray(r[f"top_k_{name}_values"][row]), np.asarray(r[f"top_k_{name}_indices"][row]))
+             for kind, name in (("proponent", "influences"), ("opponent", "opponents"))}
+    return influence_panel(load_rgb(test_list.paths[t]), title, lists, train_list, k)
+
+
+def influence_panel(image, title: str, lists: dict, train_list, k: int):
+    """A query image (left, both rows) beside its proponents (top row, green) and opponents (bottom, red).
+    lists: {"proponent": (values, split indices), "opponent": (values, split indices)}, each best first."""
+    plt = _plt()
     names = train_list.class_names
     fig, axes = plt.subplots(2, k + 1, figsize=((k + 1) * 1.75, 4.3))
     for ax in axes.ravel():
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.imshow(load_rgb(test_list.paths[t]))
-    title = f"test #{t}\ntrue {names[test_list.labels[t]]}" + (f"\npred {pred_name}" if pred_name else "")
+        ax.imshow(image)
     axes[0, 0].set_title(title, fontsize=8)
-    for line, (kind, vals, idx, color) in enumerate((("proponent", r["top_k_influences_values"], r["top_k_influences_indices"], "green"),
-                                                     ("opponent", r["top_k_opponents_values"], r["top_k_opponents_indices"], "red"))):
-        for j in range(min(k, idx.shape[1])):
+    for line, (kind, color) in enumerate((("proponent", "green"), ("opponent", "red"))):
+        vals, idx = lists[kind]
+        for j in range(min(k, len(idx))):
             ax = axes[line, j + 1]
-            tr = int(idx[row, j])
+            tr = int(idx[j])
             ax.imshow(load_rgb(train_list.paths[tr]))
-            ax.set_title(f"{kind} {j + 1}\n#{tr} {names[train_list.labels[tr]]}\n{float(vals[row, j]):.3g}", fontsize=7, color=color)
+            ax.set_title(f"{kind} {j + 1}\n#{tr} {names[train_list.labels[tr]]}\n{float(vals[j]):.3g}", fontsize=7, color=color)
     fig.tight_layout()
     return fig
 

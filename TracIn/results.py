@@ -262,6 +262,15 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
     return TracInResults(results_dir, record, arrays)
 
 
+def recorded_data_dir(record: dict) -> str:
+    """The data folder a run was computed on, spelled as the run was given it when that still names the same folder
+    (the split keys hash the paths as listed), else its absolute path."""
+    given = record.get("args", {}).get("data_dir")
+    if isinstance(given, str) and Path(given).resolve() == Path(record["data"]["data_dir"]):
+        return given
+    return record["data"]["data_dir"]
+
+
 def check_data(record: dict, data_dir, results_dir) -> None:
     """Refuse to index results with data other than those they were computed on: another folder, or the same folder
     re-prepared, relabelled or edited since (each split's content key: paths, labels, sizes, mtimes)."""

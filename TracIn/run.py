@@ -29,7 +29,7 @@ from TracIn.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
 from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints, make_hook
 from TracIn.influence_utils import target_layers
 from TracIn.methods import FactorSet, method_for
-from TracIn.results import load_results
+from TracIn.results import load_results, recorded_data_dir
 from TracIn.scores import score_topk
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class InfluenceRun:
         data_dir (default: the data it recorded, checked unchanged), its checkpoints checked unchanged."""
         r = load_results(results_dir)
         rec = r.record
-        data_dir = str(data_dir or rec["data"]["data_dir"])
+        data_dir = str(data_dir or recorded_data_dir(rec))
         load_results(results_dir, data_dir=data_dir)  # the data checked against the record
         defaults = {k: v for k, v in asdict(TracInConfig()).items() if k not in ("score_fn", "normalize")}
         args = {**defaults, **rec["args"], "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
@@ -169,20 +169,23 @@ class InfluenceRun:
 
     # ------------------------------------------------------------------ new images
     def models(self) -> list:
-        """Every checkpoint's model on the run's device, built once."""
+        """Every checkpoint's model on the run's device, built once (kept for the next query)."""
         if self._models is None:
             self._models = [model_to_device(model_from_checkpoint(c), self.device) for c in self.ckpts]
         return self._models
 
-    def query_factors(self, x: torch.Tensor, labels: torch.Tensor) -> "MemoryView":
-        """Factors (a, d) of a batch of transformed images under `labels`, per checkpoint, as a view."""
-        per_ckpt, logits = [], []
-        for model in self.models():
-            with make_hook(model, self.factor_args) as hook:
+    def query_factors(self, x: torch.Tensor, labels: torch.Tensor, steps=None) -> "MemoryView":
+        """Factors (a, d) of a batch of transformed images under `labels` at the checkpoints `steps` (default all; a
+        last-checkpoint method needs only the last), as a view. The other checkpoints are left empty (NaN logits)."""
+        steps = range(len(self.ckpts)) if steps is None else steps
+        per_ckpt, logits = [None] * len(self.ckpts), [None] * len(self.ckpts)
+        for t in steps:
+            with make_hook(self.models()[t], self.factor_args) as hook:
                 factors, lg, _ = hook.factors(x.to(self.device), labels.to(self.device))
-            per_ckpt.append({l: (a.float(), d.float()) for l, (a, d) in factors.items()})
-            logits.append(lg.float().cpu().numpy())
-        return MemoryView(per_ckpt, np.stack(logits))
+            per_ckpt[t] = {l: (a.float(), d.float()) for l, (a, d) in factors.items()}
+            logits[t] = lg.float().cpu().numpy()
+        shape = next(l for l in logits if l is not None).shape
+        return MemoryView(per_ckpt, np.stack([np.full(shape, np.nan, np.float32) if l is None else l for l in logits]))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:

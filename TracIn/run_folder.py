@@ -7,6 +7,7 @@
         analysis/                        analyze_topk_results.py
         gradcam/                         gradCAM_evaluation.py's proponent panels
         report/                          report.py's results browser
+        explain/                         explain.py: new images' proponents (explain.csv, explain_<i>.png)
         counterfactual/, clean_and_retrain/, lds/   filled arm by arm (resumable): the run id is in their JSON
 
 Each tool subfolder is built beside its place and swapped in whole (common.building), marked as the tool's own, and
@@ -33,7 +34,8 @@ INPUTS = "inputs.json"
 # subfolder -> the tool that writes it (its owner marker)
 TOOL_FOLDERS = {"mislabel": "mislabel_detection", "misprediction": "analyze_misprediction_influences",
                 "analysis": "analyze_topk_results", "gradcam": "gradCAM_evaluation", "counterfactual": "counterfactual_check",
-                "clean_and_retrain": "clean_and_retrain", "lds": "lds", "report": "report"}
+                "clean_and_retrain": "clean_and_retrain", "lds": "lds", "report": "report",
+                "explain": "explain"}
 # the seed's notebook paths at the root, kept as links into the folder that now holds them
 NOTEBOOK_LINKS = {"mislabel_candidates.csv": "mislabel", "misprediction_influence_analysis.csv": "misprediction"}
 

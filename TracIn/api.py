@@ -1,0 +1,217 @@
+"""The notebook API: a finished run as one object whose answers are DataFrames with paths and class names.
+
+    import TracIn
+    run = TracIn.open("TracIn/results")             # checks the data (and, for explain, the checkpoints) unchanged
+    run.proponents(100, k=10)                       # rank, train_idx, path, class, score
+    run.opponents(100, k=10)
+    run.self_influence()                            # train_idx, path, class, self_influence (TracIn's sum_t lr_t |g_t|^2)
+    run.mislabel_candidates().head(50)              # mislabel_detection's ranking (refused when stale)
+    run.test_table()                                # test_idx, path, label, prediction, margin
+    run.lds()                                       # method, lds, ci_low, ci_high, damping (python -m TracIn.lds)
+    run.explain(["photo.jpg", pil_image], k=10)     # proponents/opponents of new images, from the cached factors
+
+`explain` scores images that need not be in the data set with the run's own method (--score_fn, --normalize,
+--damping) against the cached training factors: per checkpoint one forward/backward of the query images and a pass
+over the cached training rows, no forward pass of a training image. An image is explained under its label in the data
+set when its file is one of the prepared splits, under a label you give, or else under the model's prediction
+(column label_source says which). python -m TracIn.explain is its command line.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import UserError, read_json
+from data_utils import eval_transform, list_split, load_rgb, to_rgb
+from model_architecture import logit_figures
+from TracIn.methods import method_for
+from TracIn.results import load_results, recorded_data_dir, run_id
+from TracIn.run_folder import current
+
+QUERY_BATCH = 64  # query images per forward pass and score block
+
+
+class Results:
+    """A finished TracIn run (efficient_tracin's --output_dir) on its prepared data. data_dir: default the folder the run
+    recorded; device for explain (default cpu)."""
+
+    def __init__(self, results_dir="TracIn/results", data_dir=None, device: str = "cpu"):
+        self.path = Path(results_dir)
+        record = load_results(self.path).record
+        self.data_dir = str(data_dir or recorded_data_dir(record))
+        self.results = load_results(self.path, data_dir=self.data_dir)  # refuses data changed since the run
+        self.record, self.run_id, self.device = record, run_id(record), device
+        self.train_list, self.test_list = list_split(self.data_dir, "train"), list_split(self.data_dir, "test")
+        self.class_names = list(self.train_list.class_names)
+        self._run = None
+
+    def __repr__(self) -> str:
+        a = self.record["args"]
+        return (f"<TracIn run {self.run_id} in {self.path}: {len(self.results['test_indices'])} test x "
+                f"{len(self.results['train_indices'])} train, --score_fn {a.get('score_fn', 'tracin')}, top-{a['top_k']}>")
+
+    @property
+    def run(self):
+        """The run.InfluenceRun behind it (checkpoints checked unchanged), opened on first use."""
+        if self._run is None:
+            from TracIn.run import InfluenceRun
+
+            self._run = InfluenceRun.from_results(self.path, self.data_dir, self.device)
+        return self._run
+
+    # ------------------------------------------------------------------ the stored lists
+    def _train_frame(self, idx: np.ndarray) -> pd.DataFrame:
+        idx = np.asarray(idx, dtype=np.int64)
+        return pd.DataFrame({"train_idx": idx, "path": np.asarray(self.train_list.paths)[idx],
+                             "class": np.asarray(self.class_names)[self.train_list.labels[idx]]})
+
+    def _list(self, kind: str, test_idx: int, k: int | None) -> pd.DataFrame:
+        row = self.results.test_row(int(test_idx))
+        values = np.asarray(self.results[f"top_k_{kind}_values"][row])
+        indices = np.asarray(self.results[f"top_k_{kind}_indices"][row])
+        k = len(values) if k is None else int(k)
+        if not 1 <= k <= len(values):
+            raise UserError(f"k={k}: the run kept the top {len(values)} (efficient_tracin.py --top_k)")
+        frame = self._train_frame(indices[:k])
+        frame.insert(0, "rank", np.arange(1, k + 1))
+        frame["score"] = values[:k].astype(np.float64)
+        return frame
+
+    def proponents(self, test_idx: int, k: int | None = 10) -> pd.DataFrame:
+        """The k training images that most supported test image #test_idx's label (rank, train_idx, path, class, score)."""
+        return self._list("influences", test_idx, k)
+
+    def opponents(self, test_idx: int, k: int | None = 10) -> pd.DataFrame:
+        """The k training images that most opposed it, most negative first."""
+        return self._list("opponents", test_idx, k)
+
+    def self_influence(self) -> pd.DataFrame:
+        """Per scored training image: TracIn's self-influence sum_t lr_t |g_t(z)|^2, in split order."""
+        if "self_influence" not in self.results:
+            raise UserError(f"{self.path} has no self_influence.npy (the run used --no_self_influence)")
+        frame = self._train_frame(self.results["train_indices"])
+        frame["self_influence"] = np.asarray(self.results["self_influence"], dtype=np.float64)
+        return frame
+
+    def test_table(self) -> pd.DataFrame:
+        """Per scored test image: path, label, the last checkpoint's prediction and margin (label logit minus the
+        largest other; negative when mispredicted), from the run's cached logits."""
+        ids = np.asarray(self.results["test_indices"])
+        logits = self.run.factors().test_logits[-1][ids]  # (n, C) of the last checkpoint
+        labels = self.test_list.labels[ids]
+        _, margin, _ = logit_figures(logits[None], labels)
+        names = np.asarray(self.class_names)
+        return pd.DataFrame({"test_idx": ids, "path": np.asarray(self.test_list.paths)[ids], "label": names[labels],
+                             "prediction": names[np.asarray(self.results["test_pred"])], "margin": margin[0].astype(np.float64)})
+
+    # ------------------------------------------------------------------ the tools' outputs
+    def mislabel_candidates(self) -> pd.DataFrame:
+        """python -m TracIn.mislabel_detection's ranking of likely label errors (best first); refused if it was computed
+        from another TracIn run."""
+        notes: list[str] = []
+        folder = current(self.path, "mislabel", self.run_id, notes)
+        if folder is None:
+            raise UserError(notes[0] if notes else f"no {self.path}/mislabel: run python -m TracIn.mislabel_detection first")
+        return pd.read_csv(folder / "mislabel_candidates.csv")
+
+    def lds(self) -> pd.DataFrame:
+        """python -m TracIn.lds's table: per method the linear datamodeling score, its 95% interval and damping."""
+        path = self.path / "lds" / "lds.json"
+        if not path.exists():
+            raise UserError(f"no {path}: run python -m TracIn.lds --results_dir {self.path} first")
+        result = read_json(path, "rerun python -m TracIn.lds")
+        if result.get("tracin_run") != self.run_id:
+            raise UserError(f"{path} was computed from another TracIn run ({result.get('tracin_run')}, this one is "
+                            f"{self.run_id}); rerun python -m TracIn.lds")
+        rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m["damping"]}
+                for name, m in result["methods"].items()]
+        return pd.DataFrame(rows).sort_values("lds", ascending=False, ignore_index=True)
+
+    # ------------------------------------------------------------------ new images
+    def prepared_image(self, image) -> "Image.Image":
+        """A path or PIL image as the prepared splits hold it: RGB, image_size x image_size (prepare_data.py's bicubic
+        resize and, for a JPEG split, its quality-95 encoding, when the size differs)."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            im = to_rgb(image)
+        else:
+            try:
+                im = load_rgb(image)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        prep = read_json(Path(self.data_dir) / "prepare_args.json") if (Path(self.data_dir) / "prepare_args.json").exists() else {}
+        size = int(prep.get("image_size") or self.run.ckpts[0]["image_size"])
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+            if prep.get("format") == "jpg":
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=95)
+                im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return im
+
+    def _labels(self, images, labels) -> tuple[list, list]:
+        """Per image: the label index it is explained under, or None (its prediction), and where it came from."""
+        if labels is not None:
+            if len(labels) != len(images):
+                raise UserError(f"{len(labels)} labels for {len(images)} images")
+            out = []
+            for lab in labels:
+                if isinstance(lab, str):
+                    if lab not in self.class_names:
+                        raise UserError(f"label {lab!r} is not a class of the run ({', '.join(self.class_names)})")
+                    lab = self.class_names.index(lab)
+                if not 0 <= int(lab) < len(self.class_names):
+                    raise UserError(f"label {lab} is out of range: the run has {len(self.class_names)} classes")
+                out.append(int(lab))
+            return out, ["given"] * len(images)
+        known = {os.path.realpath(p): int(l) for listing in (self.train_list, self.test_list)
+                 for p, l in zip(listing.paths, listing.labels)}
+        found = [known.get(os.path.realpath(im)) if isinstance(im, (str, os.PathLike)) else None for im in images]
+        return found, ["data set" if f is not None else "prediction" for f in found]
+
+    def explain(self, images, k: int = 10, labels=None) -> pd.DataFrame:
+        """Proponents and opponents of images (paths or PIL images), scored by the run's method against the cached
+        training factors. Returns one row per (image, kind, rank): query, image, label, label_source, prediction, kind,
+        rank, train_idx, path, class, score."""
+        from PIL import Image
+
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if not images:
+            raise UserError("no images to explain")
+        if not 1 <= int(k) <= len(self.results["train_indices"]):
+            raise UserError(f"k={k}: choose 1..{len(self.results['train_indices'])}")
+        run = self.run
+        fs = run.factors()
+        transform = eval_transform(run.ckpts[0])
+        given, sources = self._labels(images, labels)
+        sa = run.score_args()
+        steps = [len(run.ckpts) - 1] if method_for(sa.score_fn, sa.normalize).last_only else None
+        names, frames = np.asarray(self.class_names), []
+        for b0 in range(0, len(images), QUERY_BATCH):
+            batch = images[b0:b0 + QUERY_BATCH]
+            x = torch.stack([transform(self.prepared_image(im)) for im in batch])
+            pred = run.predict(x).argmax(1)
+            y = np.array([p if g is None else g for g, p in zip(given[b0:b0 + QUERY_BATCH], pred)], dtype=np.int64)
+            view = run.query_factors(x, torch.from_numpy(y), steps)
+            tracker = run.topk(fs.with_test(view, y, view.logits()), int(k))
+            for kind, (values, indices) in (("proponent", tracker.proponents()), ("opponent", tracker.opponents())):
+                values, indices = values.cpu().numpy(), indices.cpu().numpy()
+                for i in range(len(batch)):
+                    frame = self._train_frame(indices[i])
+                    frame.insert(0, "rank", np.arange(1, int(k) + 1))
+                    frame["score"] = values[i].astype(np.float64)
+                    q = b0 + i
+                    head = {"query": q, "image": str(batch[i]) if not isinstance(batch[i], Image.Image) else f"<image {q}>",
+                            "label": names[y[i]], "label_source": sources[q], "prediction": names[pred[i]], "kind": kind}
+                    for j, (col, value) in enumerate(head.items()):
+                        frame.insert(j, col, value)
+                    frames.append(frame)
+        return pd.concat(frames, ignore_index=True).sort_values(["query", "kind", "rank"], ascending=[True, False, True],
+                                                                  ignore_index=True)
+

@@ -1,0 +1,183 @@
+"""The method registry, the run object and the notebook API on a tiny trained run: the dense matrix the LDS measures
+ranks exactly as efficient_tracin ships, explain() on test images reproduces the shipped arrays, new images of any
+size and mode are explained, bad input gets one line, and the README's notebook examples run verbatim."""
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import TracIn
+from common import UserError
+from TracIn import efficient_tracin, explain
+from TracIn.methods import METHODS, SCORE_FNS, method_for
+from TracIn.run import InfluenceRun
+from helpers import one_error_line, sh
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SHIPPED = [("influence_last", "none"), ("tracin", "train"), ("tracin", "none"), ("tracin_last", "none"), ("influence", "none"),
+           ("trak", "none"), ("tracin", "both")]
+
+
+@pytest.fixture(scope="module")
+def runs(trained, prepared, tmp_path_factory):
+    """efficient_tracin with each shipped method on the trained tiny run, sharing its factor cache."""
+    root = tmp_path_factory.mktemp("methods")
+    out = {}
+    for score_fn, normalize in SHIPPED:
+        name = f"{score_fn}-{normalize}"
+        assert efficient_tracin.main(["--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt"), "--output_dir",
+                                      str(root / name), "--cache_dir", str(trained / "res" / "factors"), "--top_k", "5",
+                                      "--score_fn", score_fn, "--normalize", normalize, "--num_workers", "0",
+                                      "--trak_dim", "64"]) == 0
+        out[(score_fn, normalize)] = root / name
+    return out
+
+
+def test_registry_names_are_the_clis_and_the_lds(runs):
+    from TracIn import counterfactual_check, lds
+
+    assert SCORE_FNS == ("tracin", "tracin_last", "influence", "influence_last", "trak")
+    assert lds.METHODS == tuple(METHODS)
+    assert set(counterfactual_check.METHODS) - {"knn", "random"} <= {m for m in METHODS if METHODS[m].shipped}
+    with pytest.raises(UserError, match="choose one of"):
+        method_for("nope")
+
+
+@pytest.mark.parametrize("score_fn,normalize", SHIPPED)
+def test_dense_matrix_ranks_as_the_cli_ships(runs, prepared, score_fn, normalize):
+    """The LDS's dense matrix of a method (float64) and efficient_tracin's streamed top-k come from one definition."""
+    res = runs[(score_fn, normalize)]
+    run = InfluenceRun.from_results(res, str(prepared))
+    fs = run.factors()
+    sa = run.score_args()
+    dense = fs.dense(method_for(score_fn, normalize), sa.damping, sa.trak_dim)  # (n_test, n_train)
+    assert dense.shape == (run.n_test, run.n_train) and dense.dtype == np.float64 and np.isfinite(dense).all()
+    values, indices = np.load(res / "top_k_influences_values.npy"), np.load(res / "top_k_influences_indices.npy")
+    opp_values, opp_indices = np.load(res / "top_k_opponents_values.npy"), np.load(res / "top_k_opponents_indices.npy")
+    k = values.shape[1]
+    order = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(order, indices)
+    np.testing.assert_allclose(np.take_along_axis(dense, indices, 1), values, rtol=1e-5, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_array_equal(np.argsort(dense, axis=1, kind="stable")[:, :k], opp_indices)
+    np.testing.assert_allclose(np.take_along_axis(dense, opp_indices, 1), opp_values, rtol=1e-5, atol=1e-6 * np.abs(dense).max())
+
+
+@pytest.mark.parametrize("score_fn,normalize", [("influence_last", "none"), ("tracin", "train"), ("tracin", "none")])
+def test_explain_on_test_images_equals_the_shipped_arrays(runs, prepared, score_fn, normalize):
+    res = runs[(score_fn, normalize)]
+    run = TracIn.open(res, data_dir=str(prepared))
+    ids = np.array([0, 2, 3, 5])
+    paths = [run.test_list.paths[i] for i in ids]
+    table = run.explain(paths, k=5)
+    assert (table.label_source == "data set").all()
+    for kind, name in (("proponent", "influences"), ("opponent", "opponents")):
+        got = table[table.kind == kind]
+        idx = got.train_idx.to_numpy().reshape(len(ids), 5)
+        val = got.score.to_numpy().reshape(len(ids), 5)
+        np.testing.assert_array_equal(idx, np.load(res / f"top_k_{name}_indices.npy")[ids])
+        np.testing.assert_allclose(val, np.load(res / f"top_k_{name}_values.npy")[ids], rtol=1e-6, atol=1e-6)
+    # the same images as PIL objects, under their labels given by name
+    pil = [Image.open(p) for p in paths]
+    again = run.explain(pil, k=5, labels=[run.class_names[run.test_list.labels[i]] for i in ids])
+    assert (again.label_source == "given").all()
+    np.testing.assert_array_equal(again.train_idx.to_numpy(), table.train_idx.to_numpy())
+
+
+def test_explain_new_image_of_another_size_and_mode(runs, prepared, tmp_path):
+    run = TracIn.open(runs[("influence_last", "none")], data_dir=str(prepared))
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray.png"
+    Image.fromarray((rng.random((50, 41)) * 255).astype(np.uint8), "L").save(gray)
+    rgba = Image.fromarray((rng.random((20, 20, 4)) * 255).astype(np.uint8), "RGBA")
+    table = run.explain([gray, rgba], k=3)
+    assert list(table.columns) == ["query", "image", "label", "label_source", "prediction", "kind", "rank", "train_idx",
+                                   "path", "class", "score"]
+    assert len(table) == 2 * 2 * 3 and (table.label_source == "prediction").all()
+    assert (table.label == table.prediction).all() and np.isfinite(table.score).all()
+    assert run.prepared_image(gray).size == run.prepared_image(run.test_list.paths[0]).size
+    props = table[table.kind == "proponent"].score.to_numpy().reshape(2, 3)
+    assert (np.diff(props, axis=1) <= 0).all()  # best first
+
+
+def test_notebook_tables_join_the_arrays(runs, prepared):
+    res = runs[("influence_last", "none")]
+    run = TracIn.open(res, data_dir=str(prepared))
+    idx, vals = np.load(res / "top_k_influences_indices.npy"), np.load(res / "top_k_influences_values.npy")
+    p = run.proponents(3, k=4)
+    assert list(p.columns) == ["rank", "train_idx", "path", "class", "score"]
+    np.testing.assert_array_equal(p.train_idx, idx[3, :4])
+    np.testing.assert_allclose(p.score, vals[3, :4])
+    man = pd.read_csv(prepared / "manifest.csv")
+    train = man[man.split == "train"].set_index("index")
+    assert [Path(x).name for x in p.path] == [Path(x).name for x in train.loc[p.train_idx, "path"]]
+    assert list(p["class"]) == list(train.loc[p.train_idx, "class_name"])
+    o = run.opponents(3, k=2)
+    np.testing.assert_array_equal(o.train_idx, np.load(res / "top_k_opponents_indices.npy")[3, :2])
+    si = run.self_influence()
+    np.testing.assert_allclose(si.self_influence, np.load(res / "self_influence.npy"))
+    t = run.test_table()
+    assert len(t) == run.run.n_test and ((t.margin > 0) == (t.label == t.prediction)).all()
+    with pytest.raises(UserError, match="kept the top 5"):
+        run.proponents(3, k=6)
+    with pytest.raises(UserError, match="not among"):
+        run.proponents(10 ** 6)
+    with pytest.raises(UserError, match="mislabel_detection"):
+        run.mislabel_candidates()
+    with pytest.raises(UserError, match="TracIn.lds"):
+        run.lds()
+
+
+def test_explain_cli_writes_table_and_panel_and_refuses_bad_files(runs, prepared, tmp_path):
+    res = runs[("tracin", "train")]
+    img = tmp_path / "photo.jpg"
+    Image.fromarray((np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "explained"
+    assert explain.main([str(img), "--results_dir", str(res), "--data_dir", str(prepared), "--k", "3", "--out_dir", str(out),
+                         "--label", "0"]) == 0
+    table = pd.read_csv(out / "explain.csv")
+    assert len(table) == 6 and (table.label_source == "given").all()
+    assert (out / "explain_0.png").stat().st_size > 5000
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    before = (out / "explain.csv").read_bytes()
+    r = sh("-m", "TracIn.explain", bad, "--results_dir", res, "--data_dir", prepared, "--out_dir", out)
+    one_error_line(r, "cannot read image")
+    assert (out / "explain.csv").read_bytes() == before  # nothing already written is lost
+    r = sh("-m", "TracIn.explain", img, "--results_dir", res, "--data_dir", prepared, "--label", "nope")
+    one_error_line(r, "not a class")
+
+
+def test_explain_refuses_changed_checkpoints(runs, prepared, trained, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "ckpt", ckpt)
+    res = tmp_path / "res"
+    assert efficient_tracin.main(["--data_dir", str(prepared), "--checkpoint_dir", str(ckpt), "--output_dir", str(res),
+                                  "--top_k", "2", "--num_workers", "0"]) == 0
+    last = sorted(ckpt.glob("finetune_epoch_*.pth"))[-1]
+    state = torch.load(last, weights_only=True)
+    state["epoch"] = state["epoch"] + 100
+    torch.save(state, last)
+    with pytest.raises(UserError, match="changed since the TracIn run"):
+        TracIn.open(res, data_dir=str(prepared)).explain([TracIn.open(res, data_dir=str(prepared)).test_list.paths[0]])
+
+
+def test_readme_notebook_examples_run_verbatim(runs, prepared, tmp_path, monkeypatch, capsys):
+    """The README's notebook examples, on a run laid out at the default paths."""
+    blocks = re.findall(r"<!-- notebook example -->\s*```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    (tmp_path / "TracIn").mkdir()
+    shutil.copytree(runs[("influence_last", "none")], tmp_path / "TracIn" / "results", symlinks=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "processed").symlink_to(prepared)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray((np.random.default_rng(2).random((40, 40, 3)) * 255).astype(np.uint8)).save(photo)
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "train_idx" in out and "photo.jpg" in out
