@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -229,7 +227,6 @@ def train(args) -> dict:
     from tqdm import tqdm
 
     last_metrics = {}
-    steps, kill_after = 0, int(os.environ.get("TRAIN_KILL_AFTER_STEPS", "0"))
 
     def step(x, y):
         with autocast(device):
@@ -249,10 +246,6 @@ def train(args) -> dict:
             yield batch_to_device(x, device), y.to(device, non_blocking=True), idx
 
     def on_batch(idx, out, y, loss):
-        nonlocal steps
-        steps += 1
-        if steps == kill_after:  # fault injection for the resume tests: die like a pre-empted job
-            os.kill(os.getpid(), signal.SIGKILL)
         dynamics.record(idx, out, y)
 
     def on_epoch(epoch, lr, stats):

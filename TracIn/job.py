@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (OWNER_MARKER, UserError, ensure_output_dir, is_relative_to, mark_owned, owned_by, remove_inside_owned,
-                    remove_owned)
+                    remove_owned, resolve_device)
 from TracIn.factors import TOOL, check_images
 from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
 from TracIn.run import InfluenceRun
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 def tracin_job(cfg) -> dict:
     """One unsharded run, one shard (--num_shards > 1), or the merge of finished shards (--merge)."""
     t_start = time.time()
+    resolve_device(cfg.device)  # a bad --device is the first thing said
     if cfg.cache_dir and is_relative_to(Path(cfg.output_dir), Path(cfg.cache_dir)):  # --overwrite clears the cache
         raise UserError(f"--cache_dir {cfg.cache_dir} is (or holds) the --output_dir {cfg.output_dir}; a folder is a cache or an "
                         "output, not both: pass a cache folder of its own (default output_dir/factors)")

@@ -16,17 +16,17 @@ part of the store's identity), its last checkpoint's test margins recorded; 50 s
 run and the subset settings): a killed run continues where it stopped, and any scoring method, new or old, is
 evaluated against the same retrains without retraining. The original run's exclusions stay out of every subset.
 
-Methods, all from the TracIn run's factor cache (no forward pass):
+Methods, all from the TracIn run's factor cache (no forward pass), are those of the registry (TracIn/methods.py), each
+scored as the dense matrix of the very views efficient_tracin streams for it:
 - tracin: sum_t lr_t <g_t(x), g_t(z)> (the paper), tracin_normalized: training gradients of unit norm per checkpoint,
   tracin_last: the last checkpoint's <g(x), g(z)> alone (what influence_last becomes without curvature);
-- influence: an influence function g(x)^T (H_t + lambda I)^{-1} g(z) for the fc layer, summed over checkpoints
-  with lr_t like TracIn, where H_t is the fc Gauss-Newton matrix (1/n) sum_i Lambda_i (x) a_i a_i^T of softmax
-  cross-entropy (Lambda_i = diag(p_i) - p_i p_i^T) in its eigenvalue-corrected Kronecker form (EK-FAC; George et
-  al. 2018, Grosse et al. 2023): eigenbases of E[Lambda] and E[a a^T], the exact curvature along each pair of
-  eigenvectors. Whitening keeps the ghost form: no per-example gradient is built (a head of at most EXACT_MAX
-  weights gets the exact matrix, solved densely). influence_last: the last
-  checkpoint only. The damping lambda (relative to the mean curvature) is swept over orders of magnitude and
-  chosen on the first --select_subsets subsets, which are then left out of the reported LDS.
+- influence: g(x)^T (H_t + lambda)^{-1} g(z) summed over checkpoints with lr_t, H_t the K-FAC curvature of every scored
+  layer (the fc's output side its softmax Gauss-Newton factor; curvature.KroneckerCurvature); influence_last: the last
+  checkpoint only; trak: TRAK-style projected fc features;
+- ekfac, ekfac_last (not run by default): the fc influence with the eigenvalue-corrected curvature (EK-FAC; George et
+  al. 2018, Grosse et al. 2023), the reference K-FAC approximates (curvature.FcCurvature).
+The damping lambda (relative to the mean curvature) is swept over orders of magnitude and chosen on the first
+--select_subsets subsets, which are then left out of the reported LDS.
 
 Why one module over 300 lines: the evaluator's whole protocol (subsets, records, retraining in processes or shards,
 scoring every method) is read in one place; the score itself is lds_score.py, each method's matrix methods.py (the
@@ -157,7 +157,7 @@ class SubsetStore:
             raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
 
 
-def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, args, stop_after: int | None = None) -> int:
+def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, args) -> int:
     """Retrain every subset the store lacks; returns how many were retrained now."""
     y_train, y_test = run.train_list.labels, run.test_list.labels
     features = (run.features("train"), run.features("test")) if args.retrain == "head" else None
@@ -181,8 +181,6 @@ def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, 
             losses.append(loss[0])
         store.save(j, idx, np.mean(margins, 0), np.mean(losses, 0), float((logits.argmax(1) == y_test).mean()))
         done += 1
-        if stop_after is not None and done >= stop_after:
-            raise KeyboardInterrupt("stopped on request (test hook)")
     return done
 
 
@@ -214,7 +212,7 @@ def retrain_in_processes(args, store: SubsetStore) -> int:
     return sum(store.has(j) for j in range(args.num_subsets)) - before
 
 
-def evaluate(args, stop_after: int | None = None) -> dict:
+def evaluate(args) -> dict:
     t0 = time.time()
     if args.select_subsets >= args.num_subsets:
         raise UserError(f"--select_subsets {args.select_subsets} leaves no subset to report of --num_subsets {args.num_subsets}")
@@ -240,7 +238,7 @@ def evaluate(args, stop_after: int | None = None) -> dict:
                             f"{', '.join(map(str, missing[:5]))}); run their shards before --merge")
         retrained = 0
     else:
-        retrained = fill_store(store, run, settings, candidates, args, stop_after)
+        retrained = fill_store(store, run, settings, candidates, args)
     seconds_retrain = time.time() - t1
     if args.shard is not None:
         log.info(f"LDS shard {args.shard[0]}/{args.shard[1]}: {retrained} subset(s) retrained in {seconds_retrain:.0f}s into {store.dir}; "

@@ -42,6 +42,7 @@ class InfluenceRun:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.device = resolve_device(getattr(cfg, "device", "cpu"))  # a bad --device is the first thing said
         self.train_list, self.test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
         if self.train_list.class_names != self.test_list.class_names:
             raise UserError(f"train and test class folders differ in {cfg.data_dir}")
@@ -61,7 +62,6 @@ class InfluenceRun:
             raise UserError(str(e)) from None
         self.factor_key = self.factor_args.key(projected=any(hook.projected.values()))
         self.record, self.results_dir, self.sharded = None, None, False
-        self.device = resolve_device(getattr(cfg, "device", "cpu"))
         self._factor_set, self._models = None, None
 
     @classmethod

@@ -1,21 +1,36 @@
-"""efficient_tracin, SIGKILLed as the factor pass starts its (N+1)-th batch (a kill mid-run, for the resume tests):
+"""A tool SIGKILLed mid-run, like a pre-empted job, for the resume tests (the kill point lives here, not in the tools):
 
-    python tests/kill_after.py N --output_dir ... [efficient_tracin flags]
+    python tests/kill_after.py tracin N [efficient_tracin flags]   # as the factor pass starts its (N+1)-th batch
+    python tests/kill_after.py train N [train.py flags]            # as training step N finishes, before its bookkeeping
 """
 import os
 import signal
 import sys
 
-from TracIn import efficient_tracin, factors
+
+def kill_on_call(owner, name: str, n: int) -> None:
+    """Replace owner.name so that its call number n (1-based) SIGKILLs the process instead."""
+    seen, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
 
 if __name__ == "__main__":
-    limit, seen, to_device = int(sys.argv[1]), [], factors.batch_to_device
+    tool, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if tool == "tracin":
+        from TracIn import efficient_tracin, factors
 
-    def batch_to_device(x, device):
-        if len(seen) == limit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        seen.append(1)
-        return to_device(x, device)
+        kill_on_call(factors, "batch_to_device", n + 1)
+        efficient_tracin.main(argv)
+    else:
+        import train
+        from training_dynamics import DynamicsRecorder
 
-    factors.batch_to_device = batch_to_device
-    efficient_tracin.main(sys.argv[2:])
+        kill_on_call(DynamicsRecorder, "record", n)
+        train.main(argv)

@@ -135,8 +135,7 @@ def test_train_resume_after_sigkill_gives_identical_weights(prepared, tmp_path):
             "--save_checkpoints_every", "1", "--learning_rate", "1e-3", "--num_workers", "0", "--seed", "5"]
     assert train.main(base + ["--checkpoint_dir", str(tmp_path / "a"), "--models_dir", str(tmp_path / "ma")]) == 0
     # 18 images, batch 4, ragged batch dropped: 4 steps an epoch; die in the middle of epoch 2
-    killed = sh("train.py", *base, "--checkpoint_dir", tmp_path / "b", "--models_dir", tmp_path / "mb",
-                env={"TRAIN_KILL_AFTER_STEPS": "6"})
+    killed = sh("tests/kill_after.py", "train", "6", *base, "--checkpoint_dir", tmp_path / "b", "--models_dir", tmp_path / "mb")
     assert killed.returncode == -9
     assert (tmp_path / "b" / "finetune_epoch_1.pth").exists() and not (tmp_path / "b" / "finetune_epoch_2.pth").exists()
     assert train.main(base + ["--checkpoint_dir", str(tmp_path / "b"), "--models_dir", str(tmp_path / "mb"), "--resume"]) == 0
@@ -155,7 +154,7 @@ def test_tracin_rerun_after_sigkill_gives_identical_arrays(prepared, tmp_path):
     base = ["--data_dir", str(prepared), "--checkpoint_dir", str(ckpts[0].parent), "--top_k", "4", "--batch_size", "4",
             "--num_workers", "0"]
     assert efficient_tracin.main(base + ["--output_dir", str(tmp_path / "clean")]) == 0
-    killed = sh("tests/kill_after.py", "3", *base, "--output_dir", tmp_path / "resumed")
+    killed = sh("tests/kill_after.py", "tracin", "3", *base, "--output_dir", tmp_path / "resumed")
     assert killed.returncode == -9 and not (tmp_path / "resumed" / "run.json").exists()
     assert efficient_tracin.main(base + ["--output_dir", str(tmp_path / "resumed")]) == 0
     for n in RESULT_ARRAYS:

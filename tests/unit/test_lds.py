@@ -94,11 +94,21 @@ def test_influence_predicts_leave_one_out_retraining_of_a_linear_model():
     assert min(rho) > 0.9, rho
 
 
-def test_a_killed_lds_run_resumes_to_identical_records(prepared, trained, tmp_path):
+def test_a_killed_lds_run_resumes_to_identical_records(prepared, trained, tmp_path, monkeypatch):
     base = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--num_subsets", "8", "--select_subsets", "3",
             "--n_test", "6", "--num_workers", "0", "--methods", "tracin", "influence"]
-    with pytest.raises(KeyboardInterrupt):
-        lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a")]), stop_after=3)
+    saved, save = [], lds.SubsetStore.save
+
+    def save_then_stop_at_three(self, *a, **kw):  # Ctrl-C once the third record is written
+        save(self, *a, **kw)
+        saved.append(1)
+        if len(saved) == 3:
+            raise KeyboardInterrupt("stopped by the test")
+
+    with monkeypatch.context() as m:
+        m.setattr(lds.SubsetStore, "save", save_then_stop_at_three)
+        with pytest.raises(KeyboardInterrupt):
+            lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a")]))
     assert len(list((tmp_path / "a" / "subsets").glob("*.npz"))) == 3
     resumed = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "a")]))
     fresh = lds.evaluate(lds.parse_args(base + ["--out_dir", str(tmp_path / "b")]))
