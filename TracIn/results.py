@@ -146,6 +146,7 @@ def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, d
         }))
     table = pd.concat(frames).sort_values(["test_idx", "kind", "rank"], ascending=[True, False, True])
 
+    check_scores(prop_v, opp_v, run.cfg)
     pairs = len(train_ids) * len(test_ids)
     summary = {
         "pairs_scored": pairs, "n_train": len(train_ids), "n_test": len(test_ids), "n_checkpoints": len(run.ckpts),
@@ -172,6 +173,19 @@ def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, d
         "layers": run.layers, "summary": summary,
     }
     return arrays, {"top_k_influences.csv": table}, record, summary
+
+
+def check_scores(prop_v: np.ndarray, opp_v: np.ndarray, cfg) -> None:
+    """Refuse to record lists whose scores are not finite or all zero (a damping too small to invert the curvature, a
+    dead model), naming the flag to change."""
+    method = f"--score_fn {cfg.score_fn}" + (f" --damping {cfg.damping:g}" if cfg.score_fn not in ("tracin", "tracin_last") else "")
+    if not (np.isfinite(prop_v).all() and np.isfinite(opp_v).all()):
+        share = 1 - np.isfinite(prop_v).mean()
+        raise UserError(f"{share:.0%} of the top-k scores are not finite with {method}; nothing was written: raise --damping "
+                        "(the curvature is not invertible at this one) or use --score_fn tracin")
+    if not (prop_v.any() or opp_v.any()):
+        raise UserError(f"every score is 0 with {method} (the model's gradients vanish at these checkpoints); nothing was "
+                        "written: check the checkpoints (--checkpoints) or --layers")
 
 
 def previous_method(out: Path) -> str | None:

@@ -181,3 +181,12 @@ def test_readme_notebook_examples_run_verbatim(runs, prepared, tmp_path, monkeyp
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "train_idx" in out and "photo.jpg" in out
+
+
+def test_non_finite_scores_are_refused_before_anything_is_written(trained, prepared, tmp_path):
+    out = tmp_path / "res"
+    r = sh("-m", "TracIn.efficient_tracin", "--data_dir", prepared, "--checkpoint_dir", trained / "ckpt", "--output_dir", out,
+           "--cache_dir", trained / "res" / "factors", "--score_fn", "influence_last", "--damping", "1e-300", "--top_k", "2",
+           "--num_workers", "0")
+    one_error_line(r, "not finite", "--damping")
+    assert not (out / "run.json").exists() and not list(out.glob("*.npy"))
