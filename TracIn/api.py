@@ -196,9 +196,13 @@ class Results:
         for b0 in range(0, len(images), QUERY_BATCH):
             batch = images[b0:b0 + QUERY_BATCH]
             x = torch.stack([transform(self.prepared_image(im)) for im in batch])
-            pred = run.predict(x).argmax(1)
-            y = np.array([p if g is None else g for g, p in zip(given[b0:b0 + QUERY_BATCH], pred)], dtype=np.int64)
+            known = given[b0:b0 + QUERY_BATCH]
+            # an image without a label is explained under its prediction, which costs one more forward pass first
+            pred = run.predict(x).argmax(1) if any(g is None for g in known) else None
+            y = np.array([p if g is None else g for g, p in zip(known, pred if pred is not None else known)], dtype=np.int64)
             view = run.query_factors(x, torch.from_numpy(y), steps)
+            if pred is None:  # the last checkpoint's logits came with the factors
+                pred = view.logits()[-1].argmax(1)
             tracker = run.topk(fs.with_test(view, y, view.logits()), int(k))
             for kind, (values, indices) in (("proponent", tracker.proponents()), ("opponent", tracker.opponents())):
                 values, indices = values.cpu().numpy(), indices.cpu().numpy()
