@@ -343,10 +343,15 @@ def read_json(path: str | os.PathLike, fix: str = "rerun the tool that wrote it"
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+        raise UserError(f"cannot read {path} ({first_line(e)}); {fix}") from None
     if not isinstance(value, dict):
         raise UserError(f"cannot read {path} (not a JSON object); {fix}")
     return value
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message (an empty file's IndexError, say)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_npy(path: str | os.PathLike, mmap_mode: str | None = "r", fix: str = "rerun the tool that wrote it") -> np.ndarray:
@@ -354,7 +359,22 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = "r", fix: str = "r
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+        raise UserError(f"cannot read {path} ({first_line(e)}); {fix}") from None
+
+
+def load_npz(path: str | os.PathLike, keys=(), fix: str = "rerun the tool that wrote it") -> dict:
+    """Every array of an .npz, read now; a truncated, corrupt or incomplete file (a missing key) is one UserError."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"cannot read {path} ({first_line(e)}); {fix}") from None
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; {fix}")
+    return out
 
 
 def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str):
@@ -365,7 +385,7 @@ def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str):
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:  # EmptyDataError and ParserError are ValueErrors
-        raise UserError(f"cannot read {path} as CSV ({str(e).splitlines()[0]}); {fix}") from None
+        raise UserError(f"cannot read {path} as CSV ({first_line(e)}); {fix}") from None
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; {fix}")

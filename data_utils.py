@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from common import UserError, file_sha256
+from common import UserError, file_sha256, first_line
 
 # Animals-10 ships Italian folder names; anything else is kept as it is.
 ITALIAN_TO_ENGLISH = {
@@ -170,7 +170,7 @@ def read_review_csv(csv_path, flag: str, decision: str):
     try:
         table = pd.read_csv(csv_path)
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {csv_path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{flag} {csv_path}: cannot read it as CSV ({first_line(e)})") from None
     if "decision" in table.columns:
         table = table[table.decision.astype(str).str.strip().str.lower() == decision]
     return table

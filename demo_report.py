@@ -41,19 +41,22 @@ def main(argv=None):
         return read_json(folder / file)
 
     det = derived("mislabel", "mislabel_detection.json")
-    metrics, default = det["metrics"], det["score"]
+    metrics, default = det.get("metrics") or {}, det.get("score")  # no metrics: the data have no injected label noise
     cr_path = Path(args.results_dir) / "clean_and_retrain" / "clean_and_retrain.json"
     cr = read_json(cr_path) if cr_path.exists() else None
     cf_path = Path(args.results_dir) / "counterfactual" / "head" / "counterfactual.json"
     cf = read_json(cf_path) if cf_path.exists() else None
     mis = derived("misprediction", "misprediction_summary.json")
     top = derived("analysis", "summary.json")
-    n_bad = det["n_mislabeled"]
+    n_bad = det.get("n_mislabeled", 0)
     score_fn = record["args"].get("score_fn", "tracin")
     lines = [
         "=" * 72,
         "demo report",
-        f"  test accuracy (clean labels): {ev['accuracy']:.4f} on {ev['n']} images   model: {ev['model']}",
+        (f"  model selected on val: val accuracy {ev['selection_accuracy']:.4f}; untouched test accuracy (clean labels): "
+         if ev.get("selected_on") == "val" and ev.get("selection_accuracy") is not None else
+         "  test accuracy (clean labels; the model was selected on test): ")
+        + f"{ev['accuracy']:.4f} on {ev['n']} images   model: {ev['model']}",
         f"  influence ({score_fn}): {run['pairs_scored']:,} pairs ({run['n_test']} test x {run['n_train']} train, {run['n_checkpoints']} checkpoints) "
         f"in {run['seconds_total']:.1f}s; negative share among opponents {run['opponent_negative_share']:.1%}",
         f"  mispredictions: {mis['mispredicted_test']} test, {mis['mispredicted_train']} train (given labels, noise included); "
@@ -62,7 +65,8 @@ def main(argv=None):
         f"proponents share the test image's class {top['same_class_proponent_share']:.1%}",
         f"  error propagation: {mis['error_propagation_rate']:.1%} of mispredicted training images repeat a test error pattern; "
         f"{mis['same_error_pairs']} (test, proponent) pairs share the same error",
-        f"  injected mislabeled training images found in the top 10% (recall, average precision, ROC AUC), {n_bad} injected:",
+        f"  injected mislabeled training images found in the top 10% (recall, average precision, ROC AUC), {n_bad} injected:"
+        if metrics else "  mislabel detection not measured: these data have no injected label noise (prepare_data.py --label_noise)",
         *[f"    {name:<20} {round(metrics[name]['recall_at_10pct'] * n_bad):>4}/{n_bad} ({metrics[name]['recall_at_10pct']:.3f}, "
           f"{metrics[name]['average_precision']:.3f}, {metrics[name]['roc_auc']:.3f})"
           + {default: "   <- default ranking (mislabel_candidates.csv)", "self_influence": "   <- TracIn as in the paper",

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="checkpoint to evaluate (default: the best model in --models_dir)")
     p.add_argument("--models_dir", default="models", help="where train.py put the best model (default models)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
-    p.add_argument("--split", choices=("train", "test"), default="test", help="split to evaluate (default test)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="split to evaluate (default test; val is where train.py selected the model)")
     p.add_argument("--out_dir", default="models/evaluation", help="output folder (default models/evaluation)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers (default 2)")
@@ -70,10 +71,17 @@ def main(argv=None):
         "split": args.split, "n": len(preds["labels"]),
         "accuracy": m["accuracy"], "loss": m["loss"],
         "per_class_accuracy": dict(zip(names, map(float, m["per_class_accuracy"]))),
+        # where train.py chose this model (the seed chose on test; a val split keeps test untouched)
+        "selected_on": ckpt.get("selection_split", "test" if "val_acc" in (ckpt.get("metrics") or {}) else None),
+        "selection_accuracy": (ckpt.get("metrics") or {}).get("val_acc"),
     })
     claim_files(out, [f"predictions_{args.split}.csv", f"confusion_matrix_{args.split}.csv", f"confusion_matrix_{args.split}.png",
                       f"metrics_{args.split}.json"], "evaluate.py")
     worst = sorted(zip(m["per_class_accuracy"], names))[:3]
+    chosen = ckpt.get("selection_split")
+    if args.split == "test" and chosen == "test":
+        log.warning("warning: this model was selected on the test split (data prepared without a val split), so this "
+                    "test accuracy is optimistic; prepare with --val_fraction > 0 and retrain for an untouched test split")
     log.info(f"eval {args.split}: n={len(preds['labels'])} accuracy={m['accuracy']:.4f} loss={m['loss']:.4f} "
              f"| weakest classes: {', '.join(f'{n} {a:.3f}' for a, n in worst)} | outputs in {out}")
     return 0

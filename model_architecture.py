@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from common import UserError, atomic_path, autocast
+from common import UserError, atomic_path, autocast, first_line
 from data_utils import ImageListDataset, eval_transform, list_split, make_loader
 from training import example_figures
 
@@ -71,7 +71,7 @@ def load_state_file(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise UserError(f"weights file {path} does not exist") from None
     except Exception as e:  # pickle errors, zip errors, truncated files
-        raise UserError(f"cannot load {path} as a torch file: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load {path} as a torch file: {first_line(e)}") from None
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]
     if not isinstance(obj, dict):
@@ -117,7 +117,7 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
         size = sum(v.numel() * v.element_size() for v in ckpt["model_state"].values())
         if shutil.disk_usage(Path(path).parent).free < size:
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
-        raise UserError(f"cannot write checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot write checkpoint {path}: {first_line(e)}") from None
 
 
 REQUIRED_KEYS = ("model_state", "arch", "num_classes", "class_names", "image_size", "mean", "std", "epoch", "lr")
@@ -130,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike, class_names: list[str] | None = Non
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (missing keys); a bare state_dict belongs in --weights")
     if arch is not None and ckpt["arch"] != arch:
@@ -150,7 +150,7 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model_state"], assign=True)
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit a {ckpt['arch']}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint weights do not fit a {ckpt['arch']}: {first_line(e)}") from None
     return model.eval()
 
 

@@ -10,7 +10,9 @@ Reads one folder per class (Animals-10's Italian names become English), decodes 
 file to RGB (EXIF orientation, grayscale/palette/RGBA/CMYK/16-bit handled), resizes it to
 image_size x image_size and writes a seeded, stratified split:
 
-    out_dir/train/<class>/*.jpg, out_dir/test/<class>/*.jpg
+    out_dir/train/<class>/*.jpg, out_dir/val/<class>/*.jpg, out_dir/test/<class>/*.jpg
+                              (val: --val_fraction of the non-test images, for model selection only;
+                               none with --val_fraction 0)
     out_dir/manifest.csv      split, index, path, class_name, label, source_path
     out_dir/skipped.csv       unreadable files (truncated, empty, not an image)
     out_dir/mislabeled_ground_truth.csv   with --label_noise > 0 (path, train_index, true_class, given_class)
@@ -44,9 +46,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import (OWNER_MARKER, UserError, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
+from common import (OWNER_MARKER, UserError, first_line, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
                     owned_by, positive_int, quiet_worker, save_json, usual_mode)
-from data_utils import SPLITS, english_class_name, list_split, load_rgb, read_review_csv
+from data_utils import english_class_name, list_split, load_rgb, read_review_csv
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="data/processed", help="where train/, test/ and manifest.csv go (default data/processed)")
     p.add_argument("--image_size", type=positive_int, default=224, help="output images are image_size x image_size (default 224)")
     p.add_argument("--test_fraction", type=fraction(0.0, 0.9, lo_open=True), default=0.2, help="share of each class put in test (default 0.2)")
+    p.add_argument("--val_fraction", type=fraction(0.0, 0.5), default=0.1,
+                   help="share of each class's non-test images held out in val/ to select the best model (default 0.1; "
+                        "0: no val/, train.py then selects on test as the seed did)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the split and of the label noise (default 0)")
     p.add_argument("--label_noise", type=fraction(0.0, 0.9), default=0.0,
                    help="share of training images moved to a wrong class, recorded in mislabeled_ground_truth.csv (default 0)")
@@ -135,6 +140,12 @@ def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
 
 
 # ---------------------------------------------------------------- discovery and split
+def utf8_name(name: str) -> str:
+    """A file-system name as text every writer can encode: bytes that are not UTF-8 (Python holds them as surrogates)
+    become %xx, e.g. b"caf\xe9" -> "caf%xe9"; a UTF-8 name is returned unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace").replace("\\x", "%x")
+
+
 def discover(raw_dir: Path) -> tuple[list[str], dict[str, list[Path]]]:
     """Class folders (English names) and their files, sorted."""
     if not raw_dir.is_dir():
@@ -142,7 +153,7 @@ def discover(raw_dir: Path) -> tuple[list[str], dict[str, list[Path]]]:
     folders = sorted(d for d in raw_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = {}
     for d in folders:
-        name = english_class_name(d.name)
+        name = english_class_name(utf8_name(d.name))  # the prepared folder's name: always UTF-8
         if name in files:
             raise UserError(f"two folders in {raw_dir} map to the class name {name!r}")
         files[name] = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
@@ -156,17 +167,28 @@ def discover(raw_dir: Path) -> tuple[list[str], dict[str, list[Path]]]:
     return sorted(files), files
 
 
-def stratified_split(files: dict[str, list[Path]], test_fraction: float, seed: int) -> dict[str, dict[str, list[Path]]]:
+def stratified_split(files: dict[str, list[Path]], test_fraction: float, seed: int,
+                     val_fraction: float = 0.0) -> dict[str, dict[str, list[Path]]]:
+    """Per class: a seeded permutation; its first share is test, the next val_fraction of the rest is val, the rest
+    train (so val_fraction 0 gives the very split of before val existed). Every split keeps at least one image of a
+    class that has enough."""
     rng = np.random.default_rng(seed)
-    split = {"train": {}, "test": {}}
+    split = {"train": {}, "val": {}, "test": {}} if val_fraction > 0 else {"train": {}, "test": {}}
     for name in sorted(files):
         fs = files[name]
         order = rng.permutation(len(fs))
         n_test = int(round(test_fraction * len(fs)))
         if len(fs) >= 2:
             n_test = min(max(n_test, 1), len(fs) - 1)
+        rest = len(fs) - n_test
+        n_val = 0
+        if val_fraction > 0:
+            n_val = int(round(val_fraction * rest))
+            if rest >= 2:
+                n_val = min(max(n_val, 1), rest - 1)
+            split["val"][name] = sorted(fs[i] for i in order[n_test:n_test + n_val])
         split["test"][name] = sorted(fs[i] for i in order[:n_test])
-        split["train"][name] = sorted(fs[i] for i in order[n_test:])
+        split["train"][name] = sorted(fs[i] for i in order[n_test + n_val:])
     return split
 
 
@@ -180,7 +202,7 @@ def _convert_one(job):
             img.save(dst, "PNG")
         return None
     except (ValueError, OSError, Image.DecompressionBombError) as e:
-        return str(e).splitlines()[0]
+        return first_line(e)
 
 
 def _unique_name(folder: Path, stem: str, ext: str, taken: set) -> str:
@@ -223,6 +245,31 @@ def read_relabel(csv_path: str, out_dir: Path) -> dict[str, str]:
     return out
 
 
+def raw_key(raw_dir: Path) -> str | None:
+    """Content key of the raw files (each class folder's file names, sizes and mtimes); None without a raw folder.
+    A file renamed, added, removed or replaced since out_dir was prepared changes it."""
+    import hashlib
+
+    if not raw_dir.is_dir():
+        return None
+    h = hashlib.sha256()
+    for d in sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(os.scandir(d), key=lambda e: os.fsencode(e.name)):
+            if f.is_file() and not f.name.startswith("."):
+                st = f.stat()
+                h.update(os.fsencode(d.name) + b"/" + os.fsencode(f.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def same_settings(saved: dict | None, settings: dict) -> bool:
+    """out_dir holds this preparation: the same arguments and raw files (or no raw folder left to compare with)."""
+    if saved is None:
+        return False
+    if settings.get("raw_key") is None:
+        return {k: v for k, v in saved.items() if k != "raw_key"} == {k: v for k, v in settings.items() if k != "raw_key"}
+    return saved == settings
+
+
 def saved_settings(out_dir: Path) -> dict | None:
     """The arguments out_dir was prepared with; None when absent or unreadable (then it counts as other arguments)."""
     try:
@@ -245,13 +292,18 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
     if raw_dir.exists() and (is_relative_to(out_dir, raw_dir) or is_relative_to(raw_dir, out_dir)):
         raise UserError(f"--out_dir {out_dir} and --raw_dir {raw_dir} overlap (one is inside the other); "
                         "pass an --out_dir outside the raw data, e.g. data/processed")
-    if saved_settings(out_dir) == settings:
-        return  # already prepared with these arguments: nothing will be replaced
+    saved = saved_settings(out_dir)
+    if same_settings(saved, settings):
+        return  # already prepared with these arguments and raw files: nothing will be replaced
     if out_dir.exists() and any(out_dir.iterdir()):
         if not owned_by(out_dir, TOOL):
             raise UserError(f"--out_dir {out_dir} exists and was not written by prepare_data.py (no {OWNER_MARKER} marker); "
                             "it is left untouched, --overwrite or not: pass a new or empty --out_dir")
         if not overwrite:
+            if saved is not None and {k: v for k, v in saved.items() if k != "raw_key"} == {
+                    k: v for k, v in settings.items() if k != "raw_key"}:
+                raise UserError(f"the raw files in {raw_dir} changed (renamed, added, removed or edited) since {out_dir} was "
+                                "prepared; pass --overwrite to prepare them again")
             raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
     ensure_output_dir(out_dir.parent, "--out_dir's parent")
 
@@ -263,14 +315,17 @@ def prepare(args) -> dict:
         if n:
             log.info(f"wrote the demo data set: {n} images ({DEMO_SETS[args.demo_set]}) into {raw_dir}")
     settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
+    if args.val_fraction > 0:  # absent when 0: a folder prepared before val existed has the same arguments
+        settings["val_fraction"] = args.val_fraction
     if args.label_noise > 0 and args.noise_kind != "uniform":
         settings["noise_kind"] = args.noise_kind
     relabel = read_relabel(args.relabel, out_dir) if args.relabel else {}
     if relabel:
         settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
     settings["raw_dir"] = str(raw_dir.resolve())
+    settings["raw_key"] = raw_key(raw_dir)
     check_out_dir(raw_dir, out_dir, settings, args.overwrite)
-    if saved_settings(out_dir) == settings:
+    if same_settings(saved_settings(out_dir), settings):
         log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
         return {"skipped_run": True}
 
@@ -292,7 +347,7 @@ def prepare(args) -> dict:
         for name in class_names:
             (tmp / "staging" / name).mkdir(parents=True)
             for src in files[name]:
-                dst = tmp / "staging" / name / _unique_name(tmp / "staging" / name, src.stem, args.format, taken)
+                dst = tmp / "staging" / name / _unique_name(tmp / "staging" / name, utf8_name(src.stem), args.format, taken)
                 jobs.append((str(src), str(dst), args.image_size, args.format))
                 meta.append((name, src, dst))
         if args.num_workers > 1:
@@ -300,7 +355,7 @@ def prepare(args) -> dict:
                 errors = pool.map(_convert_one, jobs, chunksize=64)
         else:
             errors = [_convert_one(j) for j in jobs]
-        skipped = [(str(src), name, err) for (name, src, _), err in zip(meta, errors) if err is not None]
+        skipped = [(utf8_name(str(src)), name, utf8_name(err)) for (name, src, _), err in zip(meta, errors) if err is not None]
         readable = {name: [] for name in class_names}
         for (name, src, dst), err in zip(meta, errors):
             if err is None:
@@ -309,9 +364,10 @@ def prepare(args) -> dict:
         missing = [c for c in class_names if not readable[c]]
         if missing:
             raise UserError(f"class(es) {', '.join(missing)} in {raw_dir} have no readable image")
-        split = stratified_split(readable, args.test_fraction, args.seed)
+        split = stratified_split(readable, args.test_fraction, args.seed, args.val_fraction)
+        splits = tuple(split)  # train, (val,) test
         kept = []  # (split, class, source, destination)
-        for s in SPLITS:
+        for s in splits:
             for name in class_names:
                 (tmp / s / name).mkdir(parents=True, exist_ok=True)
                 for src in split[s][name]:
@@ -320,10 +376,11 @@ def prepare(args) -> dict:
                     os.replace(staged[src], dst)
                     kept.append((s, name, src, dst))
         shutil.rmtree(tmp / "staging")
-        for s in SPLITS:
+        for s in splits:
             empty = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
             if empty:
-                raise UserError(f"class(es) {', '.join(empty)} have no image in the {s} split; add images or change --test_fraction")
+                flag = "--val_fraction (0: no val split)" if s == "val" else "--test_fraction"
+                raise UserError(f"class(es) {', '.join(empty)} have no image in the {s} split; add images or change {flag}")
 
         # Label noise: move a seeded share of training images into a wrong class folder.
         noisy = []
@@ -363,9 +420,9 @@ def prepare(args) -> dict:
                         given[str(new_dst)] = (true_name, new_class)
             noisy = [(Path(p), t, g) for p, (t, g) in given.items()]
 
-        source_of = {Path(m[3]): str(m[2]) for m in kept}
+        source_of = {Path(m[3]): utf8_name(str(m[2])) for m in kept}
         rows = []
-        for s in SPLITS:
+        for s in splits:
             listing = list_split(tmp, s)
             for index, (p, label) in enumerate(zip(listing.paths, listing.labels)):
                 final = out_dir / Path(p).relative_to(tmp)
@@ -396,11 +453,13 @@ def prepare(args) -> dict:
 
     counts = manifest.split.value_counts()
     summary = {
-        "train": int(counts.get("train", 0)), "test": int(counts.get("test", 0)),
+        "train": int(counts.get("train", 0)), "val": int(counts.get("val", 0)), "test": int(counts.get("test", 0)),
         "classes": len(class_names), "skipped": len(skipped), "mislabeled": len(noisy),
     }
     log.info(
-        f"prepared {summary['train'] + summary['test']} images (train {summary['train']}, test {summary['test']}) "
+        f"prepared {summary['train'] + summary['val'] + summary['test']} images (train {summary['train']}, "
+        + (f"val {summary['val']} for model selection, " if summary["val"] else "no val split (--val_fraction 0: train.py selects on test), ")
+        + f"test {summary['test']}) "
         f"in {summary['classes']} classes into {out_dir}; skipped {summary['skipped']} unreadable file(s)"
         + (f" (see {out_dir}/skipped.csv)" if skipped else "")
         + (f"; label noise: {len(noisy)} training images moved to a wrong class" if noisy else "")

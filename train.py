@@ -7,8 +7,9 @@
 
 Writes checkpoint_dir/finetune_epoch_{N}.pth every N epochs (and at the last epoch),
 checkpoint_dir/training_dynamics.npz (per image and epoch: loss, margin, correct),
-checkpoint_dir/last.pth every epoch (for --resume), and the best model (by test accuracy)
-as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt.
+checkpoint_dir/last.pth every epoch (for --resume), and the best model (by accuracy, then loss, on the
+val split that prepare_data.py holds out; on test, with a warning, for data prepared with --val_fraction 0)
+as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt. evaluate.py reports the test split.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
 
 Why one script over 300 lines: a training run stays one readable file (arguments, exact resume, what each batch and
@@ -153,6 +154,14 @@ def train(args) -> dict:
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     if train_list.class_names != test_list.class_names:
         raise UserError(f"train and test class folders differ in {args.data_dir}")
+    # The best model is selected on val/ (prepare_data.py --val_fraction); without one, on test as the seed did, said.
+    selection = "val" if (Path(args.data_dir) / "val").is_dir() else "test"
+    select_list = list_split(args.data_dir, "val") if selection == "val" else test_list
+    if select_list.class_names != train_list.class_names:
+        raise UserError(f"train and val class folders differ in {args.data_dir}; re-prepare it")
+    if selection == "test" and d.main:
+        log.warning(f"{args.data_dir} has no val split: the best model is selected on the test split (optimistic test "
+                    "accuracy); prepare with --val_fraction > 0 for an untouched test split")
     class_names = train_list.class_names
     # checked before anything is replaced: a bad exclusion list changes nothing
     excluded = read_exclusions(args.exclude, train_list) if args.exclude else np.zeros(0, dtype=np.int64)
@@ -171,6 +180,13 @@ def train(args) -> dict:
         if not last.exists():
             raise UserError(f"--resume: no {last} to resume from")
         resume = load_checkpoint(last, class_names=class_names, arch=args.arch)
+        saved_key = read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("data_train_key")
+        if saved_key and saved_key != listing_key(train_list):
+            raise UserError(f"--resume: the training split of {args.data_dir} changed since this run started (re-prepared or "
+                            "edited); continuing would mix two data sets under one run: start a new run with --overwrite")
+        if args.epochs < resume["epoch"]:
+            raise UserError(f"--resume --epochs {args.epochs}: this run has already trained {resume['epoch']} epochs; "
+                            f"pass --epochs {resume['epoch']} or more")
         start_epoch = resume["epoch"] + 1
         lr_history = list(resume["lr_history"])
         best = dict(resume["best"])
@@ -208,21 +224,23 @@ def train(args) -> dict:
     per_rank = len(train_ds) // d.world
     train_loader = make_loader(train_ds, args.batch_size, True, args.num_workers, str(device), sampler=sampler,
                                seed=args.seed + start_epoch, drop_last=per_rank > args.batch_size)
-    # Each rank evaluates a strided share of the test split; predictions are gathered.
-    test_ds = ImageListDataset(test_list, build_transform(args.image_size, train=False), indices=np.arange(len(test_list.paths))[d.rank::d.world])
-    test_loader = make_loader(test_ds, max(64, args.batch_size), False, args.num_workers, str(device))
+    # Each rank evaluates a strided share of the selection split (val, else test); predictions are gathered.
+    select_ds = ImageListDataset(select_list, build_transform(args.image_size, train=False),
+                                 indices=np.arange(len(select_list.paths))[d.rank::d.world])
+    select_loader = make_loader(select_ds, max(64, args.batch_size), False, args.num_workers, str(device))
 
     if d.main:
         mark_owned(ckpt_dir, "train.py")
         # The exclusions themselves (index and file), so that every retrain of this run leaves out the same images.
         save_json(ckpt_dir / "train_args.json", {**{k: v for k, v in vars(args).items() if k != "given"}, "git_commit": git_commit(), "world_size": d.world,
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths),
+                                                 "selection_split": selection, "n_selection": len(select_list.paths),
                                                  "n_excluded": int(len(excluded)), "train_run": train_run,
                                                  "data_train_key": listing_key(train_list),
                                                  "excluded": {"train_idx": excluded.tolist(),
                                                               "path": [train_list.paths[i] for i in excluded]}})
         log.info(f"training {args.arch} on {len(kept)} train" + (f" ({len(excluded)} excluded)" if len(excluded) else "")
-                 + f" / {len(test_list.paths)} test images, "
+                 + f" / selecting on {len(select_list.paths)} {selection} images, "
                  f"{len(class_names)} classes, {args.image_size}px, device {device}, world size {d.world}, epochs {start_epoch}..{args.epochs}")
     from tqdm import tqdm
 
@@ -254,21 +272,21 @@ def train(args) -> dict:
         dynamics.end_epoch(epoch, reduce=d.sum_array if d.world > 1 else None)
         if not math.isfinite(loss_sum):
             raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower --learning_rate")
-        preds = d.gather_eval(predict(module, test_loader, device))
+        preds = d.gather_eval(predict(module, select_loader, device))
         m = metrics_from_logits(preds["logits"], preds["labels"], len(class_names))
         lr_history.append(lr)
         last_metrics = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": m["loss"], "val_acc": m["accuracy"]}
         if d.main:
             log.info(f"epoch {epoch}/{args.epochs} | lr {lr:.2e} | train_loss {last_metrics['train_loss']:.4f} "
                      f"train_acc {last_metrics['train_acc']:.4f} | val_loss {m['loss']:.4f} val_acc {m['accuracy']:.4f} "
-                     f"| {time.time() - epoch_start:.1f}s")
+                     + ("(on test) " if selection == "test" else "") + f"| {time.time() - epoch_start:.1f}s")
             best = save_epoch(epoch, lr, m, last_metrics, best)
         epoch_start = time.time()
 
     def save_epoch(epoch, lr, m, metrics, best):
         common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, epoch=epoch, metrics=metrics)
-        run_tag = {"train_run": train_run}
+        run_tag = {"train_run": train_run, "selection_split": selection}  # val_* metrics are of this split
         is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
         if is_ckpt:
             # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
@@ -292,7 +310,7 @@ def train(args) -> dict:
     fit(step, optimizer, batches, args.epochs, lambda epoch: lr_at(epoch, args), start_epoch=start_epoch,
         on_batch=on_batch, on_epoch=on_epoch)
     if d.main:
-        log.info(f"done: best val_acc {best['acc']:.4f} -> {best['path']}; checkpoints: "
+        log.info(f"done: best val_acc {best['acc']:.4f} (on {selection}) -> {best['path']}; checkpoints: "
                  f"{', '.join(p.name for p in find_checkpoints(ckpt_dir))} in {ckpt_dir}")
     d.close()
     return {"best": best, "last": last_metrics}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path
+from common import UserError, atomic_path, load_npz
 from training import example_figures
 
 FILE = "training_dynamics.npz"
@@ -91,11 +91,7 @@ def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required
         if required:
             raise UserError(f"no {path}: train.py writes it; pass the --checkpoint_dir of the training run")
         return None
-    try:
-        with np.load(path) as z:
-            dyn = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    dyn = load_npz(path, ("class_names", "n_train"), "train.py writes it: retrain, or pass the --checkpoint_dir of an intact run")
     names = [str(c) for c in dyn["class_names"]]
     if int(dyn["n_train"]) != n_train or names != list(class_names):
         raise UserError(f"{path} belongs to another data set ({int(dyn['n_train'])} training images, classes {names}; "

@@ -11,7 +11,7 @@ Writes results_dir/misprediction/ (TracIn/run_folder.py: built whole, with input
   image among its proponents): test_idx, train_idx, both paths, true and predicted classes,
   influence, rank, and same_error (same true class and same wrong prediction);
 - misprediction_summary.json: the figures printed below.
-misprediction_influence_analysis.csv is linked as results_dir/misprediction_influence_analysis.csv.
+Both CSVs are linked at the results_dir root (the seed's paths), e.g. results_dir/misprediction_cross_analysis.csv.
 Prints negative influences, high-impact mispredicted training images, the error-propagation
 rate and the top confusion pairs.
 """

@@ -1,6 +1,6 @@
 """Dashboards of TracIn results: score distributions, class structure, most influential images, panels.
 
-    $ python -m TracIn.analyze_topk_results --results_dir TracIn/results --out_dir TracIn/results/analysis
+    $ python -m TracIn.analyze_topk_results --results_dir TracIn/results     # -> TracIn/results/analysis
 
 Writes to --out_dir: score_distribution.png, class_proponent_share.{csv,png} (row: a test
 image's true class, column: its proponents' class, share of proponents), most_influential.csv
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,12 +30,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
-    p.add_argument("--out_dir", default="TracIn/results/analysis", help="output folder (default TracIn/results/analysis)")
+    p.add_argument("--out_dir", default=None, help="this tool's folder, replaced whole (default: results_dir/analysis)")
     p.add_argument("--num_correct", type=positive_int, default=3, help="correctly predicted test images given a panel (default 3)")
     p.add_argument("--max_panels", type=positive_int, default=12, help="most mispredicted test images given a panel (default 12)")
     p.add_argument("--panel_k", type=positive_int, default=5, help="proponents and opponents per panel (default 5)")
     p.add_argument("--top_n", type=positive_int, default=20, help="training images in the most-influential chart (default 20)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is None:  # beside the run it analyses: analysing normalized/ or a copy never replaces another's
+        args.out_dir = str(Path(args.results_dir) / "analysis")
+    return args
 
 
 def _plt():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from common import UserError, autocast, file_sha256, load_npy, remove_inside_owned, save_json, save_npy
+from common import UserError, autocast, file_sha256, first_line, load_npy, remove_inside_owned, save_json, save_npy
 from data_utils import ImageListDataset, eval_transform, listing_key
 from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
 from TracIn.arguments import FactorArguments
@@ -80,7 +80,7 @@ def check_images(listing, ids: np.ndarray) -> None:
                     if f.read(2) != b"\xff\xd9":
                         raise OSError("truncated JPEG (no end-of-image marker)")
         except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}; re-run prepare_data.py "
+            raise UserError(f"cannot read image {path}: {first_line(e)}; re-run prepare_data.py "
                             "or remove the file") from None
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, mark_owned, nonneg_int, positive_int, read_json,
+from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, load_npz, mark_owned, nonneg_int, positive_int, read_json,
                     resolve_device, save_json)
 from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
 from model_architecture import logit_figures
@@ -97,6 +97,16 @@ def parse_args(argv=None):
         args.num_subsets = 200 if args.retrain == "head" else 50
     if args.select_subsets is None:
         args.select_subsets = args.num_subsets // 4
+    if args.num_subsets - args.select_subsets < 3:
+        raise UserError(f"--num_subsets {args.num_subsets} with --select_subsets {args.select_subsets} leaves "
+                        f"{max(0, args.num_subsets - args.select_subsets)} subset(s) to report; the LDS (a Spearman "
+                        "correlation over subsets) needs at least 3: pass a larger --num_subsets (12 or more by default)")
+    if args.fraction >= 1.0:
+        raise UserError("--fraction 1 retrains on the whole training set every time: nothing varies between subsets "
+                        "and every LDS would be undefined; pass a share below 1, e.g. 0.5")
+    if args.jobs > args.num_subsets:
+        raise UserError(f"--jobs {args.jobs} is more processes than --num_subsets {args.num_subsets}; pass --jobs "
+                        f"{min(args.num_subsets, os.cpu_count() or 1)} or fewer")
     if args.retrain == "head" and (args.arch or args.epochs):
         raise UserError("--arch and --epochs change a full retrain; --retrain head keeps the original run's fc and schedule")
     return args
@@ -150,11 +160,8 @@ class SubsetStore:
                          accuracy=np.float64(accuracy))
 
     def load(self, j: int) -> dict:
-        try:
-            with np.load(self.path(j)) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise UserError(f"cannot read {self.path(j)} ({e}); delete it and rerun to retrain that subset") from None
+        return load_npz(self.path(j), ("train_idx", "margin", "loss", "accuracy"),
+                        "delete it and rerun to retrain that subset")
 
 
 def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, args) -> int:
@@ -258,8 +265,11 @@ def evaluate(args) -> dict:
         candidates_scores[name] = {lam: fs.dense(method, lam, args.trak_dim) for lam in dampings}
     seconds_scores = time.time() - t2
 
-    methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed)
+    methods = {name: choose_damping(by_damping, masks, margins, args.select_subsets, args.bootstrap, args.seed, default=DAMPING)
                for name, by_damping in candidates_scores.items()}
+    if args.select_subsets < 3 and any(len(v) > 1 for v in candidates_scores.values()):
+        log.warning(f"warning: --select_subsets {args.select_subsets} is too few to choose a damping (3 or more); the damped "
+                    f"methods are reported at the default damping {DAMPING}")
     for name in ("influence", "influence_last"):  # as efficient_tracin ships it: its default damping, not the swept one
         if name in methods:
             reported = slice(args.select_subsets, None)  # the same reported subsets, no choice left to make
@@ -283,7 +293,9 @@ def table(result: dict) -> list[str]:
              f"{result['n_test']} test images; subset models' accuracy {result['subset_model_accuracy']:.4f}):"]
     for name, m in result["methods"].items():
         lines.append(f"  {name:<18} {m['lds']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-                     + (f"  damping {m['damping']:g} x mean curvature" if m["damping"] is not None else "")
+                     + (f"  damping {m['damping']:g} x mean curvature" + ("" if m.get("damping_chosen", True) or not m["sweep"]
+                                                                              else " (default: too few subsets to choose)")
+                        if m["damping"] is not None else "")
                      + (f" (at efficient_tracin's default {DAMPING:g}: {m['lds_at_default_damping']:.3f} "
                         f"[{m['ci95_at_default_damping'][0]:.3f}, {m['ci95_at_default_damping'][1]:.3f}])"
                         if "lds_at_default_damping" in m else ""))

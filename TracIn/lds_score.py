@@ -64,9 +64,12 @@ def records_matrices(records: list[dict], n_train: int, group: np.ndarray) -> tu
     return masks, np.stack([r["margin"][group] for r in records])
 
 
-def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, select_subsets: int, bootstrap: int, seed: int) -> dict:
+def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, select_subsets: int, bootstrap: int, seed: int,
+                   default=None) -> dict:
     """One method's result from {damping (None: no damping): (n_test, n_train) scores}: the damping with the best LDS on
-    the first select_subsets subsets, its LDS on the others (the reported ones) with a bootstrap interval, the sweep."""
+    the first select_subsets subsets, its LDS on the others (the reported ones) with a bootstrap interval, the sweep.
+    With fewer than 3 selection subsets (or no finite selection LDS) nothing is chosen: `default` is reported, and
+    "damping_chosen" says so."""
     select, report = slice(0, select_subsets), slice(select_subsets, len(masks))
     sweep = {}
     for lam, s in by_damping.items():
@@ -74,9 +77,14 @@ def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, sel
         rep = lds(s, masks[report], margins[report])
         sweep[lam] = {"select": nan_mean(sel), "report": nan_mean(rep), "per_test": rep}
     # the damping is chosen on the held-apart subsets only
-    chosen = max(sweep, key=lambda lam: sweep[lam]["select"]) if len(sweep) > 1 else next(iter(sweep))
+    finite = {lam: v["select"] for lam, v in sweep.items() if np.isfinite(v["select"])}
+    was_chosen = len(sweep) > 1 and bool(finite)
+    if was_chosen:
+        chosen = max(finite, key=finite.get)
+    else:
+        chosen = default if default in sweep else next(iter(sweep))
     per_test = sweep[chosen]["per_test"]
     lo, hi = bootstrap_interval(per_test, bootstrap, seed)
-    return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen,
+    return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen, "damping_chosen": was_chosen,
             "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
             "per_test": per_test.tolist()}

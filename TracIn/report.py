@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, check_replaceable, cli, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
+from common import (UserError, check_replaceable, cli, first_line, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
                     read_table)
 from data_utils import SplitListing, data_identity, list_split, read_false_predictions
 from TracIn.results import RECORD, index_of, appearances, load_results, run_id
@@ -146,7 +146,7 @@ def read_optional_json(path: Path, notes: list[str]):
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        notes.append(f"{path} skipped: cannot read it ({str(e).splitlines()[0]})")
+        notes.append(f"{path} skipped: cannot read it ({first_line(e)})")
         return None
     return value if isinstance(value, dict) else None
 

@@ -270,10 +270,53 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
     if missing:
         hint = " (the run used --no_self_influence: rerun without it)" if "self_influence" in missing else ""
         raise UserError(f"{results_dir} lacks {', '.join(missing)}.npy{hint}; rerun TracIn/efficient_tracin.py")
+    check_args(record, record_path, fix)
     if data_dir is not None:
         check_data(record, data_dir, results_dir)
     arrays = {n: load_npy(results_dir / f"{n}.npy", "r", fix) for n in ARRAYS if f"{n}.npy" in files}
+    check_arrays(record, arrays, results_dir, fix)
     return TracInResults(results_dir, record, arrays)
+
+
+def check_args(record: dict, record_path: Path, fix: str) -> None:
+    """The recorded method is one this version knows (its name reaches the results browser's page)."""
+    from TracIn.methods import SCORE_FNS
+
+    args = record.get("args") if isinstance(record.get("args"), dict) else {}
+    score_fn, normalize = args.get("score_fn", "tracin"), args.get("normalize", "none")
+    if score_fn not in SCORE_FNS:
+        raise UserError(f"{record_path}: args.score_fn {str(score_fn)[:40]!r} is not a method of this version "
+                        f"({', '.join(SCORE_FNS)}); {fix}")
+    if normalize not in ("none", "train", "both"):
+        raise UserError(f"{record_path}: args.normalize {str(normalize)[:40]!r} is not none, train or both; {fix}")
+
+
+def check_arrays(record: dict, arrays: dict, results_dir: Path, fix: str) -> None:
+    """Every array has the shape the record implies and its indices lie in the splits (a truncated, hand-edited or
+    swapped .npy is refused with one line, never indexed)."""
+    n_train, n_test = record["data"].get("n_train_split"), record["data"].get("n_test_split")
+    top = arrays["top_k_influences_indices"]
+    if top.ndim != 2:
+        raise UserError(f"{results_dir}/top_k_influences_indices.npy has shape {top.shape}, not [n_test, k]; {fix}")
+    rows = top.shape[0]
+    expect = {"top_k_influences_values": top.shape, "top_k_opponents_values": top.shape, "top_k_opponents_indices": top.shape,
+              "test_indices": (rows,), "test_pred": (rows,)}
+    n_rows_train = arrays["train_indices"].shape[0] if arrays["train_indices"].ndim == 1 else -1
+    for name in ("self_influence", "train_loss_last", "train_pred_last"):
+        expect[name] = (n_rows_train,)
+    for name in ("train_loss_per_ckpt", "train_margin_per_ckpt", "train_el2n_per_ckpt", "train_grad_sq_norm_per_ckpt"):
+        expect[name] = (len(record.get("checkpoints", [])), n_rows_train)
+    for name, shape in expect.items():
+        if name in arrays and tuple(arrays[name].shape) != tuple(shape):
+            raise UserError(f"{results_dir}/{name}.npy has shape {tuple(arrays[name].shape)}, not {tuple(shape)} as "
+                            f"top_k_influences_indices.npy and the record imply; {fix}")
+    bounds = {"top_k_influences_indices": n_train, "top_k_opponents_indices": n_train, "train_indices": n_train,
+              "test_indices": n_test}
+    for name, n in bounds.items():
+        a = np.asarray(arrays[name])
+        if n is not None and a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n):
+            raise UserError(f"{results_dir}/{name}.npy holds indices outside the split's 0..{n - 1} "
+                            f"(or is not integer); {fix}")
 
 
 def recorded_data_dir(record: dict) -> str:

@@ -3,7 +3,7 @@
     TracIn/results/                      efficient_tracin.py: run.json, top_k_*.npy, self_influence.npy, ...
         factors/                         efficient_tracin.py's factor cache
         mislabel/                        mislabel_detection.py      (mislabel_candidates.csv is linked at the root)
-        misprediction/                   analyze_misprediction_influences.py (misprediction_influence_analysis.csv too)
+        misprediction/                   analyze_misprediction_influences.py (both its CSVs are linked at the root)
         analysis/                        analyze_topk_results.py
         gradcam/                         gradCAM_evaluation.py's proponent panels
         report/                          report.py's results browser
@@ -37,7 +37,8 @@ TOOL_FOLDERS = {"mislabel": "mislabel_detection", "misprediction": "analyze_misp
                 "clean_and_retrain": "clean_and_retrain", "lds": "lds", "report": "report",
                 "explain": "explain"}
 # the seed's notebook paths at the root, kept as links into the folder that now holds them
-NOTEBOOK_LINKS = {"mislabel_candidates.csv": "mislabel", "misprediction_influence_analysis.csv": "misprediction"}
+NOTEBOOK_LINKS = {"mislabel_candidates.csv": "mislabel", "misprediction_influence_analysis.csv": "misprediction",
+                  "misprediction_cross_analysis.csv": "misprediction"}
 
 
 @contextlib.contextmanager
@@ -53,7 +54,8 @@ def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir") -> 
 
 def link_notebook_paths(out: Path) -> list[str]:
     """Where `out` is a run folder's tool subfolder, point the root's notebook paths for it at its files. A link is
-    made or replaced only where the name is free or already a link; a file of yours of that name stays (said)."""
+    made or replaced only where the name is free or already exactly the link this module makes (`sub/name`); a file
+    or a link of yours of that name (dangling or pointing elsewhere) stays, said."""
     import logging
 
     root, made = out.parent, []
@@ -61,9 +63,10 @@ def link_notebook_paths(out: Path) -> list[str]:
         if out.name != sub or not (out / name).is_file() or not (root / "run.json").exists():
             continue
         link = root / name
-        if link.exists() and not link.is_symlink():
-            logging.getLogger(__name__).warning(f"warning: {link} is a file that is not a link; left as it is, the table is "
-                                                f"{out / name}")
+        ours = link.is_symlink() and os.readlink(link) == f"{sub}/{name}"
+        if (link.exists() or link.is_symlink()) and not ours:
+            what = f"a link of yours (to {os.readlink(link)})" if link.is_symlink() else "a file that is not a link"
+            logging.getLogger(__name__).warning(f"warning: {link} is {what}; left as it is, the table is {out / name}")
             continue
         tmp = root / f".{name}.{uuid.uuid4().hex[:12]}.link"  # a fresh name: nothing to delete first
         os.symlink(f"{sub}/{name}", tmp)

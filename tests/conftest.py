@@ -17,13 +17,13 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
-    """A prepared tiny data set (32 px, 25% test, 1 noisy label)."""
+    """A prepared tiny data set (32 px, 25% test, 1 noisy label; no val split: too few images to hold one out)."""
     from prepare_data import main
 
     base = tmp_path_factory.mktemp("data")
     make_raw_tree(base / "raw")
     rc = main(["--raw_dir", str(base / "raw"), "--out_dir", str(base / "processed"), "--image_size", "32",
-               "--test_fraction", "0.25", "--label_noise", "0.1", "--num_workers", "0"])
+               "--test_fraction", "0.25", "--label_noise", "0.1", "--num_workers", "0", "--val_fraction", "0"])
     assert rc == 0
     return base / "processed"
 

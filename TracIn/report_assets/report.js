@@ -206,8 +206,8 @@
     return out;
   }
   function listBlock(kind, role, idxs, vals) {
-    const title = (role === "prop" ? "Proponents" : "Opponents") + " (" + kind + ")";
-    return '<div class="list" data-kind="' + kind + '" data-role="' + role + '"><h3>' + title + '</h3><div class="grid">' +
+    const title = (role === "prop" ? "Proponents" : "Opponents") + " (" + esc(kind) + ")";
+    return '<div class="list" data-kind="' + esc(kind) + '" data-role="' + role + '"><h3>' + title + '</h3><div class="grid">' +
       idxs.map((i, j) => thumb("train", i, "#" + i + " " + esc(names[trainClass(i)] ?? "") + '<br><span class="' + (vals[j] >= 0 ? "pos" : "neg") + '">' + fmt(vals[j]) + "</span>")).join("") +
       "</div></div>";
   }
@@ -256,7 +256,7 @@
           esc(names[p]) + "</b></div></div></div><div class=\"lists\">" +
           Object.entries(rec.lists).map(([kind, l]) => "<div>" + listBlock(kind, "prop", l.proponents, l.proponent_scores) +
             listBlock(kind, "opp", l.opponents, l.opponent_scores) + "</div>").join("") +
-          (M.kinds.length < 2 ? '<div class="note small">only the ' + M.kinds[0] + " lists: the overview says how to add the other kind</div>" : "") +
+          (M.kinds.length < 2 ? '<div class="note small">only the ' + esc(M.kinds[0]) + " lists: the overview says how to add the other kind</div>" : "") +
           "</div></div>";
       });
     });

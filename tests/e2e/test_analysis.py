@@ -131,6 +131,20 @@ def test_readme_worked_examples_run_verbatim(workdir, monkeypatch, capsys):
     assert "test image 100" in out and "negative" in out
 
 
+def test_the_seed_readmes_examples_run_verbatim(workdir, monkeypatch, capsys):
+    """The seed's README read the misprediction CSV at TracIn/results/ (now a link into misprediction/); its three
+    examples, kept verbatim in tests/data, still run on the default layout."""
+    text = (Path(__file__).resolve().parents[1] / "data" / "seed_readme_examples.md").read_text()
+    blocks = re.findall(r"<!-- example -->\s*```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3 and "TracIn/results/misprediction_cross_analysis.csv" in blocks[1]
+    monkeypatch.chdir(workdir)
+    assert (workdir / "TracIn/results/misprediction_cross_analysis.csv").is_symlink()
+    for code in blocks:
+        exec(compile(code, "seed_readme_examples.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "test image 100" in out and "negative" in out and "n_test" in out
+
+
 def test_concentration_diagnostics_against_direct_counts():
     from TracIn.analyze_topk_results import concentration, gini
 

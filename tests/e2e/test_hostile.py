@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import clean_results
+import demo_report
 import gradCAM_evaluation
 import prepare_data
 import train
@@ -275,7 +276,7 @@ def test_report_escapes_crafted_values_in_every_file_it_reads(world, tmp_path, b
     res = c["res"]
     rec = json.loads((res / "run.json").read_text())
     rec["layers"] = [CRAFT]
-    rec["args"]["normalize"] = CRAFT
+    # args.score_fn / args.normalize: refused by every reader (test_a_crafted_method_name_or_array_...)
     rec["checkpoints"][0]["path"] = CRAFT
     rec["checkpoints"][0]["epoch"] = CRAFT
     rec["summary"]["seconds_total"] = CRAFT
@@ -463,3 +464,41 @@ def test_a_results_file_name_the_previous_run_did_not_write_is_left_alone(world,
                     "--top_k", "2", "--num_workers", "0", "--no_self_influence"]) == 0
     assert (out / "self_influence.npy").read_bytes() == b"my own array"
     assert "self_influence.npy" not in json.loads((out / "run.json").read_text())["files"]
+
+
+def test_a_crafted_method_name_or_array_in_a_run_is_refused_by_every_reader(world, tmp_path):
+    """A run.json whose args.score_fn is markup (it reached the results page unescaped) and .npy files of the wrong
+    shape or with indices outside the split: one line from the readers, nothing indexed or rendered."""
+    c = own_copy(world, tmp_path)
+    res, d = c["res"], c["data"]
+    record = json.loads((res / "run.json").read_text())
+    for key, value in (("score_fn", '<img src=x onerror="document.title=1">'), ("normalize", "<b>x</b>")):
+        crafted = json.loads(json.dumps(record))
+        crafted["args"][key] = value
+        (res / "run.json").write_text(json.dumps(crafted))
+        fails(report.main, report_args(c, out=tmp_path / "rep"), f"args.{key}")
+        fails(analyze_topk_results.main, ["--results_dir", str(res), "--data_dir", str(d)], f"args.{key}")
+    (res / "run.json").write_text(json.dumps(record))
+    idx = res / "top_k_influences_indices.npy"
+    good = np.load(idx)
+    for bad, needle in ((good + 10_000, "outside"), (good[:, :1], "shape"), (good.ravel(), "shape"), (-good - 1, "outside")):
+        np.save(idx, bad)
+        fails(analyze_topk_results.main, ["--results_dir", str(res), "--data_dir", str(d)], "top_k_influences_indices", needle)
+        fails(report.main, report_args(c, out=tmp_path / "rep"), "top_k_influences_indices", needle)
+    np.save(idx, good)
+    np.save(res / "test_indices.npy", np.load(res / "test_indices.npy")[:-1])
+    fails(mislabel_detection.main, ["--results_dir", str(res), "--data_dir", str(d), "--checkpoint_dir", str(c["ckpt"])],
+          "test_indices", "shape")
+    assert not (tmp_path / "rep").exists() and not (res / "analysis").exists()
+
+
+def test_demo_report_on_a_run_without_injected_noise_and_a_zero_byte_checkpoint_are_one_line(world, tmp_path):
+    c = own_copy(world, tmp_path)
+    assert mislabel_detection.main(["--results_dir", str(c["res"]), "--data_dir", str(c["data"]), "--checkpoint_dir", str(c["ckpt"])]) == 0
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "metrics_test.json").write_text(json.dumps({"accuracy": 0.5, "n": 6, "model": "m"}))
+    fails(demo_report.main, ["--results_dir", str(c["res"]), "--eval_dir", str(ev)], "misprediction")  # not KeyError: 'metrics'
+    (tmp_path / "zero.pth").write_bytes(b"")
+    res = sh("evaluate.py", "--model", tmp_path / "zero.pth", "--data_dir", c["data"], "--out_dir", tmp_path / "e")
+    one_error_line(res, "zero.pth")

@@ -1,5 +1,6 @@
 """prepare_data -> train -> evaluate on a tiny generated image tree, and their error paths."""
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -164,3 +165,41 @@ def test_label_noise_never_overwrites_a_file_with_the_same_name(tmp_path):
     man = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert len(man) == 60 and man.path.is_unique and man.source_path.is_unique
     assert all(Path(p).exists() for p in man.path)
+
+
+def test_file_and_class_names_that_are_not_utf8_are_prepared(tmp_path):
+    """A class folder and a file whose names are bytes that are not UTF-8 (any Linux file system allows them): prepared
+    under a %xx spelling, listed in the manifest and skipped.csv, no traceback."""
+    raw = make_raw_tree(tmp_path / "raw")
+    bad_class = os.fsdecode(b"gatt\xf6")
+    os.rename(tmp_path / "raw" / "gatto", tmp_path / "raw" / bad_class)
+    good = (tmp_path / "raw" / "cane" / "img_00.jpg").read_bytes()
+    (tmp_path / "raw" / "cane" / os.fsdecode(b"\xff\xfe photo.jpg")).write_bytes(good)
+    (tmp_path / "raw" / "cane" / os.fsdecode(b"bad\xe9.jpg")).write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "prepare_data.py", "--raw_dir", str(raw), "--out_dir", str(out), "--image_size", "8",
+                          "--num_workers", "0"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert "gatt%xf6" in set(manifest.class_name)
+    assert any(p.endswith("%xff%xfe photo.jpg") for p in manifest.path)
+    assert all(Path(p).exists() for p in manifest.path)
+    assert any("bad%xe9.jpg" in p for p in pd.read_csv(out / "skipped.csv").source_path)
+    assert len(manifest) == 3 * 8 + 1
+
+
+def test_raw_files_changed_since_preparing_are_noticed(tmp_path):
+    raw = make_raw_tree(tmp_path / "raw")
+    args = ["--raw_dir", str(raw), "--out_dir", str(tmp_path / "out"), "--image_size", "8", "--num_workers", "0"]
+    assert prepare_data.main(args) == 0
+    n = len(pd.read_csv(tmp_path / "out" / "manifest.csv"))
+    assert prepare_data.prepare(prepare_data.parse_args(args))["skipped_run"]  # the same arguments and files: nothing to do
+    good = (raw / "cane" / "img_00.jpg").read_bytes()
+    (raw / "cane" / "added.jpg").write_bytes(good)
+    with pytest.raises(UserError, match="raw files .* changed"):
+        prepare_data.main(args)
+    assert prepare_data.main(args + ["--overwrite"]) == 0
+    assert len(pd.read_csv(tmp_path / "out" / "manifest.csv")) == n + 1
+    os.rename(raw / "cane" / "added.jpg", raw / "cane" / "renamed.jpg")
+    assert prepare_data.main(args + ["--overwrite"]) == 0  # not "nothing to do"
+    assert any(p.endswith("renamed.jpg") for p in pd.read_csv(tmp_path / "out" / "manifest.csv").path)

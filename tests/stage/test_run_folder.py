@@ -100,3 +100,27 @@ def test_out_dir_is_the_tools_folder_and_the_run_root_is_refused(prepared, train
         mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir",
                                  str(trained / "ckpt"), "--out_dir", str(res)])
     assert sorted(p.name for p in res.iterdir()) == before
+
+
+@pytest.mark.parametrize("target", ["nowhere.csv", "mine.csv"])
+def test_a_link_of_yours_at_a_notebook_path_is_never_re_pointed(prepared, trained, tmp_path, target):
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    (tmp_path / "mine.csv").write_text("my,own\n1,2\n")
+    os.symlink(str(tmp_path / target), res / "mislabel_candidates.csv")  # dangling, or to a file of the user's
+    assert detect(prepared, trained, res) == 0
+    assert os.readlink(res / "mislabel_candidates.csv") == str(tmp_path / target)
+    assert (tmp_path / "mine.csv").read_text() == "my,own\n1,2\n"
+    assert (res / "mislabel" / "mislabel_candidates.csv").is_file()
+
+
+def test_analyze_topk_results_writes_beside_the_run_it_reads(prepared, trained, tmp_path, monkeypatch):
+    from TracIn import analyze_topk_results
+
+    res = tmp_path / "copy"
+    shutil.copytree(trained / "res", res)
+    monkeypatch.chdir(tmp_path)
+    assert analyze_topk_results.main(["--results_dir", str(res), "--data_dir", str(prepared), "--max_panels", "1",
+                                      "--num_correct", "1"]) == 0
+    assert (res / "analysis" / "dashboard.png").is_file()
+    assert not (tmp_path / "TracIn").exists()  # the default run's folder is not where a copy's analysis goes

@@ -162,3 +162,50 @@ def test_shards_jobs_and_merge_give_the_records_of_one_run(prepared, trained, tm
     for bad in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--merge"]):
         with pytest.raises((SystemExit, lds.UserError)):
             lds.parse_args(base + bad)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num_subsets", "1"], "leaves 1 subset(s) to report"),
+    (["--num_subsets", "4", "--select_subsets", "2"], "leaves 2 subset(s) to report"),
+    (["--fraction", "1"], "--fraction 1"),
+    (["--num_subsets", "8", "--jobs", "9"], "--jobs 9"),
+])
+def test_lds_settings_that_leave_nothing_to_report_are_refused(argv, needle):
+    from common import UserError
+
+    with pytest.raises(UserError, match=None) as e:
+        lds.parse_args(argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_too_few_selection_subsets_report_the_default_damping_not_the_first_grid_value():
+    rng = np.random.default_rng(0)
+    masks = rng.random((8, 6)) < 0.5
+    margins = rng.normal(size=(8, 3))
+    by_damping = {lam: rng.normal(size=(3, 6)) for lam in (1e-6, 10.0, 1e4)}
+    few = lds_score.choose_damping(by_damping, masks, margins, 2, 50, 0, default=10.0)
+    assert few["damping"] == 10.0 and few["damping_chosen"] is False
+    enough = lds_score.choose_damping(by_damping, masks, margins, 4, 50, 0, default=10.0)
+    best = max(by_damping, key=lambda lam: np.nanmean(lds_score.lds(by_damping[lam], masks[:4], margins[:4])))
+    assert enough["damping"] == best and enough["damping_chosen"] is True
+
+
+def test_a_truncated_or_incomplete_record_is_one_line(tmp_path):
+    """A truncated subset record (BadZipFile before) or training_dynamics.npz: one line naming the file."""
+    from common import UserError
+    from training_dynamics import FILE, load_dynamics
+
+    store = lds.SubsetStore(tmp_path / "lds", {"x": 1})
+    store.save(0, np.arange(4), np.zeros(3), np.zeros(3), 0.5)
+    assert store.load(0)["train_idx"].tolist() == [0, 1, 2, 3]
+    data = store.path(0).read_bytes()
+    store.path(0).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="subset_00000.npz") as e:
+        store.load(0)
+    assert "\n" not in str(e.value)
+    np.savez(store.path(1), train_idx=np.arange(2))  # a record without margins
+    with pytest.raises(UserError, match="lacks margin"):
+        store.load(1)
+    (tmp_path / FILE).write_bytes(data[:40])
+    with pytest.raises(UserError, match=FILE):
+        load_dynamics(tmp_path, 4, ["a", "b"])
