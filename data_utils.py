@@ -258,7 +258,25 @@ def read_false_predictions(csv_path, data_dir, model_sha256: str | None = None, 
     if model_sha256 is not None and record.get("model_sha256") != model_sha256:
         raise UserError(f"{csv_path} lists the mistakes of {record.get('model')}, not of this --model; "
                         f"rerun false_prediction.py with the same --model")
+    if record.get("csv_sha256") != file_sha256(csv_path):  # the record names the table's bytes, not only its inputs
+        raise UserError(f"{csv_path} is not the table its record {record_path.name} describes (edited, replaced or written "
+                        f"by an older version); {fix}")
     table = read_table(csv_path, FALSE_PREDICTION_COLUMNS, fix)
     if not table.split.isin(SPLITS).all():
         raise UserError(f"{csv_path}: column split has {table.split[~table.split.isin(SPLITS)].iloc[0]!r}, not train or test; {fix}")
+    names = set(list_split(data_dir, "train").class_names)
+    for column in ("true_label", "pred_label"):
+        bad = table[column][~table[column].isin(names)]
+        if len(bad):
+            raise UserError(f"{csv_path}: {column} {str(bad.iloc[0])[:40]!r} is not a class of {data_dir}; {fix}")
+    if images:
+        for split in sorted(set(table.split)):
+            listing = list_split(data_dir, split)
+            rows = table[table.split == split]
+            ok = [0 <= i < len(listing.paths) and (listing.paths[i] == p or os.path.realpath(listing.paths[i]) == os.path.realpath(p))
+                  for i, p in zip(rows["index"], rows["path"])]
+            if not all(ok):
+                row = rows.iloc[ok.index(False)]
+                raise UserError(f"{csv_path}: {split} image {row['index']} ({str(row['path'])[:60]}) is not that image of "
+                                f"{data_dir}; {fix}")
     return table, record

@@ -72,7 +72,8 @@ def main(argv=None):
     save_csv(out / "false_predictions.csv", table)
     # what the table came from, compared by every reader (Grad-CAM, the misprediction analysis, the report)
     save_json(out / "false_predictions.json", {"model": str(model_path), "model_sha256": file_sha256(model_path),
-                                               **data_identity(args.data_dir)})
+                                               **data_identity(args.data_dir),
+                                               "csv_sha256": file_sha256(out / "false_predictions.csv")})  # the table itself
     # the most confident mistakes, half from each split (test first), the rest filled from either
     ranked = table.sort_values("confidence", ascending=False)
     half = args.max_images // 2

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import (OWNER_MARKER, UserError, first_line, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
+from common import (OWNER_MARKER, UserError, first_line, image_side, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
                     owned_by, positive_int, quiet_worker, save_json, usual_mode)
 from data_utils import english_class_name, list_split, load_rgb, read_review_csv
 
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--raw_dir", default=None, help=f"one folder per class (default data/raw-img; {DEMO_RAW_DIR} with --demo)")
     p.add_argument("--out_dir", default="data/processed", help="where train/, test/ and manifest.csv go (default data/processed)")
-    p.add_argument("--image_size", type=positive_int, default=224, help="output images are image_size x image_size (default 224)")
+    p.add_argument("--image_size", type=image_side, default=224, help="output images are image_size x image_size (default 224)")
     p.add_argument("--test_fraction", type=fraction(0.0, 0.9, lo_open=True), default=0.2, help="share of each class put in test (default 0.2)")
     p.add_argument("--val_fraction", type=fraction(0.0, 0.5), default=0.1,
                    help="share of each class's non-test images held out in val/ to select the best model (default 0.1; "

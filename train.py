@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast, cli, ensure_output_dir, git_commit,
-                    mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int, read_json,
-                    remove_inside_owned,
-                    save_json, scheduled_lr, set_seed)
+                    image_side, mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int,
+                    read_json, remove_inside_owned, save_json, scheduled_lr, set_seed)
 from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
                         read_exclusions)
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
@@ -58,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--models_dir", default="models", help="where the best model goes (default models)")
     p.add_argument("--dataset_tag", type=plain_name, default="animals10",
                    help="data set name in the best model's file name; letters, digits, '.', '_', '-' (default animals10)")
-    p.add_argument("--image_size", type=positive_int, default=None, help="input size (default: the size prepare_data.py used, else 224)")
+    p.add_argument("--image_size", type=image_side, default=None, help="input size (default: the size prepare_data.py used, else 224)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (file in models/pretrained/, from download_weights.py), none, or a PATH to a state_dict (default imagenet)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default on)")

@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (UserError, check_replaceable, cli, fraction, identity_mismatch, load_npz, mark_owned, nonneg_int, positive_int, read_json,
-                    resolve_device, save_json)
+from common import (UserError, check_replaceable, child_process, cli, end_children, fraction, identity_mismatch,
+                    load_npz, mark_owned, nonneg_int, positive_int, read_json, resolve_device, save_json)
 from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
 from model_architecture import logit_figures
 from TracIn.arguments import DAMPING
@@ -137,11 +137,12 @@ class SubsetStore:
     def __init__(self, out: Path, identity: dict):
         self.dir = out / "subsets"
         saved = out / "store.json"
-        if saved.exists():
+        records = list(self.dir.glob("subset_*.npz")) if self.dir.is_dir() else []
+        if saved.exists() and records:
             differs = identity_mismatch(read_json(saved, "pass another --out_dir"), identity)
             if differs:
                 raise UserError(f"{out} holds LDS records of another setting ({differs}); pass another --out_dir")
-        else:
+        else:  # no record yet (a first run, or one that failed before its first subset): nothing to keep apart
             save_json(saved, identity)
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -208,11 +209,14 @@ def retrain_in_processes(args, store: SubsetStore) -> int:
     logs = store.dir.parent / "jobs"
     logs.mkdir(exist_ok=True)
     procs = []
-    for i in range(args.jobs):
-        with open(logs / f"shard_{i}.log", "w") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "TracIn.lds", *argv, "--shard", f"{i}/{args.jobs}"], env=env,
-                                          stdout=f, stderr=subprocess.STDOUT))
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    try:
+        for i in range(args.jobs):
+            with open(logs / f"shard_{i}.log", "w") as f:
+                procs.append(child_process([sys.executable, "-m", "TracIn.lds", *argv, "--shard", f"{i}/{args.jobs}"], env=env,
+                                           stdout=f, stderr=subprocess.STDOUT))
+        failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    finally:  # interrupted: the shards (and their train.py children, by their own parent-death signal) end too
+        end_children(procs)
     if failed:
         last = ((logs / f"shard_{failed[0]}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"LDS job(s) {', '.join(map(str, failed))} of {args.jobs} failed ({logs}): {last}")

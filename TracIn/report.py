@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--compare_dir", default=None, help="a run of the same checkpoints with another --score_fn or --normalize, "
                                                        "shown beside the main lists (default: the first of results_dir/normalized, "
                                                        "raw, influence_last that holds a run)")
-    p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output (default false_predictions)")
+    p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output: the folder or its false_predictions.csv (default false_predictions)")
     p.add_argument("--eval_dir", default="models/evaluation", help="evaluate.py output (default models/evaluation)")
     p.add_argument("--out_dir", default=None, help="report folder (default results_dir/report)")
     p.add_argument("--show_k", type=positive_int, default=10, help="proponents and opponents shown per test image (default 10)")
@@ -314,6 +314,8 @@ def build(args) -> dict:
 
     # mispredictions (optional), with Grad-CAM where present
     fp_dir = Path(args.false_predictions)
+    if fp_dir.suffix == ".csv":  # the CSV's own path, the form the other tools take: its folder holds the rest
+        fp_dir = fp_dir.parent
     mis_rows, cams_ok = [], False
     if (fp_dir / "false_predictions.csv").exists():
         try:

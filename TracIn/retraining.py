@@ -15,7 +15,6 @@ The original run's own exclusions (train.py --exclude) stay out of every arm.
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import (UserError, check_replaceable, mark_owned, read_json, remove_inside_owned, resolve_device, save_csv,
-                    scheduled_lr)
+from common import (UserError, check_replaceable, mark_owned, read_json, remove_inside_owned, resolve_device, run_child,
+                    save_csv, scheduled_lr)
 from data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
 from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device, predict
 from training import fit
@@ -93,7 +92,7 @@ def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray
             argv.append("--hflip" if v else "--no-hflip")
         elif v is not None:
             argv += [f"--{k}", str(v)]
-    rc = subprocess.run([sys.executable, "-m", "train", *argv]).returncode
+    rc = run_child([sys.executable, "-m", "train", *argv])  # ends with this process, even if it is killed
     if rc != 0:
         raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
     return find_checkpoints(arm_dir / "checkpoints")[-1]

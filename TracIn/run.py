@@ -35,6 +35,25 @@ from TracIn.scores import score_topk
 log = logging.getLogger(__name__)
 
 
+def check_curvature_size(method, dims: dict) -> None:
+    """A K-FAC curvature holds an (A x A) and a (D x D) float64 matrix per layer; an unprojected conv layer's A is its
+    whole gradient (--proj_dim 0), whose square would exhaust any memory. Refused with the flags that fit."""
+    import os
+
+    if method.curvature not in ("kfac", "ekfac"):
+        return
+    need = sum(8 * (a * a + d * d) for a, d in dims.values())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 64 * 2**30
+    if need > memory // 2:
+        widest = max(dims, key=lambda l: dims[l][0])
+        raise UserError(f"--score_fn {method.score_fn}: the curvature of layer {widest} ({dims[widest][0]:,} inputs per "
+                        f"gradient) needs {need / 2**30:,.0f} GiB, more than half of this machine's "
+                        f"{memory / 2**30:.0f} GiB; project conv layers (--proj_dim 16) or use --score_fn tracin")
+
+
 class InfluenceRun:
     """One run's inputs. cfg: a TracInConfig (or a namespace with its fields). Attributes: train_list, test_list
     (SplitListing), train_ids, test_ids (the scored split indices), paths, ckpts, lrs, shas (per checkpoint), layers
@@ -61,6 +80,7 @@ class InfluenceRun:
         except ValueError as e:
             raise UserError(str(e)) from None
         self.factor_key = self.factor_args.key(projected=any(hook.projected.values()))
+        check_curvature_size(method_for(getattr(cfg, "score_fn", "tracin"), getattr(cfg, "normalize", "none")), hook.dims)
         self.record, self.results_dir, self.sharded = None, None, False
         self._factor_set, self._models = None, None
 

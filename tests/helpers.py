@@ -119,8 +119,10 @@ def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64):
 
     csv_path = Path(csv_path)
     frame.to_csv(csv_path, index=False)
+    from common import file_sha256
+
     csv_path.with_suffix(".json").write_text(json.dumps({"model": "hand-made", "model_sha256": model_sha256,
-                                                         **data_identity(data_dir)}))
+                                                         **data_identity(data_dir), "csv_sha256": file_sha256(csv_path)}))
     return csv_path
 
 

@@ -262,6 +262,9 @@ def test_relabel_rows_that_disagree_or_are_empty_are_one_line(world, tmp_path):
     (train.parse_args, ["--dataset_tag", "../../../x"], "not a plain name"),
     (clean_and_retrain.parse_args, ["--fraction", "nan"], "finite"),
     (et.parse_args, ["--lr_weights", "inf"], "finite"),
+    (prepare_data.parse_args, ["--image_size", "100000"], "<= 4096"),   # was OOM-killed with no line
+    (train.parse_args, ["--image_size", "100000"], "<= 4096"),
+    (prepare_data.parse_args, ["--val_fraction", "0.9"], "<= 0.5"),
 ])
 def test_numeric_and_name_flags_reject_nan_inf_and_paths(parse, argv, needle, capsys):
     bad_flag(parse, argv, capsys, needle)
@@ -502,3 +505,31 @@ def test_demo_report_on_a_run_without_injected_noise_and_a_zero_byte_checkpoint_
     (tmp_path / "zero.pth").write_bytes(b"")
     res = sh("evaluate.py", "--model", tmp_path / "zero.pth", "--data_dir", c["data"], "--out_dir", tmp_path / "e")
     one_error_line(res, "zero.pth")
+
+
+def test_a_mispredictions_table_must_be_the_one_its_record_names_and_of_this_data(world, tmp_path):
+    c = own_copy(world, tmp_path)
+    test = list_split(c["data"], "test")
+    names = test.class_names
+    (tmp_path / "fp").mkdir()
+    csv = tmp_path / "fp" / "false_predictions.csv"
+    args = ["--results_dir", str(c["res"]), "--data_dir", str(c["data"]), "--false_predictions", str(csv),
+            "--out_dir", str(tmp_path / "mis")]
+    row = {"split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [names[0]], "pred_label": [names[1]],
+           "confidence": [0.9]}
+    for change, needle in (({"true_label": ["unicorn"]}, "not a class"), ({"path": ["/elsewhere/x.jpg"]}, "is not that image"),
+                           ({"index": [10_000]}, "is not that image")):
+        write_false_predictions(csv, pd.DataFrame({**row, **change}), c["data"])
+        fails(analyze_misprediction_influences.main, args, needle)
+    write_false_predictions(csv, pd.DataFrame(row), c["data"])
+    assert analyze_misprediction_influences.main(args) == 0
+    csv.write_text(csv.read_text().replace(names[1], names[2]))  # edited after its record was written
+    fails(analyze_misprediction_influences.main, args, "is not the table")
+
+
+def test_an_unprojected_conv_curvature_is_refused_before_any_work(world, tmp_path):
+    """--proj_dim 0 on a conv block with the K-FAC default tried to allocate terabytes (RuntimeError)."""
+    res = sh("-m", "TracIn.efficient_tracin", "--data_dir", world["data"], "--checkpoint_dir", world["ckpt"], "--output_dir",
+             tmp_path / "r", "--proj_dim", "0", "--layers", "layer4", "--top_k", "2", "--num_workers", "0")
+    one_error_line(res, "--proj_dim 16", "GiB")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # checked before any output

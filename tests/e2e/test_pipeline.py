@@ -56,7 +56,7 @@ def test_load_rgb_converts_odd_modes(tmp_path):
 def test_prepare_is_idempotent_and_refuses_other_split(prepared, capsys):
     raw = json.loads((prepared / "prepare_args.json").read_text())["raw_dir"]
     before = (prepared / "manifest.csv").stat().st_mtime_ns
-    args = ["--raw_dir", raw, "--out_dir", str(prepared), "--image_size", "32", "--test_fraction", "0.25",
+    args = ["--raw_dir", raw, "--out_dir", str(prepared), "--image_size", "32", "--test_fraction", "0.25", "--val_fraction", "0",
             "--label_noise", "0.1", "--num_workers", "0"]
     assert prepare_data.main(args) == 0
     assert (prepared / "manifest.csv").stat().st_mtime_ns == before

@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     raw = make_raw_tree(root / "raw", per_class=8)
     data = root / "data"
     assert prepare_data.main(["--raw_dir", str(raw), "--out_dir", str(data), "--image_size", "32", "--test_fraction", "0.25",
-                              "--num_workers", "0"]) == 0
+                              "--val_fraction", "0", "--num_workers", "0"]) == 0
     names = list_split(data, "train").class_names
     make_random_checkpoints(root / "ckpt", names, n=2, lrs=(0.01, 0.004))
     common = ["--data_dir", str(data), "--checkpoint_dir", str(root / "ckpt"), "--top_k", "4", "--num_workers", "0"]
@@ -159,6 +159,16 @@ def test_browser_views_filters_keys_and_review_export(run, browser, tmp_path):
     before = pd.read_csv(run["data"] / "manifest.csv")
     source = before.set_index("path").loc[train.paths[relabel_idx], "source_path"]
     assert prepare_data.main(["--raw_dir", str(run["raw"]), "--out_dir", str(run["data"]), "--image_size", "32",
-                              "--test_fraction", "0.25", "--num_workers", "0", "--relabel", str(csv), "--overwrite"]) == 0
+                              "--test_fraction", "0.25", "--val_fraction", "0", "--num_workers", "0", "--relabel", str(csv),
+                              "--overwrite"]) == 0
     after = pd.read_csv(run["data"] / "manifest.csv").set_index("source_path")
     assert after.loc[source, "class_name"] == target
+
+
+def test_false_predictions_given_as_the_csv_path_keeps_the_mispredictions_view(run, tmp_path):
+    args = list(run["args"])
+    args[args.index("--false_predictions") + 1] = str(run["root"] / "fp" / "false_predictions.csv")
+    assert report.main(args + ["--out_dir", str(tmp_path / "rep")]) == 0
+    m = meta(tmp_path / "rep")
+    assert m["mispredictions"] == meta(run["res"] / "report")["mispredictions"] > 0
+    assert not any("no mispredictions table" in n for n in m["notes"])

@@ -209,3 +209,40 @@ def test_a_truncated_or_incomplete_record_is_one_line(tmp_path):
     (tmp_path / FILE).write_bytes(data[:40])
     with pytest.raises(UserError, match=FILE):
         load_dynamics(tmp_path, 4, ["a", "b"])
+
+
+def _children(pid: int) -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_a_killed_lds_takes_its_train_py_with_it_and_a_failed_run_does_not_lock_its_folder(prepared, trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "full"
+    base = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--retrain", "full", "--epochs", "1",
+            "--num_subsets", "3", "--select_subsets", "0", "--n_test", "6", "--num_workers", "0", "--methods", "tracin",
+            "--out_dir", str(out)]
+    # a bad --arch fails in the first retrain; the folder then takes the corrected run (it held no record)
+    bad = subprocess.run([sys.executable, "-m", "TracIn.lds", *base, "--arch", "resnet9000"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    parent = subprocess.Popen([sys.executable, "-m", "TracIn.lds", *base], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, kids = time.time() + 120, []
+    while time.time() < deadline and not kids:
+        kids = _children(parent.pid)
+        time.sleep(0.2)
+    assert kids, "no train.py child started"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"
+                                         for k in kids):
+        time.sleep(0.2)
+    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
+    assert not alive, f"train.py {alive} outlived its killed parent"
