@@ -124,6 +124,32 @@ def data_identity(data_dir, images: bool = True) -> dict:
     return ident
 
 
+def split_key(data_dir) -> str | None:
+    """Which images went to which split: a key of prepare_data.py's split settings and raw files (not of labels, which
+    --relabel and --label_noise change without moving an image between splits). None for data it did not prepare."""
+    import hashlib
+    import json
+
+    try:
+        saved = json.loads((Path(data_dir) / "prepare_args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or "raw_key" not in saved:
+        return None
+    split = {k: saved.get(k) for k in ("raw_key", "seed", "test_fraction", "val_fraction")}
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_split(ckpt: dict, data_dir, model_path) -> None:
+    """Refuse to evaluate a model on data split otherwise than the data it was trained on (re-prepared with another
+    --seed or fractions, or from other raw files): its test images could be its own training images."""
+    then, now = ckpt.get("split_key"), split_key(data_dir)
+    if then and now and then != now:
+        raise UserError(f"{model_path} was trained on another split of the data than {data_dir} has now (prepare_data.py "
+                        "was rerun with another --seed, fraction or raw files): its test images may be its training "
+                        "images; retrain on this split, or re-prepare with the settings it was trained on")
+
+
 def build_transform(image_size: int, train: bool, hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Train: light random crop (+ optional flip). Eval: resize to image_size x image_size."""
     from torchvision import transforms as T

@@ -72,6 +72,7 @@ def main(argv=None):
         "accuracy": m["accuracy"], "loss": m["loss"],
         "per_class_accuracy": dict(zip(names, map(float, m["per_class_accuracy"]))),
         # where train.py chose this model (the seed chose on test; a val split keeps test untouched)
+        "train_run": ckpt.get("train_run"),
         "selected_on": ckpt.get("selection_split", "test" if "val_acc" in (ckpt.get("metrics") or {}) else None),
         "selection_accuracy": (ckpt.get("metrics") or {}).get("val_acc"),
     })

@@ -62,7 +62,7 @@ def main(argv=None):
     model_path = args.model or find_best_model(args.models_dir)
     frames, lines = [], []
     for split in ("test", "train"):
-        listing, _, preds, m = evaluate_model(model_path, args.data_dir, split, args.batch_size, args.num_workers, device)
+        listing, ckpt, preds, m = evaluate_model(model_path, args.data_dir, split, args.batch_size, args.num_workers, device)
         f = predictions_frame(listing, preds, split)
         wrong = f[~f.correct]
         frames.append(wrong[COLUMNS])
@@ -72,7 +72,7 @@ def main(argv=None):
     save_csv(out / "false_predictions.csv", table)
     # what the table came from, compared by every reader (Grad-CAM, the misprediction analysis, the report)
     save_json(out / "false_predictions.json", {"model": str(model_path), "model_sha256": file_sha256(model_path),
-                                               **data_identity(args.data_dir),
+                                               **data_identity(args.data_dir), "train_run": ckpt.get("train_run"),
                                                "csv_sha256": file_sha256(out / "false_predictions.csv")})  # the table itself
     # the most confident mistakes, half from each split (test first), the rest filled from either
     ranked = table.sort_values("confidence", ascending=False)

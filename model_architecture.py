@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common import UserError, atomic_path, autocast, first_line
-from data_utils import ImageListDataset, eval_transform, list_split, make_loader
+from data_utils import ImageListDataset, check_same_split, eval_transform, list_split, make_loader
 from training import example_figures
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -245,6 +245,7 @@ def evaluate_model(model_path, data_dir: str, split: str, batch_size: int, num_w
     """Load a checkpoint, predict a split, return (listing, ckpt, predictions, metrics)."""
     listing = list_split(data_dir, split)
     ckpt = load_checkpoint(model_path, class_names=listing.class_names)
+    check_same_split(ckpt, data_dir, model_path)
     model = model_to_device(model_from_checkpoint(ckpt), device)
     tf = eval_transform(ckpt)
     loader = make_loader(ImageListDataset(listing, tf), batch_size, False, num_workers, str(device))

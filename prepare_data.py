@@ -228,10 +228,18 @@ def read_relabel(csv_path: str, out_dir: Path) -> dict[str, str]:
     if not {"path", "new_class"} <= set(table.columns):
         raise UserError(f"--relabel {csv_path}: needs the columns path and new_class")
     manifest = out_dir / "manifest.csv"
-    source_of = {}
+    source_of, train_index = {}, {}
     if manifest.exists():
-        m = read_table(manifest, {"path": "str", "source_path": "str"}, f"re-prepare {out_dir} with --overwrite")
+        m = read_table(manifest, {"split": "str", "index": "int", "path": "str", "source_path": "str"},
+                       f"re-prepare {out_dir} with --overwrite")
         source_of = {str(Path(p).resolve()): str(Path(s).resolve()) for p, s in zip(m.path, m.source_path)}
+        train_index = {str(Path(p).resolve()): int(i) for p, i, sp in zip(m.path, m["index"], m.split) if sp == "train"}
+    if "train_idx" in table.columns:  # a review export names each image twice; both must still agree (as train.py --exclude)
+        for row, (i, path) in enumerate(zip(pd.to_numeric(table.train_idx, errors="coerce"), table.path.astype(str)), start=2):
+            now = train_index.get(str(Path(path).resolve()))
+            if now is not None and i != now:
+                raise UserError(f"--relabel {csv_path}: row {row}: {path} is training image #{now} now, not "
+                                f"#{table.train_idx.iloc[row - 2]}; the data changed since the review: review the current data again")
     out = {}
     for row, (path, new_class) in enumerate(zip(table.path, table.new_class), start=2):
         if not isinstance(path, str) or not path.strip() or not isinstance(new_class, str) or not new_class.strip():

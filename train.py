@@ -33,7 +33,7 @@ from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast
                     image_side, mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int,
                     read_json, remove_inside_owned, save_json, scheduled_lr, set_seed)
 from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
-                        read_exclusions)
+                        read_exclusions, split_key)
 from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
                                 find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
                                 batch_to_device, model_to_device, predict, save_checkpoint)
@@ -285,7 +285,8 @@ def train(args) -> dict:
     def save_epoch(epoch, lr, m, metrics, best):
         common = dict(arch=args.arch, class_names=class_names, image_size=args.image_size, mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, epoch=epoch, metrics=metrics)
-        run_tag = {"train_run": train_run, "selection_split": selection}  # val_* metrics are of this split
+        # val_* metrics are of the selection split; split_key: which images were train/val/test (evaluate.py checks it)
+        run_tag = {"train_run": train_run, "selection_split": selection, "split_key": split_key(args.data_dir)}
         is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
         if is_ckpt:
             # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.

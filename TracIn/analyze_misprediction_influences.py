@@ -26,7 +26,7 @@ import pandas as pd
 
 from common import UserError, check_replaceable, cli, nonneg_int, save_csv, save_json
 from data_utils import list_split, read_false_predictions
-from TracIn.results import appearances, load_results, run_id
+from TracIn.results import appearances, load_results, other_training_run, run_id
 from TracIn.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ def analyze(args) -> dict:
     out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "misprediction"), TOOL, "--out_dir")
     r = load_results(args.results_dir, data_dir=args.data_dir)
     fp, fp_record = read_false_predictions(args.false_predictions, args.data_dir)
+    other = other_training_run(fp_record.get("train_run"), r.record)
+    if other:
+        raise UserError(f"{args.false_predictions} does not belong with the TracIn run in {args.results_dir}: {other}; rerun "
+                        "false_prediction.py and efficient_tracin.py on the same training run")
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     for split, listing in (("train", train_list), ("test", test_list)):
         rows = fp[fp.split == split]

@@ -42,7 +42,7 @@ import pandas as pd
 from common import (UserError, check_replaceable, cli, first_line, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
                     read_table)
 from data_utils import SplitListing, data_identity, list_split, read_false_predictions
-from TracIn.results import RECORD, index_of, appearances, load_results, run_id
+from TracIn.results import RECORD, appearances, index_of, load_results, other_training_run, run_id
 from TracIn.run_folder import current, tool_folder
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,10 @@ def build(args) -> dict:
         except UserError as e:
             fp, fp_record = None, None
             notes.append(f"mispredictions skipped: {e}")
+        other = other_training_run(fp_record.get("train_run"), r.record) if fp is not None else None
+        if other:
+            notes.append(f"mispredictions skipped: {other}; rerun false_prediction.py")
+            fp = None
         if fp is not None:
             cams_ok = gradcam_matches(fp_dir / "gradcam", fp_record, notes)
             sizes = {"train": len(train_list.paths), "test": len(test_list.paths)}
@@ -395,6 +399,10 @@ def build(args) -> dict:
     evaluation = read_optional_json(Path(args.eval_dir) / "metrics_test.json", notes)
     if evaluation is not None and identity_mismatch(evaluation, data_identity(args.data_dir, images=False)):
         notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: computed on other data (rerun evaluate.py)")
+        evaluation = None
+    if evaluation is not None and other_training_run(evaluation.get("train_run"), r.record):
+        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: "
+                     f"{other_training_run(evaluation.get('train_run'), r.record)}; rerun evaluate.py")
         evaluation = None
     counterfactual = {}
     for path in sorted(res_dir.glob("counterfactual/*/counterfactual.json")):

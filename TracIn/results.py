@@ -319,6 +319,15 @@ def check_arrays(record: dict, arrays: dict, results_dir: Path, fix: str) -> Non
                             f"(or is not integer); {fix}")
 
 
+def other_training_run(model_run: str | None, record: dict) -> str | None:
+    """Why a model's output (evaluation, mispredictions) does not belong beside this TracIn run: the model comes from
+    another training run than the run's checkpoints (retrained in place since); None when they match or are unknown."""
+    runs = sorted({str(c.get("train_run")) for c in record.get("checkpoints", []) if c.get("train_run")})
+    if not model_run or not runs or model_run in runs:
+        return None
+    return f"its model is of training run {model_run}, the TracIn checkpoints of run {', '.join(runs)} (retrained since?)"
+
+
 def recorded_data_dir(record: dict) -> str:
     """The data folder a run was computed on, spelled as the run was given it when that still names the same folder
     (the split keys hash the paths as listed), else its absolute path."""

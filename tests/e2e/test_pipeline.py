@@ -203,3 +203,27 @@ def test_raw_files_changed_since_preparing_are_noticed(tmp_path):
     os.rename(raw / "cane" / "added.jpg", raw / "cane" / "renamed.jpg")
     assert prepare_data.main(args + ["--overwrite"]) == 0  # not "nothing to do"
     assert any(p.endswith("renamed.jpg") for p in pd.read_csv(tmp_path / "out" / "manifest.csv").path)
+
+
+def test_a_model_is_never_evaluated_on_another_split_and_resume_keeps_its_data_and_epochs(tmp_path):
+    """Re-prepared with another --seed: evaluate.py refused the old model (its test images may be its training images)
+    and train.py --resume refused to continue on the new split; --resume --epochs below the epochs done is refused."""
+    raw = make_raw_tree(tmp_path / "raw")
+    prep = ["--raw_dir", str(raw), "--out_dir", str(tmp_path / "p"), "--image_size", "8", "--num_workers", "0"]
+    assert prepare_data.main(prep) == 0
+    common = ["--data_dir", str(tmp_path / "p"), "--arch", "resnet18", "--batch_size", "4", "--weights", "none",
+              "--checkpoint_dir", str(tmp_path / "ck"), "--models_dir", str(tmp_path / "m"), "--num_workers", "0"]
+    assert train.main(common + ["--epochs", "2"]) == 0
+    ev = ["--models_dir", str(tmp_path / "m"), "--data_dir", str(tmp_path / "p"), "--out_dir", str(tmp_path / "ev"),
+          "--num_workers", "0"]
+    assert evaluate.main(ev) == 0
+    record = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
+    assert record["selected_on"] == "val" and 0 <= record["selection_accuracy"] <= 1
+    with pytest.raises(UserError, match="already trained 2 epochs"):
+        train.main(common + ["--resume", "--epochs", "1"])
+    assert json.loads((tmp_path / "ck" / "train_args.json").read_text())["epochs"] == 2  # not rewritten
+    assert prepare_data.main(prep + ["--seed", "3", "--overwrite"]) == 0
+    with pytest.raises(UserError, match="another split"):
+        evaluate.main(ev)
+    with pytest.raises(UserError, match="training split .* changed"):
+        train.main(common + ["--resume", "--epochs", "3"])

@@ -124,3 +124,29 @@ def test_analyze_topk_results_writes_beside_the_run_it_reads(prepared, trained, 
                                       "--num_correct", "1"]) == 0
     assert (res / "analysis" / "dashboard.png").is_file()
     assert not (tmp_path / "TracIn").exists()  # the default run's folder is not where a copy's analysis goes
+
+
+def test_mispredictions_of_another_training_run_are_not_mixed_with_this_tracin_run(prepared, trained, tmp_path):
+    from helpers import write_false_predictions
+
+    from data_utils import list_split
+    from TracIn import analyze_misprediction_influences
+
+    r = load_results(trained / "res")
+    run = r.record["checkpoints"][0]["train_run"]
+    assert run
+    test = list_split(prepared, "test")
+    names = test.class_names
+    csv = write_false_predictions(tmp_path / "false_predictions.csv", pd.DataFrame({
+        "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [names[test.labels[0]]],
+        "pred_label": [names[(test.labels[0] + 1) % len(names)]], "confidence": [0.9]}), prepared)
+    args = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--false_predictions", str(csv)]
+    record = json.loads(csv.with_suffix(".json").read_text())
+    for model_run, ok in (("f" * 16, False), (run, True)):  # a model retrained in place since, then the run's own
+        csv.with_suffix(".json").write_text(json.dumps({**record, "train_run": model_run}))
+        out = ["--out_dir", str(tmp_path / f"mis_{ok}")]
+        if ok:
+            assert analyze_misprediction_influences.main(args + out) == 0
+        else:
+            with pytest.raises(UserError, match="training run"):
+                analyze_misprediction_influences.main(args + out)

@@ -168,3 +168,21 @@ def test_clean_and_retrain_end_to_end(prepared, trained, tmp_path):
     with pytest.raises(UserError, match="do not record how they were trained"):
         clean_and_retrain.main(["--results_dir", str(trained / "res"), "--data_dir", str(prepared),
                                 "--checkpoint_dir", str(tmp_path / "ck2")])
+
+
+def test_relabel_checks_a_review_rows_train_idx_against_its_path(tmp_path):
+    raw = make_raw_tree(tmp_path / "raw", per_class=4)
+    out = tmp_path / "p"
+    args = ["--raw_dir", str(raw), "--out_dir", str(out), "--image_size", "8", "--num_workers", "0"]
+    assert prepare_data.main(args) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    man = pd.read_csv(out / "manifest.csv")
+    row = man[(man.split == "train") & (man.class_name == "cat")].iloc[0]
+    pd.DataFrame({"train_idx": [row["index"] + 1], "path": [row.path], "new_class": ["dog"], "decision": ["relabel"]}).to_csv(
+        tmp_path / "r.csv", index=False)
+    with pytest.raises(UserError, match=f"is training image #{row['index']} now"):
+        prepare_data.main(args + ["--relabel", str(tmp_path / "r.csv"), "--overwrite"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    pd.DataFrame({"train_idx": [row["index"]], "path": [row.path], "new_class": ["dog"], "decision": ["relabel"]}).to_csv(
+        tmp_path / "r.csv", index=False)
+    assert prepare_data.main(args + ["--relabel", str(tmp_path / "r.csv"), "--overwrite"]) == 0
