@@ -114,6 +114,8 @@ class TracInConfig:
     checkpoint_dir: str = "models/checkpoints"
     output_dir: str = "TracIn/results"
     checkpoints: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)         # checkpoint folders of an ensemble's training runs
+    member_sizes: list[int] = field(default_factory=list)    # checkpoints per member, as a run.json records them
     lr_weights: list[float] = field(default_factory=list)
     layers: list[str] = field(default_factory=lambda: ["fc"])
     top_k: int = 100
@@ -145,6 +147,11 @@ class TracInConfig:
             self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
         self.factor_args()  # each stage's arguments check themselves
         self.score_args()
+        if self.members and (self.checkpoints or self.lr_weights):
+            raise UserError("--members takes each member's checkpoint folder; --checkpoints and --lr_weights name one run's "
+                            "files: pass one or the other")
+        if len(set(map(str, self.members))) != len(self.members):
+            raise UserError("--members lists a folder twice; each member is one training run")
         if self.train_subset < 0 or self.test_subset < 0:
             raise UserError("--train_subset/--test_subset must be >= 0 (0 means the whole split)")
         if any(not np.isfinite(w) or w <= 0 for w in self.lr_weights):

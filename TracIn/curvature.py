@@ -42,12 +42,48 @@ def gauss_newton_d(logits: torch.Tensor) -> torch.Tensor:
     return torch.diag(p.mean(0)) - p.T @ p / len(p)
 
 
+def _key(text: str) -> tuple[int, str]:
+    t, layer = text.split("|", 1)
+    return int(t), layer
+
+
 class KroneckerCurvature:
     """The Kronecker factors (A, D) per (checkpoint, layer) from the training rows of a factor view, and the test views
     they whiten.
 
     Args: train_view (FactorView-like), n_train rows, layers, n_ckpt, block rows per read,
     gauss_newton: {layer: (n_ckpt, n_train, C) logits} for layers whose D side is the Gauss-Newton factor."""
+
+    store = None  # a file the moments and inverses are kept in (KroneckerCurvature.cached)
+
+    @classmethod
+    def cached(cls, store: Path, *args, **kwargs) -> "KroneckerCurvature":
+        """The curvature kept in `store` (a file beside the factor cache, named by what the moments depend on): loaded
+        when it holds every (checkpoint, layer) of this setting, else computed and written. A re-score then neither
+        re-reads the training factors nor re-inverts a damping it has seen."""
+        n_ckpt, layers = args[3], list(args[2])
+        want = {(t, layer) for t in range(n_ckpt) for layer in layers}
+        try:
+            saved = torch.load(store, map_location="cpu", weights_only=True)
+            moments = {_key(k): tuple(v) for k, v in saved["moments"].items()}
+            inverses = {float(lam): {_key(k): tuple(v) for k, v in inv.items()} for lam, inv in saved["inverses"].items()}
+            if set(moments) != want or any(set(inv) != want for inv in inverses.values()):
+                raise ValueError("another setting")
+            self = cls.__new__(cls)
+            self.moments, self._inverses = moments, inverses
+        except Exception:  # absent, truncated or of another setting: computed again (it is a cache)
+            self = cls(*args, **kwargs)
+            self.save(store)
+        self.store = store
+        return self
+
+    def save(self, store: Path) -> None:
+        from common import atomic_path
+
+        with atomic_path(store) as tmp:
+            torch.save({"moments": {f"{t}|{layer}": list(v) for (t, layer), v in self.moments.items()},
+                        "inverses": {str(lam): {f"{t}|{layer}": list(v) for (t, layer), v in inv.items()}
+                                     for lam, inv in self._inverses.items()}}, tmp)
 
     def __init__(self, train_view, n_train: int, layers, n_ckpt: int, block: int = 8192, gauss_newton: dict | None = None):
         cpu = torch.device("cpu")
@@ -74,11 +110,17 @@ class KroneckerCurvature:
         root = math.sqrt(damping)
         return _damped_inverse(a_mom, root * mean_a), _damped_inverse(d_mom, root * mean_d)
 
-    def whiten(self, test_view, damping: float) -> "TransformedView":
-        """The test view with (a, d) -> (a (A + dA)^{-1}, d (D + dD)^{-1}) per checkpoint and layer."""
+    def inverses(self, damping: float) -> dict:
+        """{(t, layer): damped inverses} for this damping, computed once (and kept in `store`, when given)."""
         if damping not in self._inverses:
             self._inverses[damping] = {key: self.damped_inverses(a, d, damping) for key, (a, d) in self.moments.items()}
-        inverse = self._inverses[damping]
+            if self.store is not None:
+                self.save(self.store)
+        return self._inverses[damping]
+
+    def whiten(self, test_view, damping: float) -> "TransformedView":
+        """The test view with (a, d) -> (a (A + dA)^{-1}, d (D + dD)^{-1}) per checkpoint and layer."""
+        inverse = self.inverses(damping)
         return TransformedView(test_view, lambda t, layer, a, d: (a @ inverse[(t, layer)][0].to(a), d @ inverse[(t, layer)][1].to(d)))
 
 

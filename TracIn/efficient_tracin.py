@@ -29,6 +29,10 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--checkpoint_dir", default="models/checkpoints", help="where finetune_epoch_*.pth are (default models/checkpoints)")
     p.add_argument("--output_dir", default="TracIn/results", help="results folder (default TracIn/results)")
     p.add_argument("--checkpoints", nargs="+", default=[], help="checkpoint files to use (default: every finetune_epoch_*.pth, by epoch)")
+    p.add_argument("--members", nargs="+", default=[],
+                   help="an ensemble: the checkpoint folders of several training runs of the same data (python -m "
+                        "TracIn.ensemble trains them); every score, self-influence and prediction is the members' mean, "
+                        "each member with its own checkpoints and curvature (default: one run, --checkpoint_dir)")
     p.add_argument("--lr_weights", nargs="+", type=positive_float, default=[], help="lr_t per checkpoint (default: each checkpoint's stored lr)")
     p.add_argument("--layers", nargs="+", default=["fc"],
                    help="target layers: nn.Linear / nn.Conv2d module names or blocks holding them (layer4 = every conv in it); "

@@ -42,11 +42,26 @@ def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def load_checkpoints(cfg, class_names: list[str]):
-    """The run's checkpoints (cfg.checkpoints, or every finetune_epoch_*.pth of cfg.checkpoint_dir), checked to be one
-    model family; returns (paths, checkpoint dicts, lr_t per checkpoint, sha256 per file)."""
-    paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
+    """The run's checkpoints (cfg.checkpoints, or every finetune_epoch_*.pth of cfg.checkpoint_dir, or of each
+    cfg.members folder in turn), checked to be one model family; returns (paths, checkpoint dicts, lr_t per checkpoint,
+    sha256 per file, members: the checkpoint indices of each training run)."""
+    members = list(getattr(cfg, "members", None) or [])
+    if members:
+        per_member = []
+        for folder in members:
+            found = find_checkpoints(folder)
+            if not found:
+                raise UserError(f"--members {folder}: no finetune_epoch_*.pth there (train the member first)")
+            per_member.append(found)
+        paths = [p for found in per_member for p in found]
+        sizes = [len(found) for found in per_member]
+    else:
+        paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
+        sizes = list(getattr(cfg, "member_sizes", None) or []) or [len(paths)]
     if not paths:
         raise UserError(f"no checkpoints: no finetune_epoch_*.pth in {cfg.checkpoint_dir} (train first or pass --checkpoints)")
+    if sum(sizes) != len(paths) or min(sizes) < 1:
+        raise UserError(f"member sizes {sizes} do not match the {len(paths)} checkpoints; rerun efficient_tracin.py")
     ckpts = [load_checkpoint(p, class_names=class_names) for p in paths]
     first = ckpts[0]
     for p, c in zip(paths, ckpts):
@@ -56,7 +71,34 @@ def load_checkpoints(cfg, class_names: list[str]):
         raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
     lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
     shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
-    return paths, ckpts, lrs, shas
+    bounds = np.cumsum([0] + sizes)
+    groups = [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
+    if members:
+        check_members(members, [[ckpts[t] for t in g] for g in groups])
+    return paths, ckpts, lrs, shas, groups
+
+
+def check_members(folders: list[str], ckpts: list[list[dict]]) -> None:
+    """Members of one ensemble: one class set and model family (load_checkpoints checks), each its own training run,
+    all trained on the same training split (train_args.json's data_train_key, where train.py wrote one)."""
+    from common import read_json
+
+    runs = [c[-1].get("train_run") for c in ckpts]
+    seen = {}
+    for folder, run in zip(folders, runs):
+        if run and run in seen:
+            raise UserError(f"--members {folder} and {seen[run]} hold the same training run ({run}); each member is its own run")
+        seen[run] = folder
+    keys = {}
+    for folder in folders:
+        args = Path(folder) / "train_args.json"
+        if args.exists():
+            keys[folder] = read_json(args, "retrain that member").get("data_train_key")
+    if len(set(keys.values())) > 1:
+        first = next(iter(keys))
+        other = next(f for f in keys if keys[f] != keys[first])
+        raise UserError(f"--members {other} was trained on another training split than {first} (data_train_key "
+                        f"{keys[other]} vs {keys[first]}); an ensemble's members share the data")
 
 
 def check_images(listing, ids: np.ndarray) -> None:
@@ -238,6 +280,16 @@ class FactorView:
     def logits(self) -> np.ndarray:
         """(n_ckpt, n_rows, C) float32."""
         return np.stack([c.logits[self.ids] for c in self.caches])
+
+
+def curvature_store(view: FactorView) -> Path:
+    """Where a curvature computed from this training view is kept: beside the last checkpoint's factors (removed with
+    them), named by every checkpoint cache it reads and the rows it uses."""
+    h = hashlib.sha256()
+    for c in view.caches:
+        h.update(c.root.name.encode() + b"\0")
+    h.update(np.ascontiguousarray(view.ids, dtype=np.int64).tobytes())
+    return view.caches[-1].root / f"curvature-{h.hexdigest()[:16]}"
 
 
 class ResidentFactors:

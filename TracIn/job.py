@@ -69,7 +69,7 @@ def tracin_job(cfg) -> dict:
             mark_owned(work_dir, TOOL)
             remove_inside_owned(work_dir / "complete.json", work_dir, TOOL)  # this shard is not finished until written again
         scored = factors_and_scores(run.factor_args, cfg.score_args(), run.device, run.ckpts, run.shas, run.lrs, run.train_list,
-                                    run.test_list, shard_ids, run.test_ids, cache_root, cfg.num_workers)
+                                    run.test_list, shard_ids, run.test_ids, cache_root, cfg.num_workers, members=run.members)
         if cfg.num_shards > 1:
             write_shard(work_dir, scored, {"shard_index": cfg.shard_index, "n_train": len(shard_ids),
                                            "seconds": time.time() - t_start, "identity": identity})

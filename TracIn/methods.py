@@ -17,6 +17,7 @@ first use) so that scoring another test side (`with_test`: a test group, new ima
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,21 +125,36 @@ def ghost_matrix(test_view, train_view, n_test: int, n_train: int, layers, weigh
 class FactorSet:
     """The factors every method scores from: a training view (held once, with what it costs a pass to compute) and a
     test view. Args: views with `load(t, layer, rows, device)`; lrs: lr_t per checkpoint; layers; labels per row
-    (split labels, or the labels a query is explained under); logits (n_ckpt, n, C) of each side."""
+    (split labels, or the labels a query is explained under); logits (n_ckpt, n, C) of each side; members: the
+    checkpoint indices of each training run of an ensemble (default: one run of every checkpoint). An ensemble's score
+    is the mean of its members' scores: each member's checkpoint weights divided by the number of members, its last
+    checkpoint for the *_last methods, its own curvature per checkpoint."""
 
     def __init__(self, train_view, test_view, lrs, layers, train_labels, test_labels, device, train_logits, test_logits,
-                 block: int = 8192):
+                 block: int = 8192, curvature_store: Path | None = None, members: list[list[int]] | None = None):
         self.train_view, self.test_view = train_view, test_view
         self.lrs, self.layers, self.device, self.block = list(lrs), list(layers), device, block
         self.train_labels, self.test_labels = np.asarray(train_labels), np.asarray(test_labels)
         self.train_logits, self.test_logits = np.asarray(train_logits), np.asarray(test_logits)
         self.n_train, self.n_test = len(self.train_labels), len(self.test_labels)
         self._cache: dict = {}  # training-side quantities, shared with every with_test() copy
+        self.curvature_store = curvature_store  # a file-name stem: K-FAC moments and inverses kept across runs
+        self.members = [list(m) for m in members] if members else [list(range(len(self.lrs)))]
+        if sorted(t for m in self.members for t in m) != list(range(len(self.lrs))):
+            raise ValueError(f"members {self.members} do not partition the {len(self.lrs)} checkpoints")
+
+    def checkpoint_weights(self, last_only: bool = False) -> tuple[list[int], list[float]]:
+        """(checkpoint indices, weights) of the member mean: every checkpoint with lr_t / K, or each member's last
+        with 1 / K. One member: every checkpoint with lr_t (or the last with 1.0), as a single run."""
+        k = len(self.members)
+        if last_only:
+            return [m[-1] for m in self.members], [1.0 / k] * k
+        return list(range(len(self.lrs))), [lr / k for lr in self.lrs]
 
     def with_test(self, test_view, test_labels, test_logits) -> "FactorSet":
         """The same training side (and its cached quantities) against another test side."""
         other = FactorSet(self.train_view, test_view, self.lrs, self.layers, self.train_labels, test_labels, self.device,
-                          self.train_logits, test_logits, self.block)
+                          self.train_logits, test_logits, self.block, self.curvature_store, self.members)
         other._cache = self._cache
         return other
 
@@ -157,9 +173,15 @@ class FactorSet:
         def build():
             view, logits, n_ckpt = self.train_view, self.train_logits, len(self.lrs)
             if last_only:
-                view, logits, n_ckpt = CheckpointsView(view, [n_ckpt - 1]), logits[-1:], 1
+                steps = self.checkpoint_weights(last_only=True)[0]
+                view, logits, n_ckpt = CheckpointsView(view, steps), logits[steps], len(steps)
             gn = {"fc": logits} if "fc" in self.layers else None
-            return KroneckerCurvature(view, self.n_train, self.layers, n_ckpt, self.block, gauss_newton=gn)
+            args = (view, self.n_train, self.layers, n_ckpt, self.block)
+            if self.curvature_store is None:
+                return KroneckerCurvature(*args, gauss_newton=gn)
+            steps = "-last-" + "-".join(map(str, self.checkpoint_weights(True)[0])) if last_only else ""
+            store = self.curvature_store.with_name(f"{self.curvature_store.name}-kfac{steps}.pt")
+            return KroneckerCurvature.cached(store, *args, gauss_newton=gn)
         return self._cached(("kfac", last_only), build)
 
     def trak(self, dim: int) -> TrakFeatures:
@@ -172,17 +194,17 @@ class FactorSet:
         """({"test", "train"} views, layers, weights w_t) whose ghost product is `method`'s score."""
         if method.curvature == "ekfac":
             raise UserError(f"{method.name} is an evaluation reference with no streamed form; use dense()")
-        layers, weights = list(self.layers), list(self.lrs)
+        layers = list(self.layers)
+        steps, weights = self.checkpoint_weights(method.last_only)
         views = {"train": self.train_view, "test": self.test_view}
         test_logits = self.test_logits
         if method.last_only:
-            last = len(self.lrs) - 1
-            views = {k: CheckpointsView(v, [last]) for k, v in views.items()}
-            test_logits, weights = test_logits[last:], [1.0]
+            views = {k: CheckpointsView(v, steps) for k, v in views.items()}
+            test_logits = test_logits[steps]
         out = dict(views)
         if method.normalize != "none":
             sq = self.train_sq_norms()
-            out["train"] = NormalizedView(views["train"], sq[-1:] if method.last_only else sq, self.device)
+            out["train"] = NormalizedView(views["train"], sq[steps], self.device)
         if method.normalize == "both":
             te_norms = squared_norms(views["test"], self.n_test, layers, len(weights), self.block, self.device)
             out["test"] = NormalizedView(views["test"], te_norms, self.device)
@@ -192,7 +214,7 @@ class FactorSet:
             trak = self.trak(trak_dim)
             out = {"train": trak.train_scoring_view(),
                    "test": trak.test_scoring_view(views["test"], self.test_labels, test_logits, damping)}
-            layers, weights = ["fc"], [1.0] * len(weights)
+            layers, weights = ["fc"], [1.0 / len(self.members)] * len(weights)
         return out, layers, weights
 
     def dense(self, method: Method, damping: float | None = None, trak_dim: int = 2048) -> np.ndarray:
@@ -206,11 +228,11 @@ class FactorSet:
         if "fc" not in self.layers:
             raise UserError(f"ekfac needs the fc layer's factors; the TracIn run scored {', '.join(self.layers)}")
         cpu = torch.device("cpu")
-        steps = [len(self.lrs) - 1] if last_only else range(len(self.lrs))
+        steps, weights = self.checkpoint_weights(last_only)
         out = 0.0
-        for t in steps:
+        for t, w in zip(steps, weights):
             a_tr, d_tr = self.train_view.load(t, "fc", slice(0, self.n_train), cpu)
             a_te, d_te = self.test_view.load(t, "fc", slice(0, self.n_test), cpu)
             curv = self._cached(("ekfac", t), lambda: FcCurvature(a_tr, torch.from_numpy(self.train_logits[t])))
-            out = out + (1.0 if last_only else self.lrs[t]) * curv.scores(a_te, d_te, a_tr, d_tr, damping).numpy()
+            out = out + w * curv.scores(a_te, d_te, a_tr, d_tr, damping).numpy()
         return out

@@ -26,7 +26,7 @@ from common import UserError, resolve_device
 from data_utils import data_identity, list_split
 from model_architecture import model_from_checkpoint, model_to_device
 from TracIn.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
-from TracIn.factors import FactorView, choose_subset, factor_views, load_checkpoints, make_hook
+from TracIn.factors import FactorView, choose_subset, curvature_store, factor_views, load_checkpoints, make_hook
 from TracIn.influence_utils import target_layers
 from TracIn.methods import FactorSet, method_for
 from TracIn.results import load_results, recorded_data_dir
@@ -65,7 +65,7 @@ class InfluenceRun:
         self.train_list, self.test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
         if self.train_list.class_names != self.test_list.class_names:
             raise UserError(f"train and test class folders differ in {cfg.data_dir}")
-        self.paths, self.ckpts, self.lrs, self.shas = load_checkpoints(cfg, self.train_list.class_names)
+        self.paths, self.ckpts, self.lrs, self.shas, self.members = load_checkpoints(cfg, self.train_list.class_names)
         self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
         self.train_ids = choose_subset(self.n_train, cfg.train_subset, cfg.seed)
         self.test_ids = choose_subset(self.n_test, cfg.test_subset, cfg.seed + 1)
@@ -95,7 +95,8 @@ class InfluenceRun:
         defaults = {k: v for k, v in asdict(TracInConfig()).items() if k not in ("score_fn", "normalize")}
         args = {**defaults, **rec["args"], "output_dir": str(results_dir), "data_dir": data_dir, "device": str(device),
                 "num_workers": num_workers, "overwrite": False, "checkpoints": [c["path"] for c in rec["checkpoints"]],
-                "lr_weights": [c["lr"] for c in rec["checkpoints"]], "num_shards": 1, "shard_index": 0, "merge": False}
+                "lr_weights": [c["lr"] for c in rec["checkpoints"]], "num_shards": 1, "shard_index": 0, "merge": False,
+                "members": [], "member_sizes": rec["args"].get("member_sizes") or [len(rec["checkpoints"])]}
         run = cls(SimpleNamespace(**args))
         changed = [str(p) for p, s, c in zip(run.paths, run.shas, rec["checkpoints"]) if s != c["sha256"]]
         if changed:
@@ -114,14 +115,15 @@ class InfluenceRun:
         c = self.cfg
         data_id = data_id if data_id is not None else data_identity(c.data_dir)
         score_key = pick(ScoreArguments, c).key()
-        return {**data_id, "checkpoint_sha256": self.shas, "lr_weights": self.lrs, "layers": self.layers, "top_k": c.top_k,
+        members = {"members": [len(m) for m in self.members]} if len(self.members) > 1 else {}  # one run keeps its id
+        return {**data_id, **members, "checkpoint_sha256": self.shas, "lr_weights": self.lrs, "layers": self.layers, "top_k": c.top_k,
                 "batch_size": c.batch_size, "train_subset": c.train_subset, "test_subset": c.test_subset, "seed": c.seed,
                 "self_influence": c.self_influence, "num_shards": c.num_shards, "amp": c.amp, "normalize": c.normalize,
                 **score_key, "train_block": c.train_block, "test_block": c.test_block, "factors": self.factor_key}
 
     def recorded_args(self) -> dict:
         """The settings as run.json records them: the config with --layers expanded."""
-        return {**asdict(self.cfg), "layers": self.layers}
+        return {**asdict(self.cfg), "layers": self.layers, "member_sizes": [len(m) for m in self.members]}
 
     # ------------------------------------------------------------------ factors and scores of a finished run
     def cache_root(self) -> Path:
@@ -148,7 +150,8 @@ class InfluenceRun:
             self.train_view, self.test_caches = views["train"], views["test"].caches
             self._factor_set = FactorSet(views["train"], views["test"], self.lrs, self.layers,
                                          self.train_list.labels[self.train_ids], self.test_list.labels, self.device,
-                                         views["train"].logits(), views["test"].logits(), block=self.cfg.train_block)
+                                         views["train"].logits(), views["test"].logits(), block=self.cfg.train_block,
+                                         curvature_store=curvature_store(views["train"]), members=self.members)
         return self._factor_set
 
     def score_args(self, score_fn: str | None = None, normalize: str | None = None, **changes) -> ScoreArguments:
@@ -185,7 +188,7 @@ class InfluenceRun:
             raise UserError(f"knn and --retrain head need the fc layer's factors; the TracIn run scored {', '.join(self.layers)}")
         self.factors()
         view = self.train_view if split == "train" else FactorView(self.test_caches, np.arange(self.n_test))
-        return view.load(len(self.lrs) - 1, "fc", slice(None), torch.device("cpu"))[0].double()
+        return view.load(self.members[0][-1], "fc", slice(None), torch.device("cpu"))[0].double()  # the original run's last
 
     # ------------------------------------------------------------------ new images
     def models(self) -> list:

@@ -218,3 +218,33 @@ def test_normalized_scores_equal_torch_func_gradients_divided_by_their_norms(pre
     plain = tmp_path / "plain"
     run(prepared, ckpts, plain)
     np.testing.assert_array_equal(ours["self_influence"], load_outputs(plain)["self_influence"])
+
+
+@pytest.mark.parametrize("score_fn", ["influence_last", "influence"])
+def test_a_rescore_reuses_the_kept_curvature_and_gives_identical_arrays(prepared, ckpts, tmp_path, monkeypatch, score_fn):
+    """The K-FAC moments and their damped inverses are kept beside the factor cache: a re-score (another --top_k, or the
+    same run again) reads neither the training factors for them nor inverts again, and the arrays are bit-identical."""
+    from TracIn import curvature
+
+    run(prepared, ckpts, tmp_path / "first", score_fn=score_fn, overwrite=True)
+    first = load_outputs(tmp_path / "first")
+    stores = list((tmp_path / "first").rglob("curvature-*.pt"))
+    assert len(stores) == 1
+    built = []
+    real_init, real_inv = curvature.KroneckerCurvature.__init__, curvature.KroneckerCurvature.damped_inverses
+    monkeypatch.setattr(curvature.KroneckerCurvature, "__init__", lambda self, *a, **k: built.append("moments") or real_init(self, *a, **k))
+    monkeypatch.setattr(curvature.KroneckerCurvature, "damped_inverses",
+                        staticmethod(lambda *a: built.append("inverse") or real_inv(*a)))
+    run(prepared, ckpts, tmp_path / "first", score_fn=score_fn)
+    assert built == []
+    again = load_outputs(tmp_path / "first")
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k], err_msg=k)
+    run(prepared, ckpts, tmp_path / "first", score_fn=score_fn, damping=3.0)  # a new damping: inverted, moments kept
+    assert "moments" not in built and "inverse" in built
+    stores[0].write_bytes(stores[0].read_bytes()[:50])  # a truncated store is recomputed, not trusted
+    built.clear()
+    run(prepared, ckpts, tmp_path / "first", score_fn=score_fn)
+    assert "moments" in built
+    for k in first:
+        np.testing.assert_array_equal(first[k], load_outputs(tmp_path / "first")[k], err_msg=k)

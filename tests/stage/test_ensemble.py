@@ -1,0 +1,126 @@
+"""Ensembles: several training runs scored as one (efficient_tracin --members) and their members (TracIn.ensemble).
+An ensemble of one is today's run to the bit; an ensemble's scores are the float64 mean of its members' dense scores."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common import UserError
+from data_utils import list_split
+from TracIn import ensemble
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
+from TracIn.methods import method_for
+from TracIn.results import load_results, run_id
+from TracIn.run import InfluenceRun
+from helpers import make_random_checkpoints, sh
+
+ARRAYS = ("top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values", "top_k_opponents_indices",
+          "self_influence", "test_indices", "test_pred", "train_loss_last", "train_pred_last", "train_loss_per_ckpt")
+
+
+@pytest.fixture(scope="module")
+def members(prepared, tmp_path_factory):
+    """Two members of three random checkpoints each (TracIn needs no training to be exact)."""
+    names = list_split(prepared, "train").class_names
+    root = tmp_path_factory.mktemp("members")
+    a = make_random_checkpoints(root / "a", names, n=3, seed=100)[0].parent
+    b = make_random_checkpoints(root / "b", names, n=3, seed=200, lrs=(0.02, 0.01, 0.005))[0].parent
+    return a, b
+
+
+def run(prepared, out, **settings):
+    cfg = {"data_dir": str(prepared), "output_dir": str(out), "top_k": 5, "batch_size": 4, "num_workers": 0, "train_block": 7,
+           "test_block": 4, **settings}
+    return tracin_job(TracInConfig(**cfg))
+
+
+@pytest.mark.parametrize("score_fn,normalize", [("influence_last", "none"), ("tracin", "train"), ("influence", "none")])
+def test_an_ensemble_of_one_member_is_the_single_run_to_the_bit(prepared, members, tmp_path, score_fn, normalize):
+    a = members[0]
+    run(prepared, tmp_path / "single", checkpoint_dir=str(a), score_fn=score_fn, normalize=normalize)
+    run(prepared, tmp_path / "one", members=[str(a)], score_fn=score_fn, normalize=normalize)
+    single, one = load_results(tmp_path / "single"), load_results(tmp_path / "one")
+    for k in ARRAYS:
+        assert np.array_equal(np.asarray(single[k]), np.asarray(one[k])), k
+    assert run_id(single.record) == run_id(one.record)
+
+
+@pytest.mark.parametrize("score_fn,normalize", [("influence_last", "none"), ("tracin", "none"), ("tracin", "train"),
+                                                ("influence", "none"), ("trak", "none")])
+def test_an_ensembles_scores_are_the_mean_of_its_members_dense_scores(prepared, members, tmp_path, score_fn, normalize):
+    a, b = members
+    method = method_for(score_fn, normalize)
+    dense = []
+    for name, folder in (("a", a), ("b", b)):
+        run(prepared, tmp_path / name, checkpoint_dir=str(folder), score_fn=score_fn, normalize=normalize)
+        fs = InfluenceRun.from_results(tmp_path / name).factors()
+        dense.append(fs.dense(method, 10.0, 2048))
+    mean = (dense[0] + dense[1]) / 2  # float64
+    run(prepared, tmp_path / "ens", members=[str(a), str(b)], score_fn=score_fn, normalize=normalize, trak_dim=2048)
+    r = load_results(tmp_path / "ens")
+    k = r["top_k_influences_indices"].shape[1]
+    want_idx = np.argsort(-mean, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(np.asarray(r["top_k_influences_values"]), np.take_along_axis(mean, want_idx, 1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(r["top_k_influences_indices"]), want_idx)
+    opp = np.argsort(mean, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(np.asarray(r["top_k_opponents_values"]), np.take_along_axis(mean, opp, 1), rtol=1e-5, atol=1e-7)
+    # the ensemble's own dense matrix (what the LDS measures) is the same mean
+    np.testing.assert_allclose(InfluenceRun.from_results(tmp_path / "ens").factors().dense(method, 10.0, 2048), mean,
+                               rtol=1e-5, atol=1e-9)
+    # self-influence: the mean of the members' (TracIn's sum_t lr_t |g_t|^2 per member)
+    singles = [np.asarray(load_results(tmp_path / n)["self_influence"], dtype=np.float64) for n in ("a", "b")]
+    np.testing.assert_allclose(np.asarray(r["self_influence"]), (singles[0] + singles[1]) / 2, rtol=1e-5)
+    assert r.record["args"]["member_sizes"] == [3, 3]
+
+
+def test_members_of_other_classes_or_data_or_the_same_run_twice_are_refused(prepared, members, tmp_path):
+    a, b = members
+    other = make_random_checkpoints(tmp_path / "other", ["x", "y", "z", "w"], n=1)[0].parent
+    base = ["-m", "TracIn.efficient_tracin", "--data_dir", prepared, "--output_dir", tmp_path / "out", "--top_k", "2",
+            "--num_workers", "0"]
+    res = sh(*base, "--members", a, other)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    b2 = tmp_path / "b2"
+    shutil.copytree(b, b2)
+    a2 = tmp_path / "a2"
+    shutil.copytree(a, a2)
+    (a2 / "train_args.json").write_text(json.dumps({"data_train_key": "0" * 16}))
+    (b2 / "train_args.json").write_text(json.dumps({"data_train_key": "1" * 16}))
+    res = sh(*base, "--members", a2, b2)
+    assert res.returncode == 2 and "another training split" in res.stderr and res.stderr.count("\n") == 1
+    res = sh(*base, "--members", a, a)
+    assert res.returncode == 2 and "twice" in res.stderr
+    res = sh(*base, "--members", a, "--checkpoints", *sorted(map(str, b.glob("*.pth"))))
+    assert res.returncode == 2 and "one or the other" in res.stderr
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_member_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted_one(trained, tmp_path):
+    original = trained / "ckpt"
+    args = ["--checkpoint_dir", str(original), "--members", "2", "--num_workers", "0", "--device", "cpu"]
+    assert ensemble.main(args + ["--out_dir", str(tmp_path / "whole")]) == 0
+    saved = json.loads((original / "train_args.json").read_text())
+    member = json.loads((tmp_path / "whole" / "member_1" / "checkpoints" / "train_args.json").read_text())
+    assert member["seed"] == saved["seed"] + 1
+    for k in ("arch", "epochs", "batch_size", "learning_rate", "save_checkpoints_every", "data_train_key", "n_train"):
+        assert member[k] == saved[k], k
+    # killed in its second epoch (the 6th step of 18 training images in batches of 4), then run again
+    argv = ensemble.member_argv(1, original, tmp_path / "killed", saved["data_dir"], 0, "cpu")
+    killed = sh("tests/kill_after.py", "train", "6", *argv)
+    assert killed.returncode != 0
+    assert ensemble.state(tmp_path / "killed" / "member_1", saved["epochs"]) == "partial"
+    ensemble.mark_owned(tmp_path / "killed", ensemble.TOOL)
+    assert ensemble.main(args + ["--out_dir", str(tmp_path / "killed")]) == 0
+    for epoch in (1, 2):
+        w = torch.load(tmp_path / "whole" / "member_1" / "checkpoints" / f"finetune_epoch_{epoch}.pth", weights_only=True)
+        k = torch.load(tmp_path / "killed" / "member_1" / "checkpoints" / f"finetune_epoch_{epoch}.pth", weights_only=True)
+        for name in w["model_state"]:
+            assert torch.equal(w["model_state"][name], k["model_state"][name]), (epoch, name)
+    # a finished member is kept, not retrained
+    before = (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns
+    assert ensemble.main(args + ["--out_dir", str(tmp_path / "whole")]) == 0
+    assert (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns == before
