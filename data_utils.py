@@ -284,10 +284,10 @@ def read_false_predictions(csv_path, data_dir, model_sha256: str | None = None, 
     if model_sha256 is not None and record.get("model_sha256") != model_sha256:
         raise UserError(f"{csv_path} lists the mistakes of {record.get('model')}, not of this --model; "
                         f"rerun false_prediction.py with the same --model")
+    table = read_table(csv_path, FALSE_PREDICTION_COLUMNS, fix)
     if record.get("csv_sha256") != file_sha256(csv_path):  # the record names the table's bytes, not only its inputs
         raise UserError(f"{csv_path} is not the table its record {record_path.name} describes (edited, replaced or written "
                         f"by an older version); {fix}")
-    table = read_table(csv_path, FALSE_PREDICTION_COLUMNS, fix)
     if not table.split.isin(SPLITS).all():
         raise UserError(f"{csv_path}: column split has {table.split[~table.split.isin(SPLITS)].iloc[0]!r}, not train or test; {fix}")
     names = set(list_split(data_dir, "train").class_names)

@@ -236,7 +236,12 @@ def evaluate(args) -> dict:
     candidates = np.setdiff1d(np.arange(run.n_train), excluded)
     out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
     mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
-    identity = {"tracin_run": run_id(run.record), "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
+    # The retrains depend on the data, the original run's settings and the subsets, not on how the run was scored: an
+    # ensemble of the same original run (efficient_tracin --members) or another --score_fn reuses them (--out_dir).
+    data = run.record["data"]
+    identity = {"data": {k: data.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")},
+                "original_run": run.ckpts[run.members[0][-1]].get("train_run"),
+                "original_checkpoint": run.shas[run.members[0][-1]], "retrain": args.retrain, "fraction": args.fraction, "seed": args.seed,
                 "models_per_subset": args.models_per_subset, "settings": settings, "excluded": excluded.tolist()}
     store = SubsetStore(out, identity)
     t1 = time.time()

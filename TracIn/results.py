@@ -310,6 +310,9 @@ def check_arrays(record: dict, arrays: dict, results_dir: Path, fix: str) -> Non
         if name in arrays and tuple(arrays[name].shape) != tuple(shape):
             raise UserError(f"{results_dir}/{name}.npy has shape {tuple(arrays[name].shape)}, not {tuple(shape)} as "
                             f"top_k_influences_indices.npy and the record imply; {fix}")
+    for name in ("top_k_influences_values", "top_k_opponents_values"):
+        if arrays[name].size and not np.isfinite(np.asarray(arrays[name])).all():
+            raise UserError(f"{results_dir}/{name}.npy holds scores that are not finite (NaN or inf); {fix}")
     bounds = {"top_k_influences_indices": n_train, "top_k_opponents_indices": n_train, "train_indices": n_train,
               "test_indices": n_test}
     for name, n in bounds.items():

@@ -216,9 +216,10 @@ def test_report_never_reuses_thumbnails_or_gradcam_maps_of_other_data_or_models(
     assert tracin(c, c["res"]) == 0
     test = list_split(c["data"], "test")
     (tmp_path / "fp").mkdir()
+    names = test.class_names  # classes of the data set: a table naming others is refused before Grad-CAM is looked at
     write_false_predictions(tmp_path / "fp" / "false_predictions.csv", pd.DataFrame({
-        "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": ["x"], "pred_label": ["y"], "confidence": [0.9]}),
-        c["data"], model_sha256="a" * 64)
+        "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [names[0]], "pred_label": [names[1]],
+        "confidence": [0.9]}), c["data"], model_sha256="a" * 64)
     (tmp_path / "fp" / "gradcam").mkdir()
     shutil.copy(test.paths[0], tmp_path / "fp" / "gradcam" / "test_0.png")
     (tmp_path / "fp" / "gradcam" / "identity.json").write_text(json.dumps({"model_sha256": "b" * 64}))  # another model's maps
@@ -489,6 +490,11 @@ def test_a_crafted_method_name_or_array_in_a_run_is_refused_by_every_reader(worl
         fails(analyze_topk_results.main, ["--results_dir", str(res), "--data_dir", str(d)], "top_k_influences_indices", needle)
         fails(report.main, report_args(c, out=tmp_path / "rep"), "top_k_influences_indices", needle)
     np.save(idx, good)
+    vals = res / "top_k_influences_values.npy"
+    good_vals = np.load(vals)
+    np.save(vals, np.where(np.arange(good_vals.size).reshape(good_vals.shape) == 0, np.nan, good_vals).astype(good_vals.dtype))
+    fails(analyze_topk_results.main, ["--results_dir", str(res), "--data_dir", str(d)], "not finite")  # was a traceback
+    np.save(vals, good_vals)
     np.save(res / "test_indices.npy", np.load(res / "test_indices.npy")[:-1])
     fails(mislabel_detection.main, ["--results_dir", str(res), "--data_dir", str(d), "--checkpoint_dir", str(c["ckpt"])],
           "test_indices", "shape")

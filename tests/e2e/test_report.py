@@ -81,6 +81,15 @@ def test_build_lists_notes_and_missing_optional_outputs(run, tmp_path):
         assert missing in notes
 
 
+def test_false_predictions_given_as_the_csv_path_keeps_the_mispredictions_view(run, tmp_path):
+    args = list(run["args"])
+    args[args.index("--false_predictions") + 1] = str(run["root"] / "fp" / "false_predictions.csv")
+    assert report.main(args + ["--out_dir", str(tmp_path / "rep")]) == 0
+    m = meta(tmp_path / "rep")
+    assert m["mispredictions"] == meta(run["res"] / "report")["mispredictions"] > 0
+    assert not any("no mispredictions table" in n for n in m["notes"])
+
+
 def severe(driver):
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "thumbs/test/" not in e["message"]]
 
@@ -164,11 +173,3 @@ def test_browser_views_filters_keys_and_review_export(run, browser, tmp_path):
     after = pd.read_csv(run["data"] / "manifest.csv").set_index("source_path")
     assert after.loc[source, "class_name"] == target
 
-
-def test_false_predictions_given_as_the_csv_path_keeps_the_mispredictions_view(run, tmp_path):
-    args = list(run["args"])
-    args[args.index("--false_predictions") + 1] = str(run["root"] / "fp" / "false_predictions.csv")
-    assert report.main(args + ["--out_dir", str(tmp_path / "rep")]) == 0
-    m = meta(tmp_path / "rep")
-    assert m["mispredictions"] == meta(run["res"] / "report")["mispredictions"] > 0
-    assert not any("no mispredictions table" in n for n in m["notes"])

@@ -1,0 +1,96 @@
+"""Full-retrain LDS of ensembles of K = 1, 2, 4, 8 independently trained members against one run: the table in
+docs/ensembles.md.
+
+    $ python -m bench.bench_ensemble                      # about an hour on 2 cores (most of it the 48 retrains per set)
+    $ python -m bench.bench_ensemble --sets digits        # a quicker look
+
+Cells as docs/lds.md's full-retrain table: MNIST (the demo's 5,000 digits) and scikit-learn's 8x8 digits, 32 px, 10%
+uniform label noise; the original run is ResNet18 from scratch, 2 epochs, a checkpoint after each (Adam 1e-3, cosine,
+batch 64). Members 1..7 are the same run with seeds + 1..7 (python -m TracIn.ensemble). For each K, efficient_tracin
+--members (the first K, member 0 the original) into a results folder of its own with one shared factor cache; then
+python -m TracIn.lds --retrain full on the same 48 random halves (12 choose the damping, 36 reported), 200 test
+images, records shared by every K (the retrains depend on the data and the original run, not on how it is scored).
+Training cost per row: K member trainings (seconds measured here). Everything stays in bench/results/ensemble/<set>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import prepare_data
+import train
+from TracIn import ensemble, lds
+from TracIn.arguments import TracInConfig
+from TracIn.job import tracin_job
+
+ROOT = Path("bench/results/ensemble")
+METHODS = ["tracin", "tracin_last", "influence", "influence_last", "trak"]
+KS = (1, 2, 4, 8)
+
+
+def original_run(demo_set: str, cell: Path) -> float:
+    """Prepared data and the original run (member 0); returns its training seconds."""
+    if not (cell / "data" / "manifest.csv").exists():
+        assert prepare_data.main(["--demo", "--demo_set", demo_set, "--raw_dir", str(ROOT / f"raw-{demo_set}"),
+                                  "--out_dir", str(cell / "data"), "--image_size", "32", "--label_noise", "0.1",
+                                  "--val_fraction", "0", "--overwrite"]) == 0
+    seconds = cell / "original_seconds.json"
+    if not seconds.exists():
+        t0 = time.time()
+        assert train.main(["--data_dir", str(cell / "data"), "--arch", "resnet18", "--epochs", "2", "--save_checkpoints_every", "1",
+                           "--learning_rate", "1e-3", "--lr_schedule", "cosine", "--batch_size", "64", "--weights", "none",
+                           "--no-hflip", "--checkpoint_dir", str(cell / "ckpt"), "--models_dir", str(cell / "models"),
+                           "--overwrite", "--num_workers", "2"]) == 0
+        seconds.write_text(json.dumps(time.time() - t0))
+    return float(json.loads(seconds.read_text()))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sets", nargs="+", default=["mnist", "digits"], help="demo sets (default mnist digits)")
+    p.add_argument("--num_subsets", type=int, default=48, help="LDS subsets (default 48, as docs/lds.md's full table)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    table = {}
+    for demo_set in args.sets:
+        cell = ROOT / demo_set
+        t_original = original_run(demo_set, cell)
+        t0 = time.time()
+        folders = ensemble.train_members(ensemble.parse_args(["--checkpoint_dir", str(cell / "ckpt"), "--members", str(max(KS)),
+                                                              "--out_dir", str(cell / "members"), "--num_workers", "2",
+                                                              "--device", "cpu"]))
+        t_members = time.time() - t0
+        for k in KS:
+            out = cell / f"results-k{k}"
+            tracin_job(TracInConfig(data_dir=str(cell / "data"), members=[str(f) for f in folders[:k]], output_dir=str(out),
+                                    cache_dir=str(cell / "factors"), top_k=20, batch_size=64, device="cpu"))
+            r = lds.evaluate(lds.parse_args(["--results_dir", str(out), "--data_dir", str(cell / "data"), "--retrain", "full",
+                                             "--num_subsets", str(args.num_subsets), "--out_dir", str(cell / "lds"),
+                                             "--methods", *METHODS]))
+            table[(demo_set, k)] = {"methods": r["methods"], "train_seconds": t_original * k}
+            (cell / f"lds-k{k}.json").write_text(json.dumps(r, indent=1, default=str))
+            print(f"done: {demo_set} K={k}", flush=True)
+        print(f"{demo_set}: original run {t_original:.0f}s, {max(KS) - 1} members {t_members:.0f}s", flush=True)
+    print("\nFull-retrain LDS [95% interval] (damping chosen on the selection subsets; influence_last also at the shipped 10)")
+    for demo_set in args.sets:
+        print(f"\n{demo_set}\n| method | " + " | ".join(f"K={k}" for k in KS) + " |\n|---|" + "---|" * len(KS))
+        for m in METHODS:
+            cells = []
+            for k in KS:
+                v = table[(demo_set, k)]["methods"][m]
+                cells.append(f"{v['lds']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+        at10 = [table[(demo_set, k)]["methods"]["influence_last"] for k in KS]
+        print("| influence_last at damping 10 (shipped) | " + " | ".join(
+            f"{v['lds_at_default_damping']:.3f} [{v['ci95_at_default_damping'][0]:.3f}, {v['ci95_at_default_damping'][1]:.3f}]"
+            for v in at10) + " |")
+        print("| training (member trainings x s) | " + " | ".join(f"{table[(demo_set, k)]['train_seconds']:.0f}s" for k in KS) + " |")
+
+
+if __name__ == "__main__":
+    main()
