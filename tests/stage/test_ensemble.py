@@ -124,3 +124,25 @@ def test_a_member_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted
     before = (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns
     assert ensemble.main(args + ["--out_dir", str(tmp_path / "whole")]) == 0
     assert (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("score_fn", ["influence_last", "tracin"])
+def test_explain_on_an_ensemble_equals_its_arrays_and_its_predictions_are_the_members_mean(prepared, members, tmp_path,
+                                                                                              score_fn):
+    import TracIn
+
+    a, b = members
+    run(prepared, tmp_path / "ens", members=[str(a), str(b)], score_fn=score_fn, normalize="none")
+    r = TracIn.open(tmp_path / "ens", data_dir=str(prepared))
+    ids = np.array([0, 2, 3])
+    table = r.explain([r.test_list.paths[i] for i in ids], k=5)
+    got = table[table.kind == "proponent"]
+    np.testing.assert_array_equal(got.train_idx.to_numpy().reshape(3, 5),
+                                  np.load(tmp_path / "ens" / "top_k_influences_indices.npy")[ids])
+    np.testing.assert_allclose(got.score.to_numpy().reshape(3, 5), np.load(tmp_path / "ens" / "top_k_influences_values.npy")[ids],
+                               rtol=1e-6, atol=1e-6)
+    # the shipped predictions: the argmax of the members' mean last-checkpoint logits
+    fs = r.run.factors()
+    mean = (fs.test_logits[2] + fs.test_logits[5]) / 2
+    np.testing.assert_array_equal(np.load(tmp_path / "ens" / "test_pred.npy"), mean.argmax(1))
+    assert (r.test_table().prediction.to_numpy() == np.asarray(r.class_names)[mean.argmax(1)]).all()
