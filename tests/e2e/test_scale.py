@@ -134,3 +134,31 @@ def test_slurm_lds_array_and_merge(slurm, prepared, trained, tmp_path):
     assert merged["retrained_now"] == 0 and merged["num_subsets"] == 4
     for m in ("tracin", "influence_last"):
         assert merged["methods"][m]["lds"] == one["methods"][m]["lds"]
+
+
+@pytest.mark.slurm
+def test_slurm_ensemble_array_trains_each_member(slurm, trained, tmp_path):
+    """slurm_train_ensemble.sh: array tasks 1 and 2 train members 1 and 2 of the original run (seed + k), each in its
+    folder; efficient_tracin then scores the three runs as one ensemble."""
+    from TracIn import efficient_tracin
+
+    env = {**slurm, "PYTHON": sys.executable, "MEMBERS": "3", "CHECKPOINT_DIR": str(trained / "ckpt"),
+           "OUT_DIR": str(tmp_path / "members"), "LOG_DIR": str(tmp_path), "SBATCH_EXTRA_ARGS": "--gres=none --cpus-per-task=1 --mem=2G"}
+    sub = subprocess.run(["bash", "slurm_train_ensemble.sh"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert sub.returncode == 0, sub.stderr
+    ids = [w for w in sub.stdout.split() if w.isdigit()]
+    assert len(ids) == 1, sub.stdout
+    wait_for(set(ids), env)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert job_states(ids[0], env) == ["COMPLETED"] * 2, logs[-3000:]
+    seed = json.loads((trained / "ckpt" / "train_args.json").read_text())["seed"]
+    folders = [trained / "ckpt"]
+    for k in (1, 2):
+        member = tmp_path / "members" / f"member_{k}" / "checkpoints"
+        assert json.loads((member / "train_args.json").read_text())["seed"] == seed + k
+        assert (member / "finetune_epoch_2.pth").exists()
+        folders.append(member)
+    data = json.loads((trained / "ckpt" / "train_args.json").read_text())["data_dir"]
+    assert efficient_tracin.main(["--data_dir", data, "--members", *map(str, folders), "--output_dir", str(tmp_path / "res"),
+                                  "--top_k", "3", "--num_workers", "0"]) == 0
+    assert json.loads((tmp_path / "res" / "run.json").read_text())["args"]["member_sizes"] == [2, 2, 2]
