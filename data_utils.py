@@ -124,6 +124,26 @@ def data_identity(data_dir, images: bool = True) -> dict:
     return ident
 
 
+def check_manifest(data_dir, listings: dict) -> None:
+    """prepare_data.py's manifest.csv, where there is one, must describe the folder as it is: parsed with its columns,
+    and per split one row per image, index i naming the i-th listed file (compared by split/class/file, so a moved
+    data folder still matches). Notebook joins go through it; a garbage or truncated one is refused with one line."""
+    from common import read_table
+
+    path = Path(data_dir) / "manifest.csv"
+    if not path.exists():
+        return  # an image folder prepared by other means: nothing to check
+    fix = f"re-prepare {data_dir} with prepare_data.py --overwrite"
+    table = read_table(path, {"split": "str", "index": "int", "path": "str", "label": "int"}, fix)
+    for split, listing in listings.items():
+        rows = table[table.split == split].sort_values("index")
+        tail = lambda p: tuple(Path(p).parts[-3:])
+        if len(rows) != len(listing.paths) or rows["index"].tolist() != list(range(len(listing.paths))) or \
+                [tail(p) for p in rows.path] != [tail(p) for p in listing.paths]:
+            raise UserError(f"{path} does not describe the {split} split of {data_dir} ({len(rows)} rows, {len(listing.paths)} "
+                            f"images): truncated, edited or of another preparation; {fix}")
+
+
 def split_key(data_dir) -> str | None:
     """Which images went to which split: a key of prepare_data.py's split settings and raw files (not of labels, which
     --relabel and --label_noise change without moving an image between splits). None for data it did not prepare."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common import UserError, resolve_device
-from data_utils import data_identity, list_split
+from data_utils import check_manifest, data_identity, list_split
 from model_architecture import model_from_checkpoint, model_to_device
 from TracIn.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
 from TracIn.factors import FactorView, choose_subset, curvature_store, factor_views, load_checkpoints, make_hook
@@ -65,6 +65,7 @@ class InfluenceRun:
         self.train_list, self.test_list = list_split(cfg.data_dir, "train"), list_split(cfg.data_dir, "test")
         if self.train_list.class_names != self.test_list.class_names:
             raise UserError(f"train and test class folders differ in {cfg.data_dir}")
+        check_manifest(cfg.data_dir, {"train": self.train_list, "test": self.test_list})
         self.paths, self.ckpts, self.lrs, self.shas, self.members = load_checkpoints(cfg, self.train_list.class_names)
         self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
         self.train_ids = choose_subset(self.n_train, cfg.train_subset, cfg.seed)

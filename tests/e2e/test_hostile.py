@@ -3,6 +3,7 @@ own), nothing stale (every reader compares the identity of what a result was com
 report escapes every value it reads), and one error line instead of a traceback. Each test failed on the code
 before this change."""
 import errno
+import os
 import json
 import shutil
 import time
@@ -539,3 +540,17 @@ def test_an_unprojected_conv_curvature_is_refused_before_any_work(world, tmp_pat
              tmp_path / "r", "--proj_dim", "0", "--layers", "layer4", "--top_k", "2", "--num_workers", "0")
     one_error_line(res, "--proj_dim 16", "GiB")
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # checked before any output
+
+
+def test_a_garbage_or_truncated_manifest_is_refused_with_one_line(world, tmp_path):
+    c = own_copy(world, tmp_path)
+    manifest = c["data"] / "manifest.csv"
+    good = manifest.read_text()
+    for bad, needle in (("\x00\x01garbage", "manifest.csv"), ("\n".join(good.splitlines()[:-1]) + "\n", "does not describe")):
+        manifest.write_text(bad)
+        res = sh("-m", "TracIn.efficient_tracin", "--data_dir", c["data"], "--checkpoint_dir", c["ckpt"], "--output_dir",
+                 tmp_path / "r", "--top_k", "2", "--num_workers", "0")
+        one_error_line(res, needle)
+    manifest.write_text(good)
+    os.remove(manifest)  # no manifest at all: an image folder prepared by other means is scored as before
+    assert tracin(c, tmp_path / "r2") == 0
