@@ -27,7 +27,7 @@ from common import (UserError, check_replaceable, child_process, cli, end_childr
                     positive_int, read_json, save_csv)
 from data_utils import list_split
 from model_architecture import find_checkpoints
-from TracIn.retraining import original_exclusions, original_settings
+from TracIn.retraining import original_exclusions, original_settings, settings_argv
 
 log = logging.getLogger(__name__)
 TOOL = "ensemble"
@@ -62,13 +62,7 @@ def member_argv(k: int, original: Path, out: Path, data_dir: str, num_workers: i
             "--save_checkpoints_every", str(saved.get("save_checkpoints_every", settings["epochs"])),
             "--num_workers", str(num_workers), "--device", device, "--dataset_tag", f"member{k}"]
     settings["seed"] = int(settings["seed"]) + k
-    for key, v in settings.items():
-        if key == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
-            raise UserError(f"the original run's --weights {v} is gone; members cannot start from the same weights")
-        if key == "hflip":
-            argv.append("--hflip" if v else "--no-hflip")
-        elif v is not None:
-            argv += [f"--{key}", str(v)]
+    argv += settings_argv(settings)
     excluded = original_exclusions(original, list_split(data_dir, "train"))
     if len(excluded):  # the images the original run left out, left out of every member
         folder.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,19 @@ def original_exclusions(checkpoint_dir: Path, train_list) -> np.ndarray:
     return excluded
 
 
+def settings_argv(settings: dict) -> list[str]:
+    """train.py flags for original_settings()-style settings (the original run's initial weights must still exist)."""
+    argv = []
+    for k, v in settings.items():
+        if k == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
+            raise UserError(f"the original run's --weights {v} is gone; cannot train the same way")
+        if k == "hflip":
+            argv.append("--hflip" if v else "--no-hflip")
+        elif v is not None:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
 def claim_arms_folder(out: Path, tool: str, flag: str) -> Path:
     """The folder of a removal experiment's arms: new, empty or already `tool`'s; marked as `tool`'s before any arm."""
     check_replaceable(out, tool, flag)
@@ -85,13 +98,7 @@ def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray
     argv = ["--data_dir", data_dir, "--checkpoint_dir", str(arm_dir / "checkpoints"), "--models_dir", str(arm_dir / "models"),
             "--exclude", str(exclude), "--save_checkpoints_every", str(settings["epochs"]), "--num_workers", str(num_workers),
             "--device", device, "--dataset_tag", tag]
-    for k, v in settings.items():
-        if k == "weights" and v not in ("imagenet", "none") and not Path(v).exists():
-            raise UserError(f"the original run's --weights {v} is gone; cannot retrain the same way")
-        if k == "hflip":
-            argv.append("--hflip" if v else "--no-hflip")
-        elif v is not None:
-            argv += [f"--{k}", str(v)]
+    argv += settings_argv(settings)
     rc = run_child([sys.executable, "-m", "train", *argv])  # ends with this process, even if it is killed
     if rc != 0:
         raise UserError(f"retraining the arm in {arm_dir} failed (train.py exit code {rc}; its error is printed above)")
