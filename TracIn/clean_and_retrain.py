@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, cli, fraction, nonneg_int, positive_int, read_table, save_json
+from common import UserError, cli, fraction, nonneg_int, positive_int, read_table, resolve_device, save_json
 from data_utils import list_split
 from model_architecture import load_checkpoint
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
 from TracIn.results import load_results, run_id
-from TracIn.retraining import Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings, run_arms
+from TracIn.retraining import (Arm, Retrainer, claim_arms_folder, full_test_logits, original_exclusions, original_settings,
+                               run_arms)
 from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,17 @@ def clean_and_retrain(args) -> dict:
     gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
     bad = set(read_table(gt_path, {"train_index": "int"}, f"re-prepare {args.data_dir}").train_index) if gt_path.exists() else None
 
+    test_labels = list_split(args.data_dir, "test").labels
+
     def measure(arm: Arm) -> dict:
-        return {"test_accuracy": float(load_checkpoint(retrainer.checkpoint(arm))["metrics"]["val_acc"]),
+        path = retrainer.checkpoint(arm)
+        ckpt = load_checkpoint(path)
+        if ckpt.get("selection_split", "test") == "test":  # train.py's last evaluation was on the test split already
+            accuracy = float(ckpt["metrics"]["val_acc"])
+        else:  # it selected on val: the test split is predicted here
+            logits = full_test_logits(path, args.data_dir, args.num_workers, resolve_device(args.device))
+            accuracy = float((logits.argmax(1) == test_labels).mean())
+        return {"test_accuracy": accuracy,
                 "dropped": int(len(arm.drop)),
                 "dropped_truly_mislabeled": None if bad is None else int(len(set(arm.drop.tolist()) & bad))}
 

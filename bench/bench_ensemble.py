@@ -49,13 +49,53 @@ def original_run(demo_set: str, cell: Path) -> float:
     return float(json.loads(seconds.read_text()))
 
 
+def compare_means(demo_set: str) -> None:
+    """From the K=8 run's records: each member's dense scores, then the plain mean (what --members ships) against the
+    mean of scores scaled to unit spread per test image and the mean of ranks; LDS on the same reported subsets."""
+    import numpy as np
+
+    from TracIn import lds_score
+    from TracIn.methods import METHODS, CheckpointsView, FactorSet
+    from TracIn.run import InfluenceRun
+
+    cell = ROOT / demo_set
+    ref = json.loads((cell / "lds-k8.json").read_text())
+    group = np.asarray(ref["test_group"])
+    run = InfluenceRun.from_results(cell / "results-k8")
+    fs = run.group(group)
+    recs = [lds.SubsetStore(cell / "lds", json.loads((cell / "lds" / "store.json").read_text())).load(j)
+            for j in range(ref["num_subsets"])]
+    masks, margins = lds_score.records_matrices(recs, run.n_train, group)
+    rep = slice(ref["select_subsets"], None)
+    for name, damping in (("influence_last", 10.0), ("trak", 100.0)):
+        per = []
+        for steps in fs.members:  # member k alone, as a FactorSet of its own checkpoints
+            sub = FactorSet(CheckpointsView(fs.train_view, steps), CheckpointsView(fs.test_view, steps), [fs.lrs[t] for t in steps],
+                            fs.layers, fs.train_labels, fs.test_labels, fs.device, fs.train_logits[steps],
+                            fs.test_logits[steps], fs.block)
+            per.append(sub.dense(METHODS[name], damping, 2048))
+        row = []
+        for k in KS:
+            means = (np.mean(per[:k], 0), np.mean([s / s.std(1, keepdims=True) for s in per[:k]], 0),
+                     np.mean([np.argsort(np.argsort(s, 1), 1) for s in per[:k]], 0))
+            row.append("/".join(f"{np.nanmean(lds_score.lds(m, masks[rep], margins[rep])):.3f}" for m in means))
+        print(f"{demo_set} {name} (damping {damping:g}) plain/unit-spread/rank mean: "
+              + ", ".join(f"K={k} {r}" for k, r in zip(KS, row)), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", default=["mnist", "digits"], help="demo sets (default mnist digits)")
     p.add_argument("--num_subsets", type=int, default=48, help="LDS subsets (default 48, as docs/lds.md's full table)")
+    p.add_argument("--compare_means", action="store_true",
+                   help="after a run: the plain mean of members' scores against unit-spread and rank means")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.compare_means:
+        for demo_set in args.sets:
+            compare_means(demo_set)
+        return
     table = {}
     for demo_set in args.sets:
         cell = ROOT / demo_set

@@ -50,7 +50,7 @@ def records(store: Path, n_train: int, group: np.ndarray, num_subsets: int):
     return lds_score.records_matrices(recs, n_train, group)
 
 
-def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, float]:
+def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path, relative=RELATIVE) -> tuple[dict, float]:
     from trak import TRAKer
 
     t0 = time.time()
@@ -69,7 +69,7 @@ def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, float]
         g = torch.as_tensor(np.asarray(traker.saver.current_store["grads"]), dtype=torch.float32)
         grams.append(float(torch.diagonal(g.T @ g).mean()))
     out, seconds = {}, {}
-    for rel in RELATIVE:
+    for rel in relative:
         t1 = time.time()
         traker.score_computer.lambda_reg = rel * float(np.mean(grams))
         for mid in range(len(models)):  # re-finalise with this regulariser

@@ -2,6 +2,8 @@
 reviewed list (--exclude / --relabel) and clean-and-retrain end to end."""
 import shutil
 
+import torch
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,3 +188,34 @@ def test_relabel_checks_a_review_rows_train_idx_against_its_path(tmp_path):
     pd.DataFrame({"train_idx": [row["index"]], "path": [row.path], "new_class": ["dog"], "decision": ["relabel"]}).to_csv(
         tmp_path / "r.csv", index=False)
     assert prepare_data.main(args + ["--relabel", str(tmp_path / "r.csv"), "--overwrite"]) == 0
+
+
+def test_clean_and_retrain_reports_test_accuracy_when_the_arms_select_on_val(tmp_path):
+    """With a val split, train.py's val_acc is validation accuracy: each arm's test_accuracy must be its model's accuracy
+    on the test split (it was the checkpoint's val_acc, which meant test only while selection ran on test)."""
+    import json
+
+    from TracIn import efficient_tracin
+    from TracIn.retraining import full_test_logits
+    from data_utils import list_split
+
+    raw = make_raw_tree(tmp_path / "raw", per_class=12)
+    data = tmp_path / "p"
+    assert prepare_data.main(["--raw_dir", str(raw), "--out_dir", str(data), "--image_size", "8", "--num_workers", "0",
+                              "--label_noise", "0.2", "--val_fraction", "0.3"]) == 0
+    import train
+
+    assert train.main(["--data_dir", str(data), "--arch", "resnet18", "--epochs", "1", "--batch_size", "4", "--weights", "none",
+                       "--checkpoint_dir", str(tmp_path / "ck"), "--models_dir", str(tmp_path / "m"), "--num_workers", "0"]) == 0
+    assert efficient_tracin.main(["--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "ck"), "--output_dir",
+                                  str(tmp_path / "res"), "--top_k", "3", "--num_workers", "0"]) == 0
+    out = tmp_path / "cr"
+    assert clean_and_retrain.main(["--results_dir", str(tmp_path / "res"), "--data_dir", str(data), "--checkpoint_dir",
+                                   str(tmp_path / "ck"), "--out_dir", str(out), "--random_seeds", "1", "--num_workers", "0",
+                                   "--no_reference"]) == 0
+    s = json.loads((out / "clean_and_retrain.json").read_text())
+    labels = list_split(data, "test").labels
+    for name, arm in s["arms"].items():
+        last = out / name / "checkpoints" / "finetune_epoch_1.pth"
+        logits = full_test_logits(last, str(data), 0, torch.device("cpu"))
+        assert arm["test_accuracy"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
