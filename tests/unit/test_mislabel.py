@@ -2,11 +2,10 @@
 reviewed list (--exclude / --relabel) and clean-and-retrain end to end."""
 import shutil
 
-import torch
-
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import prepare_data
 import train
