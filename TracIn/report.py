@@ -422,7 +422,9 @@ def build(args) -> dict:
                 "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
                                 for c in r.record.get("checkpoints", [])]},
         "evaluation": None if evaluation is None else {"accuracy": number(evaluation.get("accuracy")), "loss": number(evaluation.get("loss")),
-                                                       "n": number(evaluation.get("n")), "model": text(evaluation.get("model"))},
+                                                       "n": number(evaluation.get("n")), "model": text(evaluation.get("model")),
+                                                       "selected_on": evaluation.get("selected_on") if evaluation.get("selected_on") in ("val", "test") else None,
+                                                       "selection_accuracy": number(evaluation.get("selection_accuracy"))},
         "mislabel": None if det_json is None or not isinstance(det_json.get("metrics"), dict) else {
             "score": text(det_json.get("score")), "n_mislabeled": number(det_json.get("n_mislabeled")),
             "metrics": {text(d): {text(k): number(v) for k, v in m.items()} for d, m in det_json["metrics"].items() if isinstance(m, dict)}},

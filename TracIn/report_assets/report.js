@@ -166,6 +166,8 @@
        ["lists in this report", M.kinds.join(", ") + " (top " + M.show_k + " of " + M.top_k + " shown)"],
        ["factors + scores time", fmt(r.seconds, 1) + " s"], ["data", r.data_dir],
        ["test accuracy", ev ? fmt(ev.accuracy, 4) + " on " + ev.n + " images (" + esc(ev.model) + ")" : "– (no evaluate.py output)"],
+       ["model selected on", !ev || !ev.selected_on ? "–" : ev.selected_on === "val" ? "val: accuracy " + fmt(ev.selection_accuracy, 4) +
+         " (the test split untouched by the choice)" : "the test split (data without a val split): the test accuracy is optimistic"],
        ["report built", M.built]].map((kv) => '<tr><th class="l">' + kv[0] + '</th><td class="l">' + esc(kv[1]) + "</td></tr>").join("") + "</table>";
     if (M.notes.length) h += "<h3>Missing or skipped</h3>" + M.notes.map((n) => '<div class="note">' + esc(n) + "</div>").join("");
     if (M.mislabel && M.mislabel.metrics) {

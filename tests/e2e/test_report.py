@@ -90,6 +90,21 @@ def test_false_predictions_given_as_the_csv_path_keeps_the_mispredictions_view(r
     assert not any("no mispredictions table" in n for n in m["notes"])
 
 
+
+def test_the_overview_says_where_the_model_was_selected(run, tmp_path):
+    from data_utils import data_identity
+
+    (tmp_path / "ev").mkdir()
+    args = list(run["args"])
+    args[args.index("--eval_dir") + 1] = str(tmp_path / "ev")
+    for selected, want in (("val", "val"), ("test", "test"), ("<img src=x onerror=1>", None)):
+        (tmp_path / "ev" / "metrics_test.json").write_text(json.dumps({
+            "accuracy": 0.5, "loss": 1.0, "n": 6, "model": "m.pth", "selected_on": selected, "selection_accuracy": 0.75,
+            **data_identity(run["data"], images=False)}))
+        assert report.main(args + ["--out_dir", str(tmp_path / "rep")]) == 0
+        ev = meta(tmp_path / "rep")["evaluation"]
+        assert ev["selected_on"] == want and ev["selection_accuracy"] == 0.75
+
 def severe(driver):
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "thumbs/test/" not in e["message"]]
 
