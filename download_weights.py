@@ -48,13 +48,14 @@ def verify(path: Path, arch: str) -> None:
     build_model(arch, num_classes=10, weights=str(path))  # raises a UserError if it does not fit
 
 
-def download(url: str, dest: Path, timeout: float) -> None:
+def download(url: str, tmp: Path, name: str, timeout: float) -> None:
+    """Fetch url into tmp (a temporary path the caller renames into place once it is verified)."""
     from tqdm import tqdm
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -76,12 +77,10 @@ def main(argv=None):
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
     else:
-        download(BASE_URL + PRETRAINED_FILES[args.arch], dest, args.timeout)
-        try:
-            verify(dest, args.arch)
-        except UserError:
-            dest.unlink(missing_ok=True)
-            raise
+        # verified before it is renamed into place: a bad download never replaces (or leaves behind) a weights file
+        with atomic_path(dest) as tmp:
+            download(BASE_URL + PRETRAINED_FILES[args.arch], tmp, dest.name, args.timeout)
+            verify(tmp, args.arch)
     print(f"installed {args.arch} ImageNet weights at {dest}")
     return 0
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,14 +29,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, git_commit, identity_mismatch, load_npy, read_json, remove_claimed,
-                    save_csv, save_json, save_npy)
+from common import (UserError, git_commit, identity_mismatch, load_npy, mark_owned, read_json, remove_claimed,
+                    remove_owned, save_csv, save_json, save_npy)
 
 from TracIn.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
 
 RECORD = "run.json"
+TOOL = "efficient_tracin"  # the writer's staging folders carry its marker (as the factor cache does)
 # Arrays of one run: [n_test, k] top-k lists, row/column index maps, per-image figures.
 ARRAYS = (
     "top_k_influences_values", "top_k_influences_indices",   # proponents, descending
@@ -93,6 +93,7 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
     own_files = [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD]
     check_writable_names(out, own_files)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    mark_owned(staging, TOOL)  # this writer's own folder: removed below through the owner-checked helper
     try:
         written = []
         for name, array in arrays.items():
@@ -118,7 +119,7 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
         remove_derived(out)
         os.replace(staging / RECORD, out / RECORD)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging, TOOL)
 
 
 def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, dict, dict, dict]:
