@@ -4,8 +4,8 @@
 
 A file or folder goes only when the tool that wrote it marked it as its own, checked at the moment of deletion:
 folders with a tool's marker (factor caches, the run folder's tool subfolders, Grad-CAM maps) and the links into them,
-files a tool claimed, while they are byte-identical to what it wrote (common.claim_files), a TracIn run's files as its
-run.json lists them, and train.py's checkpoints in a folder train.py marked. Anything else (a user's notes, photos,
+files and links a tool claimed, while they are exactly what it wrote (lib.ownership.claim_files; a TracIn run's
+files among them), and train.py's checkpoints in a folder train.py marked. Anything else (a user's notes, photos,
 weights, the tracked READMEs) stays where it is.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from common import OWNER_MARKER, cli, owned_by, read_claims, remove_claimed, remove_inside_owned, remove_owned, remove_run_files
-from model_architecture import find_checkpoints
-from TracIn.run_folder import remove_dangling_links
+from lib.checkpoints import find_checkpoints
+from lib.cli import cli
+from lib.ownership import OWNER_MARKER, owned_by, read_claims, remove_claimed, remove_inside_owned, remove_owned
+from TracIn.core.run_folder import remove_dangling_links
 
 log = logging.getLogger(__name__)
 TRAIN_FILES = ("last.pth", "training_dynamics.npz", "train_args.json")
@@ -44,8 +45,7 @@ def clean_folder(folder: Path) -> int:
         elif (sub / "run.json").is_file():
             n += clean_folder(sub)
     n += remove_dangling_links(folder)
-    n += len(remove_claimed(folder, list(read_claims(folder))))
-    n += len(remove_run_files(folder, "run.json"))
+    n += len(remove_claimed(folder, list(read_claims(folder))))  # a TracIn run's files and links among them
     return n
 
 

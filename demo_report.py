@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import UserError, cli, read_json as read_checked_json
-from TracIn.results import run_id
-from TracIn.run_folder import current
+from lib.cli import UserError, cli
+from lib.files import read_json as read_checked_json
+from TracIn.core.results import run_id
+from TracIn.core.run_folder import current
 
 
 def parse_args(argv=None):

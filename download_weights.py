@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import UserError, atomic_path, cli
+from lib.cli import UserError, cli
+from lib.files import atomic_path
 from model_architecture import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
 BASE_URL = "https://download.pytorch.org/models/"

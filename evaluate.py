@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import claim_files, cli, file_sha256, ensure_output_dir, nonneg_int, positive_int, resolve_device, save_csv, save_figure, save_json
-from data_utils import data_identity
-from model_architecture import evaluate_model, find_best_model, predictions_frame
+from lib.checkpoints import find_best_model
+from lib.cli import cli, nonneg_int, positive_int
+from lib.data_utils import data_identity
+from lib.devices import resolve_device
+from lib.files import ensure_output_dir, file_sha256, save_csv, save_figure, save_json
+from lib.ownership import claim_files
+from lib.prediction import evaluate_model, predictions_frame
 
 log = logging.getLogger(__name__)
 

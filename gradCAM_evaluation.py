@@ -9,7 +9,7 @@ is used instead, and the figure title says which.
 Writes false_predictions/gradcam_mispredictions.png (map of the predicted class over each
 mispredicted test image; each also alone as false_predictions/gradcam/test_{idx}.png for the report) and
 TracIn/results/gradcam/gradcam_test_{idx}_proponents.png (the test image beside its top proponents, each with the map of
-its own given class; a tool folder of the run, TracIn/run_folder.py, with the TracIn run and model it came from).
+its own given class; a tool folder of the run, TracIn/core/run_folder.py, with the TracIn run and model it came from).
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, building, check_replaceable, claim_files, cli, file_sha256, nonneg_int, positive_int,
-                    resolve_device, save_figure, save_json)
-from data_utils import build_transform, list_split, load_rgb, read_false_predictions
-from model_architecture import find_best_model, load_checkpoint, model_from_checkpoint
-from TracIn.results import RECORD, load_results, run_id
-from TracIn.run_folder import tool_folder
+from lib.checkpoints import find_best_model, load_checkpoint, model_from_checkpoint
+from lib.cli import UserError, cli, nonneg_int, positive_int
+from lib.data_utils import build_transform, list_split, load_rgb, read_false_predictions
+from lib.devices import resolve_device
+from lib.files import file_sha256, save_figure, save_json
+from lib.ownership import building, check_replaceable, claim_files
+from TracIn.core.results import RECORD, load_results, run_id
+from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "gradCAM_evaluation"
@@ -100,7 +102,7 @@ def save_overlay(path: Path, image_path: str, cam: np.ndarray, size: int = 128) 
     import matplotlib
     from PIL import Image
 
-    from common import atomic_path
+    from lib.files import atomic_path
 
     img = load_rgb(image_path).convert("RGB").resize((size, size))
     heat = Image.fromarray((matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)).resize((size, size))

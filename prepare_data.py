@@ -46,9 +46,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import (OWNER_MARKER, UserError, first_line, image_side, read_table, cli, ensure_output_dir, fraction, is_relative_to, mark_owned, nonneg_int,
-                    owned_by, positive_int, quiet_worker, save_json, usual_mode)
-from data_utils import english_class_name, list_split, load_rgb, read_review_csv
+from lib.cli import UserError, cli, first_line, fraction, image_side, nonneg_int, positive_int
+from lib.data_utils import english_class_name, list_split, load_rgb, read_review_csv
+from lib.files import ensure_output_dir, is_relative_to, read_table, save_json, usual_mode
+from lib.ownership import OWNER_MARKER, mark_owned, owned_by
+from lib.processes import quiet_worker
 
 log = logging.getLogger(__name__)
 

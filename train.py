@@ -29,16 +29,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (OWNER_MARKER, UserError, at_least_two, atomic_path, autocast, cli, ensure_output_dir, git_commit,
-                    image_side, mark_owned, nonneg_float, nonneg_int, owned_by, plain_name, positive_float, positive_int,
-                    read_json, remove_inside_owned, save_json, scheduled_lr, set_seed)
-from data_utils import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform, list_split, listing_key, make_loader,
-                        read_exclusions, split_key)
-from model_architecture import (ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, best_model_name, build_model,
-                                find_checkpoints, load_checkpoint, make_checkpoint, metrics_from_logits,
-                                batch_to_device, model_to_device, predict, save_checkpoint)
-from training import Dist, fit
-from training_dynamics import DynamicsRecorder, load_dynamics
+from lib.checkpoints import best_model_name, find_checkpoints, load_checkpoint, make_checkpoint, save_checkpoint
+from lib.cli import (UserError, at_least_two, cli, image_side, nonneg_float, nonneg_int, plain_name, positive_float,
+                     positive_int)
+from lib.data_utils import (ImageListDataset, IMAGENET_MEAN, IMAGENET_STD, build_transform, list_split, listing_key,
+                            make_loader, read_exclusions, split_key)
+from lib.devices import autocast, batch_to_device, model_to_device, set_seed
+from lib.files import atomic_path, ensure_output_dir, file_sha256, git_commit, read_json, save_json
+from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned
+from lib.prediction import metrics_from_logits, predict
+from lib.training import Dist, fit, scheduled_lr
+from lib.training_dynamics import DynamicsRecorder, load_dynamics
+from model_architecture import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--exclude", default=None,
                    help="CSV of training images to leave out (column train_idx or path; with a decision column only rows "
                         "marked drop); default none")
+    p.add_argument("--fork_from", default=None,
+                   help="a checkpoint (finetune_epoch_N.pth) of another run of these settings to continue from: its weights "
+                        "and epoch N, a fresh optimizer, this --seed's data order for epochs N+1.. (an ensemble's cheap "
+                        "member, TracIn.ensemble --fork_epoch); default none")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints in checkpoint_dir instead of refusing")
     args = p.parse_args(argv)
     args.given = given_flags(argv)
@@ -101,13 +107,13 @@ def resolve_weights(arch: str, weights: str) -> str | None:
 
 
 def lr_at(epoch: int, args) -> float:
-    """Learning rate during 1-based `epoch` (common.scheduled_lr with train.py's flags)."""
+    """Learning rate during 1-based `epoch` (lib.training.scheduled_lr with train.py's flags)."""
     return scheduled_lr(epoch, args.lr_schedule, args.learning_rate, args.epochs)
 
 
 # What defines a training run: a --resume must continue it with the very same settings.
 RESUME_KEYS = ("data_dir", "arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay",
-               "save_checkpoints_every", "image_size", "weights", "hflip", "seed", "exclude")
+               "save_checkpoints_every", "image_size", "weights", "hflip", "seed", "exclude", "fork_from")
 RESUME_MAY_CHANGE = ("epochs",)  # continuing a run for more epochs is what --resume is for; said and recorded
 
 
@@ -137,6 +143,25 @@ def resume_settings(args, ckpt_dir: Path) -> str:
         if k in saved and k not in given:
             setattr(args, k, saved[k])
     return saved.get("train_run") or uuid.uuid4().hex[:16]
+
+
+def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
+    """--fork_from: the checkpoint to continue from, checked to be an earlier epoch of a run of this model, classes and
+    training split; with the training dynamics of its epochs (read from its folder, recorded by the same run)."""
+    path = Path(args.fork_from)
+    if path.resolve().parent == ckpt_dir.resolve():
+        raise UserError(f"--fork_from {path} is in --checkpoint_dir {ckpt_dir}; a fork trains into a folder of its own")
+    ckpt = load_checkpoint(path, class_names=class_names, arch=args.arch)
+    epoch, run = int(ckpt["epoch"]), ckpt.get("train_run")
+    if epoch >= args.epochs:
+        raise UserError(f"--fork_from {path} is of epoch {epoch}; a fork of a {args.epochs}-epoch run starts before its last epoch")
+    if ckpt.get("split_key") != split_key(args.data_dir):
+        raise UserError(f"--fork_from {path} was trained on another split of the data than {args.data_dir}; fork a run of this data")
+    dyn = load_dynamics(path.parent, len(train_list.paths), class_names, required=True, train_runs=[run])
+    if len(dyn["loss"]) < epoch:
+        raise UserError(f"{path.parent}/training_dynamics.npz records {len(dyn['loss'])} epochs, fewer than the checkpoint's {epoch}")
+    return {"model_state": ckpt["model_state"], "epoch": epoch, "dynamics": dyn,
+            "record": {"path": str(path), "sha256": file_sha256(path), "epoch": epoch, "train_run": run}}
 
 
 def train(args) -> dict:
@@ -201,9 +226,17 @@ def train(args) -> dict:
             for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
                 remove_inside_owned(p, ckpt_dir, "train.py")
 
-    model = build_model(args.arch, len(class_names), None if resume else resolve_weights(args.arch, args.weights))
-    if resume:
-        model.load_state_dict(resume["model_state"])
+    # A fork (--fork_from) continues another run's checkpoint of epoch N; its own checkpoints start at epoch N + 1.
+    fork = None
+    if args.fork_from and not resume:
+        fork = load_fork(args, ckpt_dir, class_names, train_list)
+        start_epoch = fork["epoch"] + 1
+        lr_history = [lr_at(e, args) for e in range(1, start_epoch)]
+    forked = fork["record"] if fork else (read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("forked")
+                                          if resume else None)
+    model = build_model(args.arch, len(class_names), None if resume or fork else resolve_weights(args.arch, args.weights))
+    if resume or fork:
+        model.load_state_dict((resume or fork)["model_state"])
     model = model_to_device(model, device)
     module = model
     if d.world > 1:
@@ -213,7 +246,7 @@ def train(args) -> dict:
         optimizer.load_state_dict(resume["optimizer_state"])
 
     train_ds = ImageListDataset(train_list, build_transform(args.image_size, train=True, hflip=args.hflip), indices=kept)
-    previous = load_dynamics(ckpt_dir, len(train_list.paths), class_names) if resume else None
+    previous = load_dynamics(ckpt_dir, len(train_list.paths), class_names) if resume else (fork["dynamics"] if fork else None)
     dynamics = DynamicsRecorder(len(train_list.paths), args.epochs, class_names, args.data_dir, previous, start_epoch,
                                 train_run=train_run)
     sampler = None
@@ -235,7 +268,7 @@ def train(args) -> dict:
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths),
                                                  "selection_split": selection, "n_selection": len(select_list.paths),
                                                  "n_excluded": int(len(excluded)), "train_run": train_run,
-                                                 "data_train_key": listing_key(train_list),
+                                                 "data_train_key": listing_key(train_list), "forked": forked,
                                                  "excluded": {"train_idx": excluded.tolist(),
                                                               "path": [train_list.paths[i] for i in excluded]}})
         log.info(f"training {args.arch} on {len(kept)} train" + (f" ({len(excluded)} excluded)" if len(excluded) else "")
@@ -290,7 +323,7 @@ def train(args) -> dict:
         is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
         if is_ckpt:
             # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
-            prev = max([0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
+            prev = max([forked["epoch"] if forked else 0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
             save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, metadata=run_tag),
                             ckpt_dir / f"finetune_epoch_{epoch}.pth")
         if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):

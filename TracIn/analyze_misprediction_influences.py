@@ -3,7 +3,7 @@
     $ python -m TracIn.analyze_misprediction_influences --results_dir TracIn/results \
         --false_predictions false_predictions/false_predictions.csv
 
-Writes results_dir/misprediction/ (TracIn/run_folder.py: built whole, with inputs.json):
+Writes results_dir/misprediction/ (TracIn/core/run_folder.py: built whole, with inputs.json):
 - misprediction_influence_analysis.csv: per mispredicted training image: appearances in
   top-k proponent/opponent lists, influence statistics, how many of the test images it
   supports are themselves mispredicted, and the class it pushes those predictions toward;
@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, check_replaceable, cli, nonneg_int, save_csv, save_json
-from data_utils import list_split, read_false_predictions
-from TracIn.results import appearances, load_results, other_training_run, run_id
-from TracIn.run_folder import tool_folder
+from lib.cli import UserError, cli, nonneg_int
+from lib.data_utils import list_split, read_false_predictions
+from lib.files import save_csv, save_json
+from lib.ownership import check_replaceable
+from TracIn.core.results import appearances, load_results, other_training_run, run_id
+from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_misprediction_influences"

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import check_replaceable, cli, positive_int, save_csv, save_figure, save_json
-from data_utils import list_split, load_rgb
-from TracIn.results import appearances, load_results, run_id
-from TracIn.run_folder import tool_folder
+from lib.cli import cli, positive_int
+from lib.data_utils import list_split, load_rgb
+from lib.files import save_csv, save_figure, save_json
+from lib.ownership import check_replaceable
+from TracIn.core.results import appearances, load_results, run_id
+from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_topk_results"

@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import UserError, read_json
-from data_utils import eval_transform, list_split, load_rgb, to_rgb
-from model_architecture import logit_figures
-from TracIn.methods import method_for
-from TracIn.results import load_results, recorded_data_dir, run_id
-from TracIn.run_folder import current
+from lib.cli import UserError
+from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
+from lib.files import read_json
+from lib.prediction import logit_figures
+from TracIn.core.methods import method_for
+from TracIn.core.results import load_results, recorded_data_dir, run_id
+from TracIn.core.run_folder import current
 
 QUERY_BATCH = 64  # query images per forward pass and score block
 
@@ -59,7 +60,7 @@ class Results:
     def run(self):
         """The run.InfluenceRun behind it (checkpoints checked unchanged), opened on first use."""
         if self._run is None:
-            from TracIn.run import InfluenceRun
+            from TracIn.core.run import InfluenceRun
 
             self._run = InfluenceRun.from_results(self.path, self.data_dir, self.device)
         return self._run

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, cli, fraction, nonneg_int, positive_int, read_table, resolve_device, save_json
-from data_utils import list_split
-from model_architecture import load_checkpoint
+from lib.checkpoints import load_checkpoint
+from lib.cli import UserError, cli, fraction, nonneg_int, positive_int
+from lib.data_utils import list_split
+from lib.devices import resolve_device
+from lib.files import read_table, save_json
+from lib.training_dynamics import dynamics_of_run
+from TracIn.core.results import load_results, run_id
+from TracIn.experiments.retraining import (Arm, Retrainer, claim_arms_folder, full_test_logits, original_exclusions,
+                                           original_settings, run_arms)
 from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
-from TracIn.results import load_results, run_id
-from TracIn.retraining import (Arm, Retrainer, claim_arms_folder, full_test_logits, original_exclusions, original_settings,
-                               run_arms)
-from training_dynamics import load_dynamics
 
 log = logging.getLogger(__name__)
 TOOL = "clean_and_retrain"
@@ -60,8 +62,7 @@ def clean_and_retrain(args) -> dict:
     train_ids = np.asarray(r["train_indices"])
     if len(train_ids) != len(train_list.paths):
         raise UserError(f"{args.results_dir} scored a --train_subset; clean-and-retrain needs every training image scored")
-    dynamics = load_dynamics(ckpt_dir, len(train_list.paths), train_list.class_names,
-                             train_runs=[c.get("train_run") for c in r.record["checkpoints"]])
+    dynamics = dynamics_of_run(r.record, ckpt_dir, len(train_list.paths), train_list.class_names)
     scores = detector_scores(r, dynamics, train_ids)
     if args.score not in scores:
         raise UserError(f"--score {args.score} is not available for these results (available: {', '.join(scores)})")

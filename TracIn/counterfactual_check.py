@@ -13,7 +13,7 @@ Methods (each gives a ranked list per test image; a group's removal set is the u
   TracIn run or efficient_tracin's default);
 - knn: the nearest training images by cosine of the last checkpoint's penultimate features (the fc input);
 - random: k random training images of the test image's class, a new draw per training seed (the control).
-The lists come from efficient_tracin.py's factor cache in results_dir (TracIn/run.py; no forward pass when it
+The lists come from efficient_tracin.py's factor cache in results_dir (TracIn/core/run.py; no forward pass when it
 is complete).
 
 Arms: nothing removed, and each method at each k. Every arm is retrained once per training seed (the original
@@ -21,7 +21,7 @@ run's seed + 0, 1, ...), and every change is paired: the arm minus the nothing-r
 - --retrain full (default): train.py with the original run's settings (checkpoint_dir/train_args.json: initial
   weights, seed, schedule, batch size); --arch/--epochs make it cheaper and are said in the output.
 - --retrain head: keeps the last checkpoint's backbone and retrains only fc from a seeded initialisation with
-  the original optimiser, schedule and batch size, on the cached penultimate features (TracIn/retraining.py). It
+  the original optimiser, schedule and batch size, on the cached penultimate features (TracIn/experiments/retraining.py). It
   checks the layer TracIn scores here in seconds, but is blind to what removal would have changed in the backbone.
 
 Writes out_dir (default results_dir/counterfactual/<retrain>)/counterfactual.json and prints, per method and
@@ -39,17 +39,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, cli, nonneg_int, positive_int, resolve_device, save_json
-from model_architecture import logit_figures
-from TracIn.factors import choose_subset
-from TracIn.results import run_id
-from TracIn.retraining import Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings, run_arms
-from TracIn.methods import METHODS as REGISTRY
-from TracIn.run import InfluenceRun
+from lib.cli import UserError, cli, nonneg_int, positive_int
+from lib.devices import resolve_device
+from lib.files import save_json
+from lib.prediction import logit_figures
+from TracIn.core.factors import choose_subset
+from TracIn.core.methods import METHODS as REGISTRY
+from TracIn.core.results import run_id
+from TracIn.core.run import InfluenceRun
+from TracIn.experiments.retraining import (Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings,
+                                           run_arms)
 
 log = logging.getLogger(__name__)
 TOOL = "counterfactual_check"
-METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")  # the registry's (TracIn/methods.py), then two controls
+METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")  # the registry's (TracIn/core/methods.py), then two controls
 
 
 def parse_args(argv=None):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from common import cli, nonneg_int, positive_float, positive_int
-from TracIn.arguments import DAMPING, NORMALIZE, SCORE_FN, SCORE_FNS, TracInConfig
+from lib.cli import cli, nonneg_int, positive_float, positive_int
+from TracIn.core.arguments import DAMPING, NORMALIZE, SCORE_FN, SCORE_FNS, TracInConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> TracInConfig:
 
 
 def main(argv=None):
-    from TracIn.job import tracin_job  # the job: a run, a shard, or the merge
+    from TracIn.core.job import tracin_job  # the job: a run, a shard, or the merge
 
     tracin_job(parse_args(argv))
     return 0

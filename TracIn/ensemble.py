@@ -4,13 +4,17 @@
     $ python -m TracIn.ensemble --members 4 --jobs 2           # two members at a time (the CPU threads shared out)
     $ python -m TracIn.efficient_tracin --members models/checkpoints models/members/member_{1,2,3}/checkpoints
     $ sbatch --array=1-3 slurm_train_ensemble.sh               # on a cluster: one member per array task
+    $ python -m TracIn.ensemble --members 4 --fork_epoch 1     # cheap members: forks of the original after epoch 1
 
 Member 0 is the original run (--checkpoint_dir). Member k >= 1 is train.py with the original run's train_args.json
 (architecture, epochs, batch size, learning rate and schedule, weight decay, image size, initial weights, flips, the
 images it left out and its checkpoint schedule) and seed original + k, which changes the initialisation of the new
 layers and the order and augmentation of every epoch, in out_dir/member_k/checkpoints. A member killed mid-training
 continues (train.py --resume, the very weights of an uninterrupted run) when this is run again; a finished one is
-kept. The scores over members (their mean) are efficient_tracin's; docs/ensembles.md measures what they pay.
+kept. A fork (--fork_epoch N) is cheaper: member k starts from the original run's checkpoint of epoch N (train.py
+--fork_from) and trains epochs N+1.. with seed original + k and a fresh optimizer, so it costs (epochs - N) / epochs
+of a training; its checkpoints are its own epochs, its training dynamics the original's first N epochs then its own.
+The scores over members (their mean) are efficient_tracin's; docs/ensembles.md measures what they pay.
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, check_replaceable, child_process, cli, end_children, mark_owned, nonneg_int,
-                    positive_int, read_json, save_csv)
-from data_utils import list_split
-from model_architecture import find_checkpoints
-from TracIn.retraining import original_exclusions, original_settings, settings_argv
+from lib.checkpoints import find_checkpoints
+from lib.cli import UserError, cli, nonneg_int, positive_int
+from lib.data_utils import list_split
+from lib.files import read_json, save_csv
+from lib.ownership import check_replaceable, mark_owned
+from lib.processes import child_process, end_children
+from TracIn.experiments.retraining import original_exclusions, original_settings, settings_argv
 
 log = logging.getLogger(__name__)
 TOOL = "ensemble"
@@ -37,13 +43,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint_dir", default="models/checkpoints", help="the original run: member 0 (default models/checkpoints)")
     p.add_argument("--data_dir", default=None, help="prepared data (default: the original run's)")
-    p.add_argument("--out_dir", default="models/members", help="member_k/ folders go here (default models/members)")
+    p.add_argument("--out_dir", default=None,
+                   help="member_k/ folders go here (default models/members, or models/forks with --fork_epoch)")
     p.add_argument("--members", type=positive_int, default=4, help="members in all, the original run included (default 4)")
     p.add_argument("--only", type=positive_int, default=None, help="train member k alone (a Slurm array task)")
     p.add_argument("--jobs", type=positive_int, default=1, help="members trained at once, local processes (default 1)")
     p.add_argument("--num_workers", type=nonneg_int, default=2, help="loader workers per member (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--fork_epoch", type=nonneg_int, default=0,
+                   help="0: independent members (default); N: forks of the original run's epoch-N checkpoint")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or ("models/forks" if args.fork_epoch else "models/members")
     if args.members < 2:
         raise UserError("--members counts the original run: pass 2 or more to train another member")
     if args.only is not None and not 1 <= args.only < args.members:
@@ -53,8 +63,10 @@ def parse_args(argv=None):
     return args
 
 
-def member_argv(k: int, original: Path, out: Path, data_dir: str, num_workers: int, device: str) -> list[str]:
-    """train.py's arguments for member k: the original run's settings, seed + k, its own folders."""
+def member_argv(k: int, original: Path, out: Path, data_dir: str, num_workers: int, device: str,
+                fork_epoch: int = 0) -> list[str]:
+    """train.py's arguments for member k: the original run's settings, seed + k, its own folders (a fork: from the
+    original's checkpoint of epoch fork_epoch)."""
     saved = read_json(original / "train_args.json", "retrain the original run with this version of train.py")
     settings = original_settings(original)
     folder = out / f"member_{k}"
@@ -69,6 +81,8 @@ def member_argv(k: int, original: Path, out: Path, data_dir: str, num_workers: i
         paths = np.asarray(list_split(data_dir, "train").paths)[excluded]
         save_csv(folder / "exclude.csv", pd.DataFrame({"train_idx": excluded, "path": paths}))
         argv += ["--exclude", str(folder / "exclude.csv")]
+    if fork_epoch:
+        argv += ["--fork_from", str(original / f"finetune_epoch_{fork_epoch}.pth")]
     return argv
 
 
@@ -88,6 +102,12 @@ def train_members(args) -> list[Path]:
         raise UserError(f"{original} has no train_args.json: members repeat a train.py run; pass its --checkpoint_dir")
     data_dir = args.data_dir or saved["data_dir"]
     epochs = int(saved["epochs"])
+    if args.fork_epoch and not (original / f"finetune_epoch_{args.fork_epoch}.pth").exists():
+        have = ", ".join(p.stem.rsplit("_", 1)[1] for p in find_checkpoints(original)) or "none"
+        raise UserError(f"--fork_epoch {args.fork_epoch}: {original} has no finetune_epoch_{args.fork_epoch}.pth "
+                        f"(checkpoints of epochs: {have}); pass one of those epochs before the last")
+    if args.fork_epoch >= epochs:
+        raise UserError(f"--fork_epoch {args.fork_epoch}: the original run trains {epochs} epochs; a fork starts before the last")
     out = check_replaceable(Path(args.out_dir), TOOL, "--out_dir")
     mark_owned(out, TOOL)
     todo = [args.only] if args.only else list(range(1, args.members))
@@ -95,10 +115,17 @@ def train_members(args) -> list[Path]:
     for k in todo:
         folder = out / f"member_{k}"
         st = state(folder, epochs)
+        if st != "new":  # a member of this kind (independent, or a fork of this epoch) or refused
+            was = (read_json(folder / "checkpoints" / "train_args.json", "delete it or pass another --out_dir")
+                   if (folder / "checkpoints" / "train_args.json").exists() else {}).get("forked") or {}
+            if int(was.get("epoch", 0)) != args.fork_epoch:
+                raise UserError(f"{folder} holds a member of another kind ({'fork of epoch ' + str(was['epoch']) if was else 'independent'}); "
+                                "pass another --out_dir")
         if st == "done":
             log.info(f"member {k}: finished ({folder}), kept")
             continue
-        argv = member_argv(k, original, out, data_dir, args.num_workers, args.device) + (["--resume"] if st == "partial" else [])
+        argv = member_argv(k, original, out, data_dir, args.num_workers, args.device, args.fork_epoch) \
+            + (["--resume"] if st == "partial" else [])
         jobs.append((k, folder, argv))
     threads = str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs) or 1))))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}

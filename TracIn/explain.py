@@ -17,7 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from common import cli, positive_int, save_csv, save_figure
+from lib.cli import cli, positive_int
+from lib.files import save_csv, save_figure
 from TracIn.analyze_topk_results import influence_panel
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from TracIn.api import Results
-    from TracIn.run_folder import tool_folder
+    from TracIn.core.run_folder import tool_folder
 
     args = parse_args(argv)
     labels = None if args.label is None else [int(x) if x.isdigit() else x for x in args.label]

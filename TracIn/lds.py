@@ -10,13 +10,13 @@ Spearman correlation over j between prediction and margin, averaged over the tes
 interval over test images).
 
 --retrain head: the fc layer retrained on the last checkpoint's cached features with the original run's optimiser,
-schedule, batch size and epochs (TracIn/retraining.py, through training.fit), so 200 subsets take minutes on a CPU.
+schedule, batch size and epochs (TracIn/experiments/retraining.py, through training.fit), so 200 subsets take minutes on a CPU.
 --retrain full: train.py on each subset with the original run's settings (--arch/--epochs make it cheaper, and are
 part of the store's identity), its last checkpoint's test margins recorded; 50 subsets by default. Each subset is one record in out_dir/subsets/ (written atomically, keyed by the TracIn
 run and the subset settings): a killed run continues where it stopped, and any scoring method, new or old, is
 evaluated against the same retrains without retraining. The original run's exclusions stay out of every subset.
 
-Methods, all from the TracIn run's factor cache (no forward pass), are those of the registry (TracIn/methods.py), each
+Methods, all from the TracIn run's factor cache (no forward pass), are those of the registry (TracIn/core/methods.py), each
 scored as the dense matrix of the very views efficient_tracin streams for it:
 - tracin: sum_t lr_t <g_t(x), g_t(z)> (the paper), tracin_normalized: training gradients of unit norm per checkpoint,
   tracin_last: the last checkpoint's <g(x), g(z)> alone (what influence_last becomes without curvature);
@@ -44,20 +44,23 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (UserError, check_replaceable, child_process, cli, end_children, fraction, identity_mismatch,
-                    load_npz, mark_owned, nonneg_int, positive_int, read_json, resolve_device, save_json)
-from TracIn.retraining import Arm, Retrainer, original_exclusions, original_settings
-from model_architecture import logit_figures
-from TracIn.arguments import DAMPING
-from TracIn.lds_score import choose_damping, records_matrices
-from TracIn.methods import METHODS as REGISTRY
-from TracIn.factors import choose_subset
-from TracIn.run import InfluenceRun
-from TracIn.results import run_id
+from lib.cli import UserError, cli, fraction, nonneg_int, positive_int
+from lib.devices import resolve_device
+from lib.files import identity_mismatch, load_npz, read_json, save_json
+from lib.ownership import check_replaceable, mark_owned
+from lib.prediction import logit_figures
+from lib.processes import child_process, end_children
+from TracIn.core.arguments import DAMPING
+from TracIn.core.factors import choose_subset
+from TracIn.core.methods import METHODS as REGISTRY
+from TracIn.core.results import run_id
+from TracIn.core.run import InfluenceRun
+from TracIn.experiments.lds_score import choose_damping, records_matrices
+from TracIn.experiments.retraining import Arm, Retrainer, original_exclusions, original_settings
 
 log = logging.getLogger(__name__)
 TOOL = "lds"
-METHODS = tuple(REGISTRY)  # every method of the registry (TracIn/methods.py)
+METHODS = tuple(REGISTRY)  # every method of the registry (TracIn/core/methods.py)
 DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature (holds DAMPING)
 
 
@@ -153,7 +156,7 @@ class SubsetStore:
         return self.path(j).exists()
 
     def save(self, j: int, train_idx: np.ndarray, margin: np.ndarray, loss: np.ndarray, accuracy: float) -> None:
-        from common import atomic_path
+        from lib.files import atomic_path
 
         with atomic_path(self.path(j)) as tmp:
             with open(tmp, "wb") as f:

@@ -17,7 +17,11 @@ Detectors (higher = more suspicious), all from data the pipeline already compute
 - ensemble (the default): the mean rank quantile of loss_last and aum (loss_last alone without
   training dynamics); chosen by the table in docs/mislabel.md over 8 data set x noise cells.
 
-Writes results_dir/mislabel/ (TracIn/run_folder.py: built whole, with inputs.json) holding mislabel_candidates.csv
+On the results of an ensemble of training runs (efficient_tracin --members) every detector is the members' mean:
+the losses and self-influence as efficient_tracin averaged them, AUM and forgetting from each member's own
+training_dynamics.npz (found beside its checkpoints), averaged.
+
+Writes results_dir/mislabel/ (TracIn/core/run_folder.py: built whole, with inputs.json) holding mislabel_candidates.csv
 ranked by --score (column `rank`; every detector is a column; linked as results_dir/mislabel_candidates.csv) and
 mislabel_detection.json. Where data_dir/mislabeled_ground_truth.csv exists (injected label noise) the json also holds
 recall at 5/10/20% inspected, average precision and ROC AUC of every detector, and mislabel_detection.png plots them.
@@ -31,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, check_replaceable, cli, read_table, save_csv, save_figure, save_json
-from data_utils import list_split
-from TracIn.results import appearances, load_results, run_id
-from TracIn.run_folder import tool_folder
-from training_dynamics import load_dynamics
+from lib.cli import UserError, cli
+from lib.data_utils import list_split
+from lib.files import read_table, save_csv, save_figure, save_json
+from lib.ownership import check_replaceable
+from lib.training_dynamics import dynamics_of_run
+from TracIn.core.results import appearances, load_results, run_id
+from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "mislabel_detection"
@@ -95,8 +101,16 @@ def forgetting_events(correct: np.ndarray) -> np.ndarray:
     return np.where(ever, events, n_epochs + 1)
 
 
-def detector_scores(r, dynamics: dict | None, train_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Every detector's score per scored training image (higher = more suspicious)."""
+def aum(margin: np.ndarray) -> np.ndarray:
+    """Minus the mean margin over the epochs an image was seen (NaN: never seen)."""
+    margin = margin.astype(np.float64)
+    seen = ~np.isnan(margin)
+    return np.where(seen.any(0), -np.nansum(margin, 0) / np.maximum(seen.sum(0), 1), np.nan)
+
+
+def detector_scores(r, dynamics: list[dict], train_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Every detector's score per scored training image (higher = more suspicious); `dynamics`: the training
+    dynamics of each training run behind r (one, or an ensemble's members: AUM and forgetting are their means)."""
     s = {"loss_last": np.asarray(r["train_loss_last"], dtype=np.float64)}
     if "train_loss_per_ckpt" in r:
         s["loss_mean"] = np.asarray(r["train_loss_per_ckpt"], dtype=np.float64).mean(0)
@@ -107,11 +121,9 @@ def detector_scores(r, dynamics: dict | None, train_ids: np.ndarray) -> dict[str
     if "train_grad_sq_norm_per_ckpt" in r:
         norms = np.asarray(r["train_grad_sq_norm_per_ckpt"], dtype=np.float64)
         s["self_influence_rank"] = np.mean([rank_quantile(row) for row in norms], axis=0)
-    if dynamics is not None and len(dynamics["margin"]):
-        margin = dynamics["margin"][:, train_ids].astype(np.float64)
-        seen = ~np.isnan(margin)
-        s["aum"] = np.where(seen.any(0), -np.nansum(margin, 0) / np.maximum(seen.sum(0), 1), np.nan)
-        s["forgetting"] = forgetting_events(dynamics["correct"][:, train_ids])
+    if dynamics and all(len(d["margin"]) for d in dynamics):
+        s["aum"] = np.mean([aum(d["margin"][:, train_ids]) for d in dynamics], axis=0)
+        s["forgetting"] = np.mean([forgetting_events(d["correct"][:, train_ids]) for d in dynamics], axis=0).astype(np.float64)
     s["opponent_count"] = appearances(r, "opponents", int(train_ids.max(initial=0)) + 1)[train_ids].astype(np.float64)
     members = [m for m in ENSEMBLE_MEMBERS if m in s]
     s["ensemble"] = np.mean([rank_quantile(s[m]) for m in members], axis=0)
@@ -124,8 +136,7 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     out = check_replaceable(Path(out_dir) if out_dir else results_dir / "mislabel", TOOL, "--out_dir")
     r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
-    dynamics = load_dynamics(checkpoint_dir, len(listing.paths), listing.class_names,
-                             train_runs=[c.get("train_run") for c in r.record["checkpoints"]])
+    dynamics = dynamics_of_run(r.record, checkpoint_dir, len(listing.paths), listing.class_names)
     train_ids, pred = np.asarray(r["train_indices"]), np.asarray(r["train_pred_last"])
     scores = detector_scores(r, dynamics, train_ids)
     if score not in scores:
@@ -146,7 +157,7 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     gt_path = Path(data_dir) / "mislabeled_ground_truth.csv"
     # what the table was computed from: a reader compares it with the TracIn run it sits beside
     report = {"n_train": int(len(train_ids)), "score": score, "detectors": list(scores), "tracin_run": run_id(r.record),
-              "train_run": None if dynamics is None else str(dynamics.get("train_run", ""))}
+              "train_run": ",".join(str(d.get("train_run", "")) for d in dynamics) or None}
     figure = None
     if gt_path.exists():
         gt = read_table(gt_path, {"train_index": "int"}, f"re-prepare {data_dir}")

@@ -39,11 +39,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, check_replaceable, cli, first_line, identity_mismatch, nonneg_int, owned_by, positive_int, quiet_worker,
-                    read_table)
-from data_utils import SplitListing, data_identity, list_split, read_false_predictions
-from TracIn.results import RECORD, appearances, index_of, load_results, other_training_run, run_id
-from TracIn.run_folder import current, tool_folder
+from lib.cli import UserError, cli, first_line, nonneg_int, positive_int
+from lib.data_utils import SplitListing, data_identity, list_split, read_false_predictions
+from lib.files import identity_mismatch, read_table
+from lib.ownership import check_replaceable, owned_by
+from lib.processes import quiet_worker
+from TracIn.core.results import RECORD, appearances, index_of, load_results, other_training_run, run_id
+from TracIn.core.run_folder import current, tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "report"

@@ -23,8 +23,8 @@ from pathlib import Path
 import train
 from bench.bench_mislabel import ROOT as MISLABEL_ROOT, run_cell
 from TracIn import counterfactual_check
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
 
 ROOT = Path("bench/results/counterfactual")
 COMMON = ["--n_test", "10", "--k", "10", "40", "--seeds", "3", "--seed", "0"]

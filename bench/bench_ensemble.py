@@ -3,6 +3,7 @@ docs/ensembles.md.
 
     $ python -m bench.bench_ensemble                      # about an hour on 2 cores (most of it the 48 retrains per set)
     $ python -m bench.bench_ensemble --sets digits        # a quicker look
+    $ python -m bench.bench_ensemble --fork_epoch 1       # cheap members: forks of the original after epoch 1
 
 Cells as docs/lds.md's full-retrain table: MNIST (the demo's 5,000 digits) and scikit-learn's 8x8 digits, 32 px, 10%
 uniform label noise; the original run is ResNet18 from scratch, 2 epochs, a checkpoint after each (Adam 1e-3, cosine,
@@ -11,6 +12,8 @@ batch 64). Members 1..7 are the same run with seeds + 1..7 (python -m TracIn.ens
 python -m TracIn.lds --retrain full on the same 48 random halves (12 choose the damping, 36 reported), 200 test
 images, records shared by every K (the retrains depend on the data and the original run, not on how it is scored).
 Training cost per row: K member trainings (seconds measured here). Everything stays in bench/results/ensemble/<set>/.
+With --fork_epoch N the members are forks (TracIn.ensemble --fork_epoch N: the original's epoch-N weights, epochs
+N+1.. with seed + k), scored against the same records; their cost is the original run plus K - 1 forks.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from pathlib import Path
 import prepare_data
 import train
 from TracIn import ensemble, lds
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
 
 ROOT = Path("bench/results/ensemble")
 METHODS = ["tracin", "tracin_last", "influence", "influence_last", "trak"]
@@ -54,9 +57,9 @@ def compare_means(demo_set: str) -> None:
     mean of scores scaled to unit spread per test image and the mean of ranks; LDS on the same reported subsets."""
     import numpy as np
 
-    from TracIn import lds_score
-    from TracIn.methods import METHODS, CheckpointsView, FactorSet
-    from TracIn.run import InfluenceRun
+    from TracIn.experiments import lds_score
+    from TracIn.core.methods import CheckpointsView, FactorSet, METHODS
+    from TracIn.core.run import InfluenceRun
 
     cell = ROOT / demo_set
     ref = json.loads((cell / "lds-k8.json").read_text())
@@ -87,6 +90,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", default=["mnist", "digits"], help="demo sets (default mnist digits)")
     p.add_argument("--num_subsets", type=int, default=48, help="LDS subsets (default 48, as docs/lds.md's full table)")
+    p.add_argument("--fork_epoch", type=int, default=0, help="0: independent members (default); N: forks after epoch N")
     p.add_argument("--compare_means", action="store_true",
                    help="after a run: the plain mean of members' scores against unit-spread and rank means")
     args = p.parse_args()
@@ -101,21 +105,27 @@ def main():
         cell = ROOT / demo_set
         t_original = original_run(demo_set, cell)
         t0 = time.time()
+        kind = f"fork{args.fork_epoch}-" if args.fork_epoch else ""
         folders = ensemble.train_members(ensemble.parse_args(["--checkpoint_dir", str(cell / "ckpt"), "--members", str(max(KS)),
-                                                              "--out_dir", str(cell / "members"), "--num_workers", "2",
-                                                              "--device", "cpu"]))
+                                                              "--out_dir", str(cell / ("forks" if kind else "members")),
+                                                              "--num_workers", "2", "--device", "cpu",
+                                                              "--fork_epoch", str(args.fork_epoch)]))
         t_members = time.time() - t0
+        timing = cell / f"{kind}members_seconds.json"  # a rerun finds the members trained: keep the first measurement
+        if not timing.exists():
+            timing.write_text(json.dumps(t_members / (max(KS) - 1)))
+        t_member = float(json.loads(timing.read_text()))
         for k in KS:
-            out = cell / f"results-k{k}"
+            out = cell / f"results-{kind}k{k}"
             tracin_job(TracInConfig(data_dir=str(cell / "data"), members=[str(f) for f in folders[:k]], output_dir=str(out),
                                     cache_dir=str(cell / "factors"), top_k=20, batch_size=64, device="cpu"))
             r = lds.evaluate(lds.parse_args(["--results_dir", str(out), "--data_dir", str(cell / "data"), "--retrain", "full",
                                              "--num_subsets", str(args.num_subsets), "--out_dir", str(cell / "lds"),
                                              "--methods", *METHODS]))
-            table[(demo_set, k)] = {"methods": r["methods"], "train_seconds": t_original * k}
-            (cell / f"lds-k{k}.json").write_text(json.dumps(r, indent=1, default=str))
+            table[(demo_set, k)] = {"methods": r["methods"], "train_seconds": t_original + t_member * (k - 1)}
+            (cell / f"lds-{kind}k{k}.json").write_text(json.dumps(r, indent=1, default=str))
             print(f"done: {demo_set} K={k}", flush=True)
-        print(f"{demo_set}: original run {t_original:.0f}s, {max(KS) - 1} members {t_members:.0f}s", flush=True)
+        print(f"{demo_set}: original run {t_original:.0f}s, one {kind or 'independent '}member {t_member:.0f}s", flush=True)
     print("\nFull-retrain LDS [95% interval] (damping chosen on the selection subsets; influence_last also at the shipped 10)")
     for demo_set in args.sets:
         print(f"\n{demo_set}\n| method | " + " | ".join(f"K={k}" for k in KS) + " |\n|---|" + "---|" * len(KS))
@@ -129,7 +139,7 @@ def main():
         print("| influence_last at damping 10 (shipped) | " + " | ".join(
             f"{v['lds_at_default_damping']:.3f} [{v['ci95_at_default_damping'][0]:.3f}, {v['ci95_at_default_damping'][1]:.3f}]"
             for v in at10) + " |")
-        print("| training (member trainings x s) | " + " | ".join(f"{table[(demo_set, k)]['train_seconds']:.0f}s" for k in KS) + " |")
+        print("| training (original + K - 1 members) | " + " | ".join(f"{table[(demo_set, k)]['train_seconds']:.0f}s" for k in KS) + " |")
 
 
 if __name__ == "__main__":

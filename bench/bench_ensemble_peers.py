@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.checkpoints import find_checkpoints, load_checkpoint
+from lib.data_utils import list_split
 from bench.bench_ensemble import KS, ROOT
 from bench.bench_peers import records, tensors, trak_scores
-from data_utils import list_split
-from model_architecture import find_checkpoints, load_checkpoint
-from TracIn import lds_score
+from TracIn.experiments import lds_score
 
 
 def main():

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from model_architecture import build_model
-from TracIn.arguments import FactorArguments
-from TracIn.factors import make_hook
-from TracIn.methods import FactorSet, method_for
-from TracIn.run import MemoryView
-from TracIn.scores import score_topk
+from TracIn.core.arguments import FactorArguments
+from TracIn.core.factors import make_hook
+from TracIn.core.methods import FactorSet, method_for
+from TracIn.core.run import MemoryView
+from TracIn.core.scores import score_topk
 
 
 def main():

@@ -100,8 +100,9 @@ def make_image_tree(root: Path, n_train: int, n_test: int, workers: int):
 
 
 def make_checkpoints(ckpt_dir: Path, n: int, image_size: int, arch: str = "resnet50"):
-    from data_utils import IMAGENET_MEAN, IMAGENET_STD
-    from model_architecture import build_model, make_checkpoint, save_checkpoint
+    from lib.data_utils import IMAGENET_MEAN, IMAGENET_STD
+    from lib.checkpoints import make_checkpoint, save_checkpoint
+    from model_architecture import build_model
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for t in range(n):
@@ -114,8 +115,8 @@ def make_checkpoints(ckpt_dir: Path, n: int, image_size: int, arch: str = "resne
 
 
 def tracin(data, ckpts, out, device, bs=64, workers=2, top_k=10, **settings):
-    from TracIn.arguments import TracInConfig
-    from TracIn.job import tracin_job
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.job import tracin_job
 
     return tracin_job(TracInConfig(data_dir=str(data), checkpoints=list(map(str, ckpts)), output_dir=str(out), device=device,
                                    batch_size=bs, num_workers=workers, top_k=top_k, **settings))
@@ -133,7 +134,7 @@ def part0_agreement(work, data, ckpts, device, args):
     tracin(data, ckpts[:2], work / "agree_cpu", "cpu", workers=args.workers, **sub)
     tracin(data, ckpts[:2], work / "agree_dev", device.type, workers=args.workers, **sub)
     set_tf32(True)
-    from TracIn.results import load_results
+    from TracIn.core.results import load_results
 
     c, g = load_results(work / "agree_cpu"), load_results(work / "agree_dev")
     idx = np.mean([np.mean(g[k] == c[k]) for k in ("top_k_influences_indices", "top_k_opponents_indices")])
@@ -195,8 +196,8 @@ def part2_factor_pass(device, args, amp):
 
 
 def part3_scoring(device, args):
-    from TracIn.factors import ResidentFactors
-    from TracIn.scores import score_topk
+    from TracIn.core.factors import ResidentFactors
+    from TracIn.core.scores import score_topk
     from TracIn.influence_utils import self_influence
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -219,7 +220,7 @@ def part3_scoring(device, args):
 
 
 def part4_end_to_end(work, data, ckpts, device, args):
-    from data_utils import ImageListDataset, build_transform, list_split, make_loader
+    from lib.data_utils import ImageListDataset, build_transform, list_split, make_loader
 
     listing = list_split(data, "train")
     loader = make_loader(ImageListDataset(listing, build_transform(args.image_size, train=False)), args.batch_size,

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench.bench_mislabel import ROOT as MISLABEL_ROOT, run_cell
 from TracIn import counterfactual_check, mislabel_detection
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
 
 ROOT = Path("bench/results/multilayer")
 LAYER_SETS = {"fc": ["fc"], "layer4.2+fc": ["layer4.2", "fc"], "layer4+fc": ["layer4", "fc"],

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_utils import ImageListDataset, eval_transform, list_split
-from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import lds_score
-from TracIn.results import load_results
+from lib.checkpoints import load_checkpoint, model_from_checkpoint
+from lib.data_utils import ImageListDataset, eval_transform, list_split
+from TracIn.core.results import load_results
+from TracIn.experiments import lds_score
 
 ROOT = Path("bench/results/lds")
 DATA = {"mnist": "bench/results/mislabel/mnist-uniform-10-resnet50-e4/data",

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.files import save_json
 from TracIn import report
-from common import save_json
-from TracIn.results import run_id, write_run
-from TracIn.run_folder import tool_folder
+from TracIn.core.results import run_id, write_run
+from TracIn.core.run_folder import tool_folder
 
 ROOT = Path("bench/results/report")
 CLASSES = ["cane", "cavallo", "elefante", "farfalla", "gallina", "gatto", "mucca", "pecora", "ragno", "scoiattolo"]
@@ -44,7 +44,7 @@ def make_images(data: Path, n_train: int, n_test: int, seed: int = 0) -> None:
 
 
 def make_results(res: Path, data: Path, k: int, seed: int = 1) -> None:
-    from data_utils import list_split
+    from lib.data_utils import list_split
 
     tr, te = list_split(data, "train"), list_split(data, "test")
     n_train, n_test = len(tr.paths), len(te.paths)

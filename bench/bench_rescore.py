@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model_architecture import find_checkpoints
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.results import load_results
+from lib.checkpoints import find_checkpoints
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
+from TracIn.core.results import load_results
 
 
 def tracin(args, out: Path, **settings) -> tuple[float, dict]:

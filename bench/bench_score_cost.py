@@ -16,8 +16,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
 
 ROWS = (("tracin --normalize train (previous default)", {"score_fn": "tracin", "normalize": "train"}),
         ("tracin --normalize none", {"score_fn": "tracin", "normalize": "none"}),

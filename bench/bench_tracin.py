@@ -61,12 +61,12 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def part1(args):
-    from data_utils import ImageListDataset, build_transform, list_split
-    from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint
-    from TracIn.arguments import TracInConfig
-    from TracIn.factors import choose_subset
-    from TracIn.job import tracin_job
-    from TracIn.results import load_results
+    from lib.data_utils import ImageListDataset, build_transform, list_split
+    from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.factors import choose_subset
+    from TracIn.core.job import tracin_job
+    from TracIn.core.results import load_results
 
     paths = find_checkpoints(args.checkpoint_dir)
     if not paths:
@@ -151,8 +151,8 @@ def part1(args):
 
 def memory_child(n_train, n_test, top_k):
     """Score random factors; print peak RssAnon (MiB) and seconds as JSON."""
-    from TracIn.factors import CheckpointFactors, FactorView
-    from TracIn.scores import score_topk
+    from TracIn.core.factors import CheckpointFactors, FactorView
+    from TracIn.core.scores import score_topk
 
     peak = [0]
     stop = threading.Event()

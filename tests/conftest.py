@@ -33,8 +33,8 @@ def trained(prepared, tmp_path_factory):
     """Two epochs of resnet18 on the tiny data, and TracIn over its checkpoints."""
     root = tmp_path_factory.mktemp("trained")
     import train
-    from TracIn.arguments import TracInConfig
-    from TracIn.job import tracin_job
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.job import tracin_job
 
     assert train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "2", "--batch_size", "4",
                        "--weights", "none", "--save_checkpoints_every", "1", "--checkpoint_dir", str(root / "ckpt"),

@@ -97,8 +97,9 @@ def make_raw_tree(root, per_class=8, seed=0):
 
 def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_size=32, lrs=(0.01, 0.004, 0.002), seed=100):
     """Checkpoints of differently initialised models (TracIn needs no training to be exact)."""
-    from data_utils import IMAGENET_MEAN, IMAGENET_STD
-    from model_architecture import build_model, make_checkpoint, save_checkpoint
+    from lib.data_utils import IMAGENET_MEAN, IMAGENET_STD
+    from lib.checkpoints import make_checkpoint, save_checkpoint
+    from model_architecture import build_model
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for t in range(n):
@@ -115,11 +116,11 @@ def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64):
     import json
     from pathlib import Path
 
-    from data_utils import data_identity
+    from lib.data_utils import data_identity
 
     csv_path = Path(csv_path)
     frame.to_csv(csv_path, index=False)
-    from common import file_sha256
+    from lib.files import file_sha256
 
     csv_path.with_suffix(".json").write_text(json.dumps({"model": "hand-made", "model_sha256": model_sha256,
                                                          **data_identity(data_dir), "csv_sha256": file_sha256(csv_path)}))

@@ -24,13 +24,14 @@ def kill_on_call(owner, name: str, n: int) -> None:
 if __name__ == "__main__":
     tool, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if tool == "tracin":
-        from TracIn import efficient_tracin, factors
+        from TracIn import efficient_tracin
+        from TracIn.core import factors
 
         kill_on_call(factors, "batch_to_device", n + 1)
         efficient_tracin.main(argv)
     else:
         import train
-        from training_dynamics import DynamicsRecorder
+        from lib.training_dynamics import DynamicsRecorder
 
         kill_on_call(DynamicsRecorder, "record", n)
         train.main(argv)

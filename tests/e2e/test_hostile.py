@@ -18,14 +18,15 @@ import demo_report
 import gradCAM_evaluation
 import prepare_data
 import train
-from common import UserError, os_error_message
-from data_utils import data_identity, list_split, read_exclusions
+from lib.cli import UserError, os_error_message
+from lib.data_utils import data_identity, list_split, read_exclusions
+from helpers import (checksums, make_random_checkpoints, make_raw_tree, one_error_line, sh, wait_for,
+                     write_false_predictions)
 from TracIn import (analyze_misprediction_influences, analyze_topk_results, clean_and_retrain, counterfactual_check,
-                    efficient_tracin as et, factors, mislabel_detection, report, retraining)
-from TracIn.results import load_results, run_id
-from helpers import make_random_checkpoints, make_raw_tree, write_false_predictions
-from helpers import wait_for
-from helpers import checksums, one_error_line, sh
+                    efficient_tracin as et, mislabel_detection, report)
+from TracIn.core import factors
+from TracIn.core.results import load_results, run_id
+from TracIn.experiments import retraining
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -425,7 +426,7 @@ def test_retrains_leave_out_what_the_original_run_left_out(prepared, trained, tm
 
 def test_empty_or_foreign_false_predictions_are_one_line(world, trained, prepared, tmp_path):
     model = trained / "ckpt" / "finetune_epoch_2.pth"
-    from common import file_sha256
+    from lib.files import file_sha256
 
     (tmp_path / "fp.csv").write_text("")
     write_false_predictions(tmp_path / "f2.csv", pd.DataFrame({"a": [1], "b": [2]}), prepared, file_sha256(model))

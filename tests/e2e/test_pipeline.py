@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import evaluate
-from common import UserError
-import model_architecture
+from lib.cli import UserError
+from lib import prediction
 import prepare_data
 import train
-from data_utils import list_split, load_rgb
-from model_architecture import build_model, find_checkpoints, load_checkpoint, model_from_checkpoint
+from lib.data_utils import list_split, load_rgb
+from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from model_architecture import build_model
 from helpers import make_raw_tree
 
 
@@ -151,7 +152,7 @@ def test_checkpoint_of_another_model_is_refused(prepared, tmp_path):
 
 def test_metrics_from_logits():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], dtype=np.float32)
-    m = model_architecture.metrics_from_logits(logits, np.array([0, 0, 1]), 2)
+    m = prediction.metrics_from_logits(logits, np.array([0, 0, 1]), 2)
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["confusion"].tolist() == [[1, 1], [1, 0]]
     assert m["per_class_accuracy"][0] == 0.5 and m["per_class_accuracy"][1] == 0.0

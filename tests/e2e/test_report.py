@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 import prepare_data
-from data_utils import list_split, read_exclusions
-from TracIn import efficient_tracin as et, mislabel_detection, report
-from TracIn.results import load_results
+from lib.data_utils import list_split, read_exclusions
 from helpers import make_random_checkpoints, make_raw_tree, wait_for, write_false_predictions
+from TracIn import efficient_tracin as et, mislabel_detection, report
+from TracIn.core.results import load_results
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
@@ -92,7 +92,7 @@ def test_false_predictions_given_as_the_csv_path_keeps_the_mispredictions_view(r
 
 
 def test_the_overview_says_where_the_model_was_selected(run, tmp_path):
-    from data_utils import data_identity
+    from lib.data_utils import data_identity
 
     (tmp_path / "ev").mkdir()
     args = list(run["args"])

@@ -11,11 +11,12 @@ import torch
 import evaluate
 import prepare_data
 import train
-from common import UserError, resolve_device
-from data_utils import list_split
-from TracIn import efficient_tracin
-from model_architecture import load_checkpoint
+from lib.checkpoints import load_checkpoint
+from lib.cli import UserError
+from lib.data_utils import list_split
+from lib.devices import resolve_device
 from helpers import checksums, make_random_checkpoints, make_raw_tree, one_error_line, sh
+from TracIn import efficient_tracin
 
 RESULT_ARRAYS = ["top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values",
                  "top_k_opponents_indices", "self_influence", "test_indices", "test_pred"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_architecture import find_checkpoints, load_checkpoint
+from lib.checkpoints import find_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,8 +101,8 @@ def test_slurm_train_then_tracin_array_and_merge(slurm, prepared, tmp_path):
     wait_for(set(ids), env)
     assert job_states(ids[0], env) == ["COMPLETED"] * 3 and job_states(ids[1], env) == ["COMPLETED"]
 
-    from TracIn.arguments import TracInConfig
-    from TracIn.job import tracin_job
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.job import tracin_job
 
     tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "one"), top_k=5,
                             batch_size=4, train_block=4, test_block=4, num_workers=0, score_fn="tracin"))

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import TracIn
-from common import UserError
-from TracIn import efficient_tracin, explain
-from TracIn.methods import METHODS, SCORE_FNS, method_for
-from TracIn.run import InfluenceRun
+from lib.cli import UserError
 from helpers import one_error_line, sh
+from TracIn import efficient_tracin, explain
+from TracIn.core.methods import METHODS, SCORE_FNS, method_for
+from TracIn.core.run import InfluenceRun
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SHIPPED = [("influence_last", "none"), ("tracin", "train"), ("tracin", "none"), ("tracin_last", "none"), ("influence", "none"),

@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import UserError, resolve_device
-from TracIn import counterfactual_check as cc, efficient_tracin as et, retraining
-from TracIn.results import load_results
-from TracIn.run import InfluenceRun
+from lib.cli import UserError
+from lib.devices import resolve_device
+from TracIn import counterfactual_check as cc, efficient_tracin as et
+from TracIn.core.results import load_results
+from TracIn.core.run import InfluenceRun
+from TracIn.experiments import retraining
 
 
 def run_check(prepared, trained, out, *extra):

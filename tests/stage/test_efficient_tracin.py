@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from common import UserError
-from data_utils import ImageListDataset, build_transform, list_split
-from model_architecture import load_checkpoint, model_from_checkpoint
-from TracIn import factors, scores
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
+from lib.checkpoints import load_checkpoint, model_from_checkpoint
+from lib.cli import UserError
+from lib.data_utils import ImageListDataset, build_transform, list_split
 from helpers import make_random_checkpoints
+from TracIn.core import factors, scores
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_normalized_scores_equal_torch_func_gradients_divided_by_their_norms(pre
 def test_a_rescore_reuses_the_kept_curvature_and_gives_identical_arrays(prepared, ckpts, tmp_path, monkeypatch, score_fn):
     """The K-FAC moments and their damped inverses are kept beside the factor cache: a re-score (another --top_k, or the
     same run again) reads neither the training factors for them nor inverts again, and the arrays are bit-identical."""
-    from TracIn import curvature
+    from TracIn.core import curvature
 
     run(prepared, ckpts, tmp_path / "first", score_fn=score_fn, overwrite=True)
     first = load_outputs(tmp_path / "first")

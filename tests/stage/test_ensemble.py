@@ -5,18 +5,19 @@ import shutil
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from common import UserError
-from data_utils import list_split
-from TracIn import ensemble
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.methods import method_for
-from TracIn.results import load_results, run_id
-from TracIn.run import InfluenceRun
+from lib.cli import UserError
+from lib.data_utils import list_split
 from helpers import make_random_checkpoints, sh
+from TracIn import ensemble
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
+from TracIn.core.methods import method_for
+from TracIn.core.results import load_results, run_id
+from TracIn.core.run import InfluenceRun
 
 ARRAYS = ("top_k_influences_values", "top_k_influences_indices", "top_k_opponents_values", "top_k_opponents_indices",
           "self_influence", "test_indices", "test_pred", "train_loss_last", "train_pred_last", "train_loss_per_ckpt")
@@ -124,6 +125,47 @@ def test_a_member_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted
     before = (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns
     assert ensemble.main(args + ["--out_dir", str(tmp_path / "whole")]) == 0
     assert (tmp_path / "whole" / "member_1" / "checkpoints" / "finetune_epoch_2.pth").stat().st_mtime_ns == before
+
+
+def test_a_fork_continues_the_originals_checkpoint_with_its_own_seed_and_keeps_its_first_epochs(trained, tmp_path):
+    from lib.training_dynamics import load_dynamics
+
+    original = trained / "ckpt"
+    saved = json.loads((original / "train_args.json").read_text())
+    args = ["--checkpoint_dir", str(original), "--members", "2", "--num_workers", "0", "--device", "cpu", "--fork_epoch", "1",
+            "--out_dir", str(tmp_path / "forks")]
+    assert ensemble.main(args) == 0
+    folder = tmp_path / "forks" / "member_1" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("finetune_epoch_*.pth")) == ["finetune_epoch_2.pth"]  # its own epochs only
+    rec = json.loads((folder / "train_args.json").read_text())
+    assert rec["seed"] == saved["seed"] + 1 and rec["forked"]["epoch"] == 1
+    assert rec["forked"]["train_run"] == saved["train_run"] and rec["train_run"] != saved["train_run"]
+    ours = torch.load(folder / "finetune_epoch_2.pth", weights_only=True)
+    theirs = torch.load(original / "finetune_epoch_2.pth", weights_only=True)
+    # epoch 2 only: lr_t is the rate of the epochs since the fork; the weights differ from the original's epoch 2
+    assert ours["lr"] == pytest.approx(theirs["lr"])
+    assert not torch.equal(ours["model_state"]["fc.weight"], theirs["model_state"]["fc.weight"])
+    names = list_split(saved["data_dir"], "train").class_names
+    mine = load_dynamics(folder, saved["n_train"], names)
+    first = load_dynamics(original, saved["n_train"], names)
+    np.testing.assert_array_equal(mine["loss"][0], first["loss"][0])  # epoch 1 is the original's
+    assert not np.array_equal(np.nan_to_num(mine["loss"][1]), np.nan_to_num(first["loss"][1]))
+    # a folder of independent members is not taken for forks; a fork of the last epoch or a missing one is refused
+    with pytest.raises(UserError, match="a fork starts before the last"):
+        ensemble.main(args[:-1] + [str(tmp_path / "forks2"), "--fork_epoch", "2"])
+    with pytest.raises(UserError, match="holds a member of another kind"):
+        ensemble.main(args[:-4] + ["--out_dir", str(tmp_path / "forks"), "--fork_epoch", "0"])
+    # the fork is a member like any other: efficient_tracin --members scores the two together
+    run(saved["data_dir"], tmp_path / "ens", members=[str(original), str(folder)], score_fn="influence_last", normalize="none")
+    assert load_results(tmp_path / "ens").record["args"]["member_sizes"] == [2, 1]
+    # the mislabel detectors over the two: AUM is the mean of each member's own (from its own dynamics file)
+    from TracIn import mislabel_detection
+
+    assert mislabel_detection.main(["--results_dir", str(tmp_path / "ens"), "--data_dir", saved["data_dir"]]) == 0
+    table = pd.read_csv(tmp_path / "ens" / "mislabel" / "mislabel_candidates.csv").sort_values("train_idx")
+    want = (mislabel_detection.aum(first["margin"]) + mislabel_detection.aum(mine["margin"])) / 2
+    np.testing.assert_allclose(table["aum"].to_numpy(), want, rtol=1e-6)
+    assert not np.allclose(want, mislabel_detection.aum(first["margin"]))
 
 
 @pytest.mark.parametrize("score_fn", ["influence_last", "tracin"])

@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 
 import demo_report
-from common import UserError, usual_mode
+from lib.cli import UserError
+from lib.files import usual_mode
 from TracIn import mislabel_detection
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.results import load_results, run_id
-from TracIn.run_folder import current, tool_folder
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
+from TracIn.core.results import load_results, run_id
+from TracIn.core.run_folder import current, tool_folder
 
 
 def detect(prepared, trained, res):
@@ -129,7 +130,7 @@ def test_analyze_topk_results_writes_beside_the_run_it_reads(prepared, trained, 
 def test_mispredictions_of_another_training_run_are_not_mixed_with_this_tracin_run(prepared, trained, tmp_path):
     from helpers import write_false_predictions
 
-    from data_utils import list_split
+    from lib.data_utils import list_split
     from TracIn import analyze_misprediction_influences
 
     r = load_results(trained / "res")

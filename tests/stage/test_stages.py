@@ -1,5 +1,5 @@
 """Two stages with content identities (factors cached by what determines them, scores re-done from
-the cache), one run per results folder, and one owner (TracIn/results.py) for reading results."""
+the cache), one run per results folder, and one owner (TracIn/core/results.py) for reading results."""
 import json
 import shutil
 
@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common import UserError
-from data_utils import list_split
-from TracIn import analyze_misprediction_influences, analyze_topk_results, mislabel_detection
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.results import ARRAYS, index_of, load_results
+from lib.cli import UserError
+from lib.data_utils import list_split
 from helpers import make_random_checkpoints, write_false_predictions
+from TracIn import analyze_misprediction_influences, analyze_topk_results, mislabel_detection
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
+from TracIn.core.results import ARRAYS, index_of, load_results
 
 
 @pytest.fixture

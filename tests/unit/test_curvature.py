@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_utils import ImageListDataset, build_transform, list_split
-from model_architecture import load_checkpoint, model_from_checkpoint
-from common import UserError
-from TracIn import efficient_tracin as et
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.curvature import KroneckerCurvature
-from TracIn.influence_utils import InfluenceHook, ghost_influence_block, per_example_grads
+from lib.checkpoints import load_checkpoint, model_from_checkpoint
+from lib.cli import UserError
+from lib.data_utils import ImageListDataset, build_transform, list_split
 from helpers import make_random_checkpoints, tiny_resnet_batch, tiny_resnets
+from TracIn import efficient_tracin as et
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.curvature import KroneckerCurvature
+from TracIn.core.job import tracin_job
+from TracIn.influence_utils import InfluenceHook, ghost_influence_block, per_example_grads
 
 
 @pytest.fixture(scope="module")

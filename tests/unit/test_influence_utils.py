@@ -5,10 +5,10 @@ import tracemalloc
 import pytest
 import torch
 
+from helpers import make_tiny_models
+from TracIn.core.topk import TopKInfluenceTracker
 from TracIn.influence_utils import (InfluenceHook, ghost_influence_block, per_example_grads, reference_influence,
                                     self_influence)
-from TracIn.topk import TopKInfluenceTracker
-from helpers import make_tiny_models
 
 
 def ghost_scores(models, lrs, layers, x_tr, y_tr, x_te, y_te, batch=4):

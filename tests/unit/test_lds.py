@@ -8,7 +8,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from TracIn import curvature, lds, lds_score
+from TracIn import lds
+from TracIn.core import curvature
+from TracIn.experiments import lds_score
 
 
 def test_lds_equals_a_hand_computation():
@@ -171,7 +173,7 @@ def test_shards_jobs_and_merge_give_the_records_of_one_run(prepared, trained, tm
     (["--num_subsets", "8", "--jobs", "9"], "--jobs 9"),
 ])
 def test_lds_settings_that_leave_nothing_to_report_are_refused(argv, needle):
-    from common import UserError
+    from lib.cli import UserError
 
     with pytest.raises(UserError, match=None) as e:
         lds.parse_args(argv)
@@ -192,8 +194,8 @@ def test_too_few_selection_subsets_report_the_default_damping_not_the_first_grid
 
 def test_a_truncated_or_incomplete_record_is_one_line(tmp_path):
     """A truncated subset record (BadZipFile before) or training_dynamics.npz: one line naming the file."""
-    from common import UserError
-    from training_dynamics import FILE, load_dynamics
+    from lib.cli import UserError
+    from lib.training_dynamics import FILE, load_dynamics
 
     store = lds.SubsetStore(tmp_path / "lds", {"x": 1})
     store.save(0, np.arange(4), np.zeros(3), np.zeros(3), 0.5)

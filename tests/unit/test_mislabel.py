@@ -9,14 +9,14 @@ import torch
 
 import prepare_data
 import train
-from common import UserError
-from data_utils import list_split
-from model_architecture import logit_figures
-from TracIn import clean_and_retrain, efficient_tracin as et
-from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
-from TracIn.results import load_results
-from training_dynamics import load_dynamics
+from lib.cli import UserError
+from lib.data_utils import list_split
+from lib.prediction import logit_figures
+from lib.training_dynamics import load_dynamics
 from helpers import make_random_checkpoints, make_raw_tree
+from TracIn import clean_and_retrain, efficient_tracin as et
+from TracIn.core.results import load_results
+from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
 
 
 class FakeResults(dict):
@@ -46,7 +46,7 @@ def test_detectors_against_direct_numpy():
     dyn_margin[1, 3] = np.nan  # image 3 not seen in epoch 2
     correct = np.array([[0, 1, 1, 1, 0], [0, 1, 0, 1, 0], [1, 0, 1, 1, 0], [1, 1, 1, -1, 0], [0, 0, 1, 1, 0],
                         [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 0, 1], [0, 1, 0, 0, 1], [1, 1, 0, 1, 1]], dtype=np.int8).T
-    s = detector_scores(r, {"margin": dyn_margin, "correct": correct}, train_ids)
+    s = detector_scores(r, [{"margin": dyn_margin, "correct": correct}], train_ids)
 
     np.testing.assert_allclose(s["loss_mean"], loss.mean(0), rtol=1e-6)
     np.testing.assert_allclose(s["el2n"], el2n.mean(0), rtol=1e-6)
@@ -195,8 +195,8 @@ def test_clean_and_retrain_reports_test_accuracy_when_the_arms_select_on_val(tmp
     import json
 
     from TracIn import efficient_tracin
-    from TracIn.retraining import full_test_logits
-    from data_utils import list_split
+    from TracIn.experiments.retraining import full_test_logits
+    from lib.data_utils import list_split
 
     raw = make_raw_tree(tmp_path / "raw", per_class=12)
     data = tmp_path / "p"

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import UserError
-from data_utils import list_split
-from TracIn.arguments import TracInConfig
-from TracIn.job import tracin_job
-from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
+from lib.cli import UserError
+from lib.data_utils import list_split
 from helpers import TinyResNet, make_random_checkpoints, tiny_resnet_batch as batch, tiny_resnets as tiny
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.job import tracin_job
+from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
 
 
 PARAMS = ["layer1.0.weight", "layer1.3.weight", "layer1.3.bias", "fc.weight", "fc.bias"]
@@ -102,8 +102,8 @@ def test_pipeline_with_conv_layers_matches_the_hook_and_caches_by_projection(dat
     assert rec["layers"] == ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2", "fc"]
     assert rec["identity"]["factors"]["proj_dim"] == 4 and first["layer_dims"]["layer4.0.conv1"] == [16, 1]
     # the same scores from the hook directly, with the same (seeded) projections for train and test
-    from model_architecture import load_checkpoint, model_from_checkpoint
-    from data_utils import ImageListDataset, eval_transform
+    from lib.checkpoints import load_checkpoint, model_from_checkpoint
+    from lib.data_utils import ImageListDataset, eval_transform
 
     ckpts = [load_checkpoint(p) for p in sorted((root / "ckpt").glob("*.pth"))]
     tr, te = list_split(d, "train"), list_split(d, "test")

@@ -1,11 +1,11 @@
-"""The training library (training.py) and the retraining one (TracIn/retraining.py) through their API."""
+"""The training library (training.py) and the retraining one (TracIn/experiments/retraining.py) through their API."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from TracIn.retraining import Arm, Retrainer, retrain_head, run_arms
-from training import example_figures, fit
+from lib.training import example_figures, fit
+from TracIn.experiments.retraining import Arm, Retrainer, retrain_head, run_arms
 
 
 def test_fit_is_the_plain_minibatch_loop_with_the_scheduled_rate():

@@ -11,7 +11,7 @@ checkpoint_dir/training_dynamics.npz after every epoch, indexed like the manifes
     class_names, n_train, data_dir             what the rows mean (checked on load)
     train_run                                  the training run's id (also in each of its checkpoints)
 
-    from training_dynamics import load_dynamics
+    from lib.training_dynamics import load_dynamics
     dyn = load_dynamics("models/checkpoints", n_train=4000, class_names=[...])
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path, load_npz
-from training import example_figures
+from lib.cli import UserError
+from lib.files import atomic_path, load_npz
+from lib.training import example_figures
 
 FILE = "training_dynamics.npz"
 
@@ -103,3 +104,18 @@ def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required
                             f"checkpoints of run {', '.join(sorted({str(r) for r in train_runs}))}; pass the --checkpoint_dir of "
                             "the training run whose checkpoints TracIn used")
     return dyn
+
+
+def dynamics_of_run(record: dict, checkpoint_dir, n_train: int, class_names: list[str]) -> list[dict]:
+    """The training dynamics behind a TracIn run (its run.json `record`): checkpoint_dir's for one training run
+    ([] when it has none); for an ensemble (efficient_tracin --members) every member's, read from the folder of its
+    recorded checkpoints, each checked to be that member's run."""
+    ckpts = record["checkpoints"]
+    sizes = record["args"].get("member_sizes") or [len(ckpts)]
+    if len(sizes) == 1:
+        one = load_dynamics(checkpoint_dir, n_train, class_names, train_runs=[c.get("train_run") for c in ckpts])
+        return [] if one is None else [one]
+    bounds = np.cumsum([0] + list(sizes))
+    groups = [ckpts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [load_dynamics(Path(g[0]["path"]).parent, n_train, class_names, required=True,
+                          train_runs=[c.get("train_run") for c in g]) for g in groups]

@@ -1,6 +1,6 @@
 """Retraining the original run without some training images: the one way every removal experiment does it.
 
-    from TracIn.retraining import Arm, Retrainer, original_settings, run_arms
+    from TracIn.experiments.retraining import Arm, Retrainer, original_settings, run_arms
     retrainer = Retrainer("full", original_settings(ckpt_dir), data_dir, train_list, excluded, out / "arms", out, tool)
     rows = run_arms([Arm("none", no_images, seed=0)], lambda arm: {"accuracy": ...})
 
@@ -25,11 +25,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import (UserError, check_replaceable, mark_owned, read_json, remove_inside_owned, resolve_device, run_child,
-                    save_csv, scheduled_lr)
-from data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
-from model_architecture import find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device, predict
-from training import fit
+from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from lib.cli import UserError
+from lib.data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
+from lib.devices import model_to_device, resolve_device
+from lib.files import read_json, save_csv
+from lib.ownership import check_replaceable, mark_owned, remove_inside_owned
+from lib.prediction import predict
+from lib.processes import run_child
+from lib.training import fit, scheduled_lr
 
 log = logging.getLogger(__name__)
 TRAIN_FLAGS = ("arch", "epochs", "batch_size", "learning_rate", "lr_schedule", "weight_decay", "image_size", "weights", "seed", "hflip")

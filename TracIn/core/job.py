@@ -1,7 +1,7 @@
 """One TracIn job: an unsharded run, one shard of a sharded run, or the merge of finished shards.
 
-    from TracIn.arguments import TracInConfig
-    from TracIn.job import tracin_job
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.job import tracin_job
     summary = tracin_job(TracInConfig(top_k=20))     # what python -m TracIn.efficient_tracin --top_k 20 does
 
 The job resolves its inputs once (run.InfluenceRun: the splits, the chosen rows, the checkpoints, the layers), checks
@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (OWNER_MARKER, UserError, ensure_output_dir, is_relative_to, mark_owned, owned_by, remove_inside_owned,
-                    remove_owned, resolve_device)
-from TracIn.factors import TOOL, check_images
-from TracIn.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
-from TracIn.run import InfluenceRun
-from TracIn.scores import factors_and_scores
-from TracIn.shards import merge_shards, write_shard
+from lib.cli import UserError
+from lib.devices import resolve_device
+from lib.files import ensure_output_dir, is_relative_to
+from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned, remove_owned
+from TracIn.core.factors import TOOL, check_images
+from TracIn.core.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
+from TracIn.core.run import InfluenceRun
+from TracIn.core.scores import factors_and_scores
+from TracIn.core.shards import merge_shards, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,9 @@ Every script and `TracIn/*` takes its images from here, so a training index mean
 same image everywhere: the position in the sorted image-folder order of a split
 (classes sorted by name, files sorted by name within a class; torchvision's ImageFolder
 order), which is also the `index` column of `data/processed/manifest.csv`.
+
+Why one module over 300 lines: it is the data's one definition (names, decoding, order, transforms, identity keys);
+split, two modules could disagree on which image index i is.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from common import UserError, file_sha256, first_line
+from lib.cli import UserError, first_line
+from lib.files import file_sha256
 
 # Animals-10 ships Italian folder names; anything else is kept as it is.
 ITALIAN_TO_ENGLISH = {
@@ -128,7 +132,7 @@ def check_manifest(data_dir, listings: dict) -> None:
     """prepare_data.py's manifest.csv, where there is one, must describe the folder as it is: parsed with its columns,
     and per split one row per image, index i naming the i-th listed file (compared by split/class/file, so a moved
     data folder still matches). Notebook joins go through it; a garbage or truncated one is refused with one line."""
-    from common import read_table
+    from lib.files import read_table
 
     path = Path(data_dir) / "manifest.csv"
     if not path.exists():
@@ -288,7 +292,7 @@ def read_false_predictions(csv_path, data_dir, model_sha256: str | None = None, 
     """false_prediction.py's table, checked: its columns and cell types, and the record beside it (the model and the
     data it came from) against `data_dir` as it is now (and `model_sha256`, when given; images=False: the preparation
     only, see data_identity). One UserError line otherwise."""
-    from common import identity_mismatch, read_json, read_table
+    from lib.files import identity_mismatch, read_json, read_table
 
     csv_path = Path(csv_path)
     fix = f"rerun false_prediction.py --data_dir {data_dir}"

@@ -78,7 +78,7 @@ class KroneckerCurvature:
         return self
 
     def save(self, store: Path) -> None:
-        from common import atomic_path
+        from lib.files import atomic_path
 
         with atomic_path(store) as tmp:
             torch.save({"moments": {f"{t}|{layer}": list(v) for (t, layer), v in self.moments.items()},

@@ -1,6 +1,6 @@
 """Stage 2 of TracIn: a method's scores streamed through a top-k, and self-influence, from cached factors.
 
-    from TracIn.scores import score_topk
+    from TracIn.core.scores import score_topk
     tracker = score_topk(views["test"], views["train"], n_test, n_train, layers, lrs, top_k, test_block, train_block,
                          train_ids, device)     # blocks of (test x train) scores summed over checkpoints, then top-k
 
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_architecture import logit_figures
-from TracIn.arguments import FactorArguments, ScoreArguments
-from TracIn.factors import curvature_store, factor_views
+from lib.prediction import logit_figures
+from TracIn.core.arguments import FactorArguments, ScoreArguments
+from TracIn.core.factors import curvature_store, factor_views
+from TracIn.core.methods import FactorSet, method_for
+from TracIn.core.topk import TopKInfluenceTracker
 from TracIn.influence_utils import ghost_influence_block
-from TracIn.methods import FactorSet, method_for
-from TracIn.topk import TopKInfluenceTracker
 
 
 def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,

@@ -1,6 +1,6 @@
 """Stage 1 of TracIn: per-example factors (a, d) of the target layers and the logits, cached on disk.
 
-    from TracIn.factors import factor_views
+    from TracIn.core.factors import factor_views
     views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids,
                                          cache_root, num_workers)
     a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
@@ -10,6 +10,9 @@ the whole split with per-row done flags, so any subset reuses rows already compu
 own forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale cache. A killed run resumes
 where it stopped and gives the same bits. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
 interface: FactorView (from the cache), ResidentFactors (held on the GPU), methods.NormalizedView (unit gradients).
+
+Why one module over 300 lines: stage 1 is one mechanism, the cache's layout and keys, the resumable writer that fills
+it and the views that read it; apart, the writer and its readers could disagree on a key or a row.
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from common import UserError, autocast, file_sha256, first_line, load_npy, remove_inside_owned, save_json, save_npy
-from data_utils import ImageListDataset, eval_transform, listing_key
-from model_architecture import batch_to_device, find_checkpoints, load_checkpoint, model_from_checkpoint, model_to_device
-from TracIn.arguments import FactorArguments
+from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from lib.cli import UserError, first_line
+from lib.data_utils import ImageListDataset, eval_transform, listing_key
+from lib.devices import autocast, batch_to_device, model_to_device
+from lib.files import file_sha256, load_npy, save_json, save_npy
+from lib.ownership import remove_inside_owned
+from TracIn.core.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
 
 TOOL = "efficient_tracin"  # the owner of every factor cache folder
@@ -81,7 +87,7 @@ def load_checkpoints(cfg, class_names: list[str]):
 def check_members(folders: list[str], ckpts: list[list[dict]]) -> None:
     """Members of one ensemble: one class set and model family (load_checkpoints checks), each its own training run,
     all trained on the same training split (train_args.json's data_train_key, where train.py wrote one)."""
-    from common import read_json
+    from lib.files import read_json
 
     runs = [c[-1].get("train_run") for c in ckpts]
     seen = {}

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, load_npy, read_json, save_json, save_npy
-from TracIn.topk import TopKInfluenceTracker
-from TracIn.scores import ScoredRun
+from lib.cli import UserError
+from lib.files import load_npy, read_json, save_json, save_npy
+from TracIn.core.scores import ScoredRun
+from TracIn.core.topk import TopKInfluenceTracker
 
 
 TRACKER_ARRAYS = ("prop_values", "prop_indices", "opp_values", "opp_indices")

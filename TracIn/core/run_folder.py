@@ -10,13 +10,13 @@
         explain/                         explain.py: new images' proponents (explain.csv, explain_<i>.png)
         counterfactual/, clean_and_retrain/, lds/   filled arm by arm (resumable): the run id is in their JSON
 
-Each tool subfolder is built beside its place and swapped in whole (common.building), marked as the tool's own, and
+Each tool subfolder is built beside its place and swapped in whole (lib.ownership.building), marked as the tool's own, and
 carries `inputs.json`: the TracIn run it was computed from (results.run_id) and the tool's other inputs. A new TracIn
 run removes every subfolder its tool marked (never a folder of yours of the same name) and the links into them, so
 nothing derived from the previous run survives it; a reader calls `current()` and skips (or refuses) a subfolder of
 another run with one line saying which.
 
-    from TracIn.run_folder import current
+    from TracIn.core.run_folder import current
     mislabel = current("TracIn/results", "mislabel", run_id(record), notes)   # the folder, or None with a note
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from common import building, owned_by, remove_dangling_link, remove_owned, save_json
+from lib.files import save_json
+from lib.ownership import building, claim_files, claimed, owned_by, remove_claimed, remove_owned
 
 INPUTS = "inputs.json"
 # subfolder -> the tool that writes it (its owner marker)
@@ -49,13 +50,13 @@ def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir") -> 
     with building(out, tool, flag) as build:
         yield build
         save_json(build / INPUTS, {"tool": tool, **inputs})
-    link_notebook_paths(out)
+    link_notebook_paths(out, tool)
 
 
-def link_notebook_paths(out: Path) -> list[str]:
+def link_notebook_paths(out: Path, tool: str) -> list[str]:
     """Where `out` is a run folder's tool subfolder, point the root's notebook paths for it at its files. A link is
-    made or replaced only where the name is free or already exactly the link this module makes (`sub/name`); a file
-    or a link of yours of that name (dangling or pointing elsewhere) stays, said."""
+    made or replaced only where the name is free or holds the link a tool claimed there (lib.ownership); a file or a
+    link of yours of that name (dangling or pointing elsewhere) stays, said."""
     import logging
 
     root, made = out.parent, []
@@ -63,7 +64,7 @@ def link_notebook_paths(out: Path) -> list[str]:
         if out.name != sub or not (out / name).is_file() or not (root / "run.json").exists():
             continue
         link = root / name
-        ours = link.is_symlink() and os.readlink(link) == f"{sub}/{name}"
+        ours = claimed(root, name)
         if (link.exists() or link.is_symlink()) and not ours:
             what = f"a link of yours (to {os.readlink(link)})" if link.is_symlink() else "a file that is not a link"
             logging.getLogger(__name__).warning(f"warning: {link} is {what}; left as it is, the table is {out / name}")
@@ -71,6 +72,7 @@ def link_notebook_paths(out: Path) -> list[str]:
         tmp = root / f".{name}.{uuid.uuid4().hex[:12]}.link"  # a fresh name: nothing to delete first
         os.symlink(f"{sub}/{name}", tmp)
         os.replace(tmp, link)
+        claim_files(root, [name], tool)
         made.append(name)
     return made
 
@@ -112,5 +114,6 @@ def remove_derived(root: Path) -> None:
 
 
 def remove_dangling_links(root: Path) -> int:
-    """The root's notebook links whose tool folder is gone (only links this module makes: name -> sub/name)."""
-    return sum(remove_dangling_link(Path(root) / name, f"{sub}/{name}") for name, sub in NOTEBOOK_LINKS.items())
+    """The root's notebook links whose tool folder is gone, where a tool claimed them (lib.ownership)."""
+    root = Path(root)
+    return len(remove_claimed(root, [n for n in NOTEBOOK_LINKS if (root / n).is_symlink() and not (root / n).exists()]))

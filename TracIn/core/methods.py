@@ -1,6 +1,6 @@
 """The scoring methods, each defined once: what efficient_tracin streams, the LDS and the counterfactual check measure.
 
-    from TracIn.methods import METHODS, FactorSet
+    from TracIn.core.methods import FactorSet, METHODS
     fs = FactorSet(train_view, test_view, lrs, layers, train_labels, test_labels, device)
     views, layers, weights = fs.scoring_views(METHODS["influence_last"], damping=10.0)   # what score_topk streams
     matrix = fs.dense(METHODS["influence_last"], damping=10.0)                          # (n_test, n_train) float64
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
-from TracIn.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
+from lib.cli import UserError
+from TracIn.core.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
 from TracIn.influence_utils import self_influence
 
 

@@ -1,19 +1,23 @@
 """The one owner of TracIn's results files: their names, writing them as one run, loading them checked.
 
-    from TracIn.results import load_results
+    from TracIn.core.results import load_results
     r = load_results("TracIn/results", data_dir="data/processed")   # refuses results of other data
     row = r.test_row(100)                       # row of test image #100 in the [n_test, k] arrays
     r.arrays["top_k_influences_indices"][row]   # its proponents (split indices of the train split)
 
-Writing (`tracin_outputs` builds a finished run's arrays, table and record; `write_run` only writes them): every file goes to a staging folder first; then the old record
-(run.json) is removed, the new files replace the old ones, files this run did not write
-(and analysis outputs derived from the previous run, only those their tool marked as its own) are
-removed, and the record is moved in last. So a results folder holds one complete run or no record at all, and a run that fails
+Writing (`tracin_outputs` builds a finished run's arrays, table and record; `write_run` only writes them): every file
+goes to a staging folder first; then the old record (run.json) is removed, the new files replace the old ones, files
+the previous run claimed that this one does not write (lib.ownership: only while unchanged) and analysis outputs
+derived from the previous run (only those their tool marked as its own) are removed, the record is moved in last and
+the run's files are claimed. So a results folder holds one complete run or no record at all, and a run that fails
 before the swap leaves the previous results exactly as they were.
 
 Loading (`load_results`): refuses a folder without a record, a corrupt record or array (one line naming the
 file), and results computed on another data folder or on this folder as it was before being re-prepared
 (each split's content key differs), naming what differs.
+
+Why one module over 300 lines: the writer and the checked reader must agree on every file name, shape and identity
+field; in one module a change to one is seen beside the other.
 """
 from __future__ import annotations
 
@@ -29,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (UserError, git_commit, identity_mismatch, load_npy, mark_owned, read_json, remove_claimed,
-                    remove_owned, save_csv, save_json, save_npy)
-
-from TracIn.run_folder import remove_derived
+from lib.cli import UserError
+from lib.files import git_commit, identity_mismatch, load_npy, read_json, save_csv, save_json, save_npy
+from lib.ownership import claim_files, mark_owned, remove_claimed, remove_owned
+from TracIn.core.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,8 @@ ARRAYS = (
 REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)
 # Outputs of the analysis tools computed from a run are removed when a new run lands, but only what each tool marked as
-# its own: its subfolder of the run folder (TracIn/run_folder.py) and the links into it, and the flat files an older
-# version claimed (common.claim_files; removed only while byte-identical). A user's file or folder of the same name is
+# its own: its subfolder of the run folder (TracIn/core/run_folder.py) and the links into it, and the flat files an older
+# version claimed (lib.ownership.claim_files; removed only while byte-identical). A user's file or folder of the same name is
 # never touched; raw/ and normalized/ are runs of their own (the report checks that they match) and stay.
 OLD_DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
                      "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
@@ -75,20 +79,11 @@ def check_writable_names(out: Path, names) -> None:
                             "nothing was changed: move it away or pass another --output_dir")
 
 
-def read_previous_files(out: Path) -> list[str]:
-    """The files the run now in `out` wrote, as its record lists them ([] without a readable record)."""
-    try:
-        files = json.loads((out / RECORD).read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [f for f in files if isinstance(f, str)]
-
-
 def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
     """Write one run's arrays (name -> ndarray or None), tables (file name -> DataFrame) and record."""
     unknown = [n for n in arrays if n not in ARRAYS] + [n for n in tables if n not in TABLES]
     if unknown:
-        raise ValueError(f"not a results file of TracIn/results.py: {unknown}")
+        raise ValueError(f"not a results file of TracIn/core/results.py: {unknown}")
     out = Path(out)
     own_files = [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD]
     check_writable_names(out, own_files)
@@ -105,19 +100,17 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
             written.append(name)
         save_json(staging / RECORD, {**record, "files": sorted(written)})
         check_writable_names(out, own_files)
-        # A results file this run does not write goes only if the previous run's record lists it (it wrote it); a
-        # file of yours under such a name, or one a corrupt record cannot vouch for, stays (no record lists it).
-        previous = set(read_previous_files(out))
-        # The swap: no record while the files change, so a reader never mixes two runs.
-        (out / RECORD).unlink(missing_ok=True)
+        # The swap: no record while the files change, so a reader never mixes two runs. A results file this run does
+        # not write goes only while it is what the previous run claimed (lib.ownership); a file of yours stays.
+        remove_claimed(out, [RECORD])
         for name in own_files[:-1]:
             if name in written:
                 os.replace(staging / name, out / name)
-            elif name in previous:
-                (out / name).unlink(missing_ok=True)
+        remove_claimed(out, [n for n in own_files[:-1] if n not in written])
         remove_claimed(out, list(OLD_DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
         remove_derived(out)
         os.replace(staging / RECORD, out / RECORD)
+        claim_files(out, written + [RECORD], TOOL)
     finally:
         remove_owned(staging, TOOL)
 
@@ -281,7 +274,7 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
 
 def check_args(record: dict, record_path: Path, fix: str) -> None:
     """The recorded method is one this version knows (its name reaches the results browser's page)."""
-    from TracIn.methods import SCORE_FNS
+    from TracIn.core.methods import SCORE_FNS
 
     args = record.get("args") if isinstance(record.get("args"), dict) else {}
     score_fn, normalize = args.get("score_fn", "tracin"), args.get("normalize", "none")
@@ -344,7 +337,7 @@ def recorded_data_dir(record: dict) -> str:
 def check_data(record: dict, data_dir, results_dir) -> None:
     """Refuse to index results with data other than those they were computed on: another folder, or the same folder
     re-prepared, relabelled or edited since (each split's content key: paths, labels, sizes, mtimes)."""
-    from data_utils import data_identity
+    from lib.data_utils import data_identity
 
     data = record["data"]
     if Path(data_dir).resolve() != Path(data["data_dir"]):

@@ -1,6 +1,6 @@
 """The run object: one TracIn run's inputs resolved once, and the factors and scores every tool takes from it.
 
-    from TracIn.run import InfluenceRun
+    from TracIn.core.run import InfluenceRun
     run = InfluenceRun(TracInConfig(top_k=20))                        # a new run: efficient_tracin's job
     run = InfluenceRun.from_results("TracIn/results", device="cpu")   # a finished run: lds, counterfactual, notebooks
     fs = run.factors()                                                 # methods.FactorSet over every scored row
@@ -22,15 +22,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import UserError, resolve_device
-from data_utils import check_manifest, data_identity, list_split
-from model_architecture import model_from_checkpoint, model_to_device
-from TracIn.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
-from TracIn.factors import FactorView, choose_subset, curvature_store, factor_views, load_checkpoints, make_hook
+from lib.checkpoints import model_from_checkpoint
+from lib.cli import UserError
+from lib.data_utils import check_manifest, data_identity, list_split
+from lib.devices import model_to_device, resolve_device
+from TracIn.core.arguments import FactorArguments, ScoreArguments, TracInConfig, pick
+from TracIn.core.factors import FactorView, choose_subset, curvature_store, factor_views, load_checkpoints, make_hook
+from TracIn.core.methods import FactorSet, method_for
+from TracIn.core.results import load_results, recorded_data_dir
+from TracIn.core.scores import score_topk
 from TracIn.influence_utils import target_layers
-from TracIn.methods import FactorSet, method_for
-from TracIn.results import load_results, recorded_data_dir
-from TracIn.scores import score_topk
 
 log = logging.getLogger(__name__)
 

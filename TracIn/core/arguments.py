@@ -9,8 +9,8 @@ TracInConfig holds one job's settings flat, as efficient_tracin's flags name the
 checks them; it builds the two stage objects, and the library (factors.py, scores.py) takes those, never the command
 line. A job from Python, without argv:
 
-    from TracIn.arguments import TracInConfig
-    from TracIn.job import tracin_job
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.core.job import tracin_job
     summary = tracin_job(TracInConfig(data_dir="data/processed", output_dir="TracIn/results", top_k=20))
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from common import UserError
-from TracIn.methods import SCORE_FNS  # the registry's shipped methods
+from lib.cli import UserError
+from TracIn.core.methods import SCORE_FNS  # the registry's shipped methods
 
 NORMALIZE = ("none", "train", "both")
 SCORE_FN = "influence_last"  # the default: the best LDS, head and full retraining, on both data sets (docs/lds.md)

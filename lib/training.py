@@ -1,10 +1,10 @@
 """Training as a library: the one optimisation loop every trainer uses, and per-example figures from logits.
 
-    from training import fit, example_figures
+    from lib.training import example_figures, fit
     fit(step, optimizer, batches, epochs=4, lr_at=lambda e: 1e-3, on_epoch=report)
 
 `fit` is used by train.py (the ResNet, under DDP, with training dynamics and checkpoints in its callbacks) and by
-TracIn/retraining.py's fc-only retrainer (float64 on cached features), so every removal experiment and the LDS
+TracIn/experiments/retraining.py's fc-only retrainer (float64 on cached features), so every removal experiment and the LDS
 retrain with the very loop that trained the original model. What differs between them is in the arguments:
 `step(x, y)` gives the logits and loss of one batch, `batches(epoch)` gives an epoch's batches (and does that epoch's
 seeding), and the callbacks record what a trainer keeps. `Dist` is train.py's torchrun awareness (rank, world size,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import resolve_device
+from lib.devices import resolve_device
 
 
 @dataclass
@@ -123,3 +123,12 @@ class Dist:
     def close(self):
         if self.world > 1:
             dist.destroy_process_group()
+
+
+def scheduled_lr(epoch: int, schedule: str, peak: float, epochs: int) -> float:
+    """train.py's learning rate during 1-based `epoch`: constant, or cosine from `peak` over `epochs`."""
+    import math
+
+    if schedule == "constant":
+        return peak
+    return 0.5 * peak * (1 + math.cos(math.pi * (epoch - 1) / epochs))
