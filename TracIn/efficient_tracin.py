@@ -3,7 +3,7 @@
     $ python -m TracIn.efficient_tracin                                   # influence_last (the default), top-100, fc
     $ python -m TracIn.efficient_tracin --score_fn tracin --top_k 20      # re-scores from the factor cache: no forward pass
 
-This file is the flags; the work is in the library: arguments.py (TracInConfig, the settings flat as run.json
+This file is the flags; the work is in the library, TracIn/core/: arguments.py (TracInConfig, the settings flat as run.json
 records them, checked, and the two stages' argument objects), job.py (one run, shard or merge), factors.py (stage 1: per-example factors (a, d) cached per checkpoint, resumable,
 keyed by the image list, the checkpoint's bytes and FactorArguments.key), scores.py + curvature.py (stage 2: blocks of
 scores summed over checkpoints before a streamed top-k; the full n_test x n_train matrix never exists), shards.py
