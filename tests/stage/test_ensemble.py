@@ -188,3 +188,26 @@ def test_explain_on_an_ensemble_equals_its_arrays_and_its_predictions_are_the_me
     mean = (fs.test_logits[2] + fs.test_logits[5]) / 2
     np.testing.assert_array_equal(np.load(tmp_path / "ens" / "test_pred.npy"), mean.argmax(1))
     assert (r.test_table().prediction.to_numpy() == np.asarray(r.class_names)[mean.argmax(1)]).all()
+
+
+def test_a_fork_of_another_split_or_of_the_last_epoch_is_one_line_and_writes_nothing(trained, tmp_path):
+    import train
+
+    original = trained / "ckpt"
+    saved = json.loads((original / "train_args.json").read_text())
+    base = ["--data_dir", saved["data_dir"], "--arch", "resnet18", "--epochs", "2", "--batch_size", "4", "--weights", "none",
+            "--save_checkpoints_every", "1", "--num_workers", "0", "--no-hflip", "--seed", "5"]
+    with pytest.raises(UserError, match="a fork of a 2-epoch run starts before its last epoch"):
+        train.main(base + ["--checkpoint_dir", str(tmp_path / "a"), "--models_dir", str(tmp_path / "ma"),
+                           "--fork_from", str(original / "finetune_epoch_2.pth")])
+    # the same checkpoint recorded as trained on another split of the data (re-prepared with another seed)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(original / "training_dynamics.npz", other / "training_dynamics.npz")
+    ckpt = torch.load(original / "finetune_epoch_1.pth", weights_only=True)
+    ckpt["split_key"] = "another-split"
+    torch.save(ckpt, other / "finetune_epoch_1.pth")
+    with pytest.raises(UserError, match="another split of the data"):
+        train.main(base + ["--checkpoint_dir", str(tmp_path / "b"), "--models_dir", str(tmp_path / "mb"),
+                           "--fork_from", str(other / "finetune_epoch_1.pth")])
+    assert not list((tmp_path / "b").glob("*.pth")) and not (tmp_path / "b" / "train_args.json").exists()
