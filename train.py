@@ -197,6 +197,8 @@ def train(args) -> dict:
         prep = Path(args.data_dir) / "prepare_args.json"
         args.image_size = int(read_json(prep, f"re-prepare {args.data_dir}").get("image_size", 224)) if prep.exists() else 224
 
+    # A fork (--fork_from) continues another run's checkpoint of epoch N; checked before anything here is replaced.
+    fork = load_fork(args, ckpt_dir, class_names, train_list) if args.fork_from and not args.resume else None
     start_epoch, lr_history, best = 1, [], {"acc": -1.0, "loss": float("inf"), "path": None}
     resume = None
     if args.resume:
@@ -226,10 +228,7 @@ def train(args) -> dict:
             for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
                 remove_inside_owned(p, ckpt_dir, "train.py")
 
-    # A fork (--fork_from) continues another run's checkpoint of epoch N; its own checkpoints start at epoch N + 1.
-    fork = None
-    if args.fork_from and not resume:
-        fork = load_fork(args, ckpt_dir, class_names, train_list)
+    if fork:  # its own checkpoints start at epoch N + 1
         start_epoch = fork["epoch"] + 1
         lr_history = [lr_at(e, args) for e in range(1, start_epoch)]
     forked = fork["record"] if fork else (read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("forked")

@@ -211,3 +211,10 @@ def test_a_fork_of_another_split_or_of_the_last_epoch_is_one_line_and_writes_not
         train.main(base + ["--checkpoint_dir", str(tmp_path / "b"), "--models_dir", str(tmp_path / "mb"),
                            "--fork_from", str(other / "finetune_epoch_1.pth")])
     assert not list((tmp_path / "b").glob("*.pth")) and not (tmp_path / "b" / "train_args.json").exists()
+    # refused before --overwrite clears anything: a run already in the folder keeps its checkpoints
+    shutil.copytree(original, tmp_path / "c")
+    before = sorted(p.name for p in (tmp_path / "c").iterdir())
+    with pytest.raises(UserError, match="another split of the data"):
+        train.main(base + ["--checkpoint_dir", str(tmp_path / "c"), "--models_dir", str(tmp_path / "mc"), "--overwrite",
+                           "--fork_from", str(other / "finetune_epoch_1.pth")])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
