@@ -84,7 +84,7 @@ def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path, relative=RELATIVE) ->
     return out, t_features + float(np.mean(list(seconds.values())))
 
 
-def kronfluence_scores(ckpt, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, float]:
+def kronfluence_scores(ckpt, x_tr, y_tr, x_te, y_te, work: Path, relative=RELATIVE) -> tuple[dict, float]:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -122,7 +122,7 @@ def kronfluence_scores(ckpt, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict, 
     out, seconds = {}, {}
     lam = analyzer.load_lambda_matrices("ekfac")  # EK-FAC's corrected eigenvalues, summed, and how many examples
     mean_eig = float(np.mean([(lam["lambda_matrix"][m] / lam["num_lambda_processed"][m]).mean().item() for m in lam["lambda_matrix"]]))
-    for rel in RELATIVE:
+    for rel in relative:
         t1 = time.time()
         damping = rel * mean_eig
         analyzer.compute_pairwise_scores(scores_name=f"lam{rel:g}", factors_name="ekfac", query_dataset=test, train_dataset=train,
