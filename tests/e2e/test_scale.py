@@ -162,3 +162,30 @@ def test_slurm_ensemble_array_trains_each_member(slurm, trained, tmp_path):
     assert efficient_tracin.main(["--data_dir", data, "--members", *map(str, folders), "--output_dir", str(tmp_path / "res"),
                                   "--top_k", "3", "--num_workers", "0"]) == 0
     assert json.loads((tmp_path / "res" / "run.json").read_text())["args"]["member_sizes"] == [2, 2, 2]
+
+
+def test_bench_tracin_phase_timers_fire_once_each_and_are_removed(prepared, trained, tmp_path):
+    """bench_tracin's phase table: every wrapped phase of a real run is timed, the phases do not overlap (their sum stays
+    within the run's wall time), and the job's functions are the originals again afterwards."""
+    import time
+
+    import TracIn.core.factors as factors
+    import TracIn.core.job as job
+    from bench.bench_tracin import timed_phases
+    from TracIn.core.arguments import TracInConfig
+    from TracIn.influence_utils import InfluenceHook
+
+    before = (job.InfluenceRun, job.check_images, job.write_run, InfluenceHook.factors, factors.model_from_checkpoint)
+    timers = {}
+    t0 = time.perf_counter()
+    with timed_phases(timers):
+        summary = job.tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(trained / "ckpt"),
+                                              output_dir=str(tmp_path / "res"), top_k=2, num_workers=0, score_fn="tracin"))
+    wall = time.perf_counter() - t0
+    assert set(timers) == {"setup", "image check", "forward + backward", "cache writes", "models built", "outputs"}
+    assert all(v > 0 for v in timers.values()), timers
+    inside = timers["forward + backward"] + timers["cache writes"] + timers["models built"]
+    assert inside <= summary["seconds_factors"] + 1e-3  # the factor pass's parts lie inside it
+    top = timers["setup"] + timers["image check"] + summary["seconds_factors"] + summary["seconds_scores"] + timers["outputs"]
+    assert top <= wall + 1e-3
+    assert before == (job.InfluenceRun, job.check_images, job.write_run, InfluenceHook.factors, factors.model_from_checkpoint)
