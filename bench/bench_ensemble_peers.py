@@ -21,6 +21,7 @@ keyed by the models' files, so a rerun only re-reads them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -48,7 +49,9 @@ def trak_ensembles(ckpts, ks, x_tr, y_tr, x_te, y_te, work: Path) -> tuple[dict,
 
     t0 = time.time()
     models = [model_from_checkpoint(c).eval() for c in ckpts]
-    traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(x_tr), save_dir=str(work / "trak"),
+    # TRAKer loads every checkpoint into the model it is given: its own copy, so that models[0] keeps its weights
+    # (handing it models[0] itself scored model 0's test images with the last model's weights)
+    traker = TRAKer(model=copy.deepcopy(models[0]), task="image_classification", train_set_size=len(x_tr), save_dir=str(work / "trak"),
                     device="cpu", proj_dim=2048, use_half_precision=False, grad_wrt=["fc.weight", "fc.bias"],
                     logging_level=logging.ERROR)
     grams = []
@@ -120,7 +123,7 @@ def main():
                 table[(name, "ekfac_last (kronfluence), members' mean", k)] = {
                     "lds": r["lds"], "ci95": r["ci95"], "damping": r["damping"], "seconds": float(sum(seconds[:k]))}
         if "traker" in args.peers:
-            key = "-".join(shas[:max(args.ks)]) + f"-{test_key}-{TRAK_RELATIVE}"
+            key = "-".join(shas[:max(args.ks)]) + f"-{test_key}-{TRAK_RELATIVE}-own-model-copy"
 
             def compute_trak():
                 with tempfile.TemporaryDirectory() as work:

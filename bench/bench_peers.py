@@ -18,6 +18,7 @@ chosen on the same held-apart subsets as this repo's dampings (the first quarter
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -55,7 +56,8 @@ def trak_scores(ckpts, x_tr, y_tr, x_te, y_te, work: Path, relative=RELATIVE) ->
 
     t0 = time.time()
     models = [model_from_checkpoint(c).eval() for c in ckpts]
-    traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(x_tr), save_dir=str(work / "trak"),
+    # TRAKer loads every checkpoint into the model it is given: its own copy, so that models[0] keeps its weights
+    traker = TRAKer(model=copy.deepcopy(models[0]), task="image_classification", train_set_size=len(x_tr), save_dir=str(work / "trak"),
                     device="cpu", proj_dim=2048, use_half_precision=False, grad_wrt=["fc.weight", "fc.bias"],
                     logging_level=logging.ERROR)
     for mid, m in enumerate(models):
@@ -173,7 +175,7 @@ def main():
         x_tr, y_tr = tensors(train_list, np.arange(len(train_list.paths)), ckpts[-1])
         x_te, y_te = tensors(test_list, group, ckpts[-1])
         saved = ROOT / f"peers-{name}.npz"  # the peers' scores per regulariser, keyed by the run and the test images
-        key = f"{run.record['identity']['checkpoint_sha256']}-{group.tolist()}"
+        key = f"{run.record['identity']['checkpoint_sha256']}-{group.tolist()}-own-model-copy"
         peers = load_peers(saved, key)
         if peers is None:
             with tempfile.TemporaryDirectory() as work:
