@@ -3,13 +3,13 @@ the peer rows of docs/ensembles.md.
 
     $ .venv/bin/pip install -r requirements-bench.txt      # traker, kronfluence; never part of `make setup`
     $ python -m bench.bench_ensemble                        # the members, the ensembles' LDS and the shared records
-    $ python -m bench.bench_ensemble_peers                  # about 40 min on 2 cores (most of it traker's featurizing)
+    $ python -m bench.bench_ensemble_peers                  # about 110 min on 2 cores (most of it traker's featurizing)
 
 For K = 1, 2, 4, 8 (the original run and members 1..7, each its last checkpoint):
 - trak (traker): TRAK's own ensemble. One TRAKer (grad_wrt fc, proj_dim 2048, float32, the CPU projector) featurizes
   and scores all 8 models once; `finalize_scores(model_ids=first K)` is then traker's K-model ensemble (its per-model
   scores averaged and its out-to-loss term averaged over the same models). lambda_reg 100 x the mean eigenvalue of
-  X^T X: what a sweep over 1e-4..100 chose on these records for K = 1 and 2 on digits (and bench_peers' on both data
+  X^T X: what a sweep over 1e-4..100 chose on these records for K = 1 on digits (and bench_peers' on both data
   sets), fixed because each value re-finalises every model (about 40 s per value and model here).
 - ekfac_last (kronfluence): kronfluence's EK-FAC on fc of each member's last checkpoint (the measurement its margin,
   the loss cross-entropy with sampled labels: the true Fisher), dense scores per member averaged over the first K; its
