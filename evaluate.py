@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.checkpoints import find_best_model
+from lib.checkpoints import find_best_model, model_record
 from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity
 from lib.devices import resolve_device
@@ -71,7 +71,8 @@ def main(argv=None):
     save_csv(out / f"confusion_matrix_{args.split}.csv", pd.DataFrame(m["confusion"], index=names, columns=names).rename_axis("true").reset_index())
     save_figure(out / f"confusion_matrix_{args.split}.png", plot_confusion(m["confusion"], names, f"{Path(model_path).name} ({args.split})"))
     save_json(out / f"metrics_{args.split}.json", {
-        "model": str(model_path), "model_sha256": file_sha256(model_path), **data_identity(args.data_dir, images=False),
+        "model": str(model_path), "model_sha256": file_sha256(model_path), "model_record": model_record(model_path, ckpt),
+        **data_identity(args.data_dir, images=False),
         "split": args.split, "n": len(preds["labels"]),
         "accuracy": m["accuracy"], "loss": m["loss"],
         "per_class_accuracy": dict(zip(names, map(float, m["per_class_accuracy"]))),
@@ -87,7 +88,7 @@ def main(argv=None):
     if args.split == "test" and chosen == "test":
         log.warning("warning: this model was selected on the test split (data prepared without a val split), so this "
                     "test accuracy is optimistic; prepare with --val_fraction > 0 and retrain for an untouched test split")
-    log.info(f"eval {args.split}: n={len(preds['labels'])} accuracy={m['accuracy']:.4f} loss={m['loss']:.4f} "
+    log.info(f"eval {args.split} of {model_path} (epoch {ckpt['epoch']}): n={len(preds['labels'])} accuracy={m['accuracy']:.4f} loss={m['loss']:.4f} "
              f"| weakest classes: {', '.join(f'{n} {a:.3f}' for a, n in worst)} | outputs in {out}")
     return 0
 

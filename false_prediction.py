@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib.checkpoints import find_best_model
+from lib.checkpoints import find_best_model, model_record
 from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity, load_rgb
 from lib.devices import resolve_device
@@ -75,7 +75,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     save_csv(out / "false_predictions.csv", table)
     # what the table came from, compared by every reader (Grad-CAM, the misprediction analysis, the report)
-    save_json(out / "false_predictions.json", {"model": str(model_path), "model_sha256": file_sha256(model_path),
+    save_json(out / "false_predictions.json", {"model": model_record(model_path, ckpt), "model_sha256": file_sha256(model_path),
                                                **data_identity(args.data_dir), "train_run": ckpt.get("train_run"),
                                                "csv_sha256": file_sha256(out / "false_predictions.csv")})  # the table itself
     # the most confident mistakes, half from each split (test first), the rest filled from either
@@ -87,6 +87,7 @@ def main(argv=None):
     save_figure(out / "combined_mispredictions.png",
                 plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
     claim_files(out, ["false_predictions.csv", "false_predictions.json", "combined_mispredictions.png"], "false_prediction")
+    log.info(f"model: {model_path} (epoch {ckpt['epoch']}, selected on {ckpt.get('selection_split', '?')})")
     for line in lines:
         log.info(line)
     log.info(f"outputs: {out}/false_predictions.csv, {out}/combined_mispredictions.png")

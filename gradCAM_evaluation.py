@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoints import find_best_model, load_checkpoint, model_from_checkpoint
+from lib.checkpoints import check_same_model, find_best_model, load_checkpoint, model_from_checkpoint, model_record
 from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from lib.devices import resolve_device
@@ -197,7 +197,8 @@ def main(argv=None):
                 save_overlay(build / f"test_{r['index']}.png", r.path, c)
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
                                                 **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
-        fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images", fontsize=9)
+        fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images, model of epoch "
+                     f"{ckpt['epoch']} ({Path(model_path).name})", fontsize=9)
         fig.tight_layout()
         outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")
         save_figure(outputs[-1], fig)
@@ -212,6 +213,8 @@ def main(argv=None):
     if (res / RECORD).exists():
         check_replaceable(res / "gradcam", TOOL, "--results_dir")
         r = load_results(res, data_dir=args.data_dir)
+        check_same_model(r.record.get("model"), model_record(model_path, ckpt), f"the TracIn run in {res} and --model {model_path}",
+                         "run efficient_tracin.py and gradCAM_evaluation.py on the selected model (their defaults)")
         idx, vals = r["top_k_influences_indices"], r["top_k_influences_values"]
         t = args.test_idx if args.test_idx is not None else (int(wrong["index"].iloc[0]) if len(wrong) else int(r["test_indices"][0]))
         row = r.test_row(t)
@@ -223,7 +226,7 @@ def main(argv=None):
         overlay(axes[0, 0], paths[0], cams[0], f"test #{t}\n{names[targets[0]]}")
         for j in range(k):
             overlay(axes[0, j + 1], paths[j + 1], cams[j + 1], f"proponent {j + 1}: #{idx[row, j]}\n{names[targets[j + 1]]} ({vals[row, j]:.3g})")
-        fig.suptitle(f"Grad-CAM ({layer_name}) of each image's own label", fontsize=9)
+        fig.suptitle(f"Grad-CAM ({layer_name}) of each image's own label, model of epoch {ckpt['epoch']}", fontsize=9)
         fig.tight_layout()
         with tool_folder(res / "gradcam", TOOL, {"tracin_run": run_id(r.record), "model": str(model_path),
                                                  "model_sha256": model_sha}, "--results_dir") as build:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoints import best_model_name, find_checkpoints, load_checkpoint, make_checkpoint, save_checkpoint
+from lib.checkpoints import (SELECTED, best_model_name, find_checkpoints, load_checkpoint, make_checkpoint, model_record,
+                             save_checkpoint)
 from lib.cli import (UserError, at_least_two, cli, image_side, nonneg_float, nonneg_int, plain_name, positive_float,
                      positive_int)
 from lib.data_utils import (ImageListDataset, IMAGENET_MEAN, IMAGENET_STD, build_transform, list_split, listing_key,
@@ -225,7 +226,7 @@ def train(args) -> dict:
         if not args.overwrite:
             raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
         if d.main:  # only the files train.py writes; anything else in the folder stays
-            for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth"]:
+            for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth", ckpt_dir / SELECTED]:
                 remove_inside_owned(p, ckpt_dir, "train.py")
 
     if fork:  # its own checkpoints start at epoch N + 1
@@ -320,23 +321,32 @@ def train(args) -> dict:
         # val_* metrics are of the selection split; split_key: which images were train/val/test (evaluate.py checks it)
         run_tag = {"train_run": train_run, "selection_split": selection, "split_key": split_key(args.data_dir)}
         is_ckpt = epoch % args.save_checkpoints_every == 0 or epoch == args.epochs
+        # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
+        prev = max([forked["epoch"] if forked else 0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
+        lr_t = float(np.mean(lr_history[prev:epoch]))
         if is_ckpt:
-            # lr_t for TracIn: the mean rate over the epochs since the previous checkpoint.
-            prev = max([forked["epoch"] if forked else 0] + [int(p.stem.split("_")[-1]) for p in find_checkpoints(ckpt_dir) if int(p.stem.split("_")[-1]) < epoch])
-            save_checkpoint(make_checkpoint(module, lr=float(np.mean(lr_history[prev:epoch])), **common, metadata=run_tag),
-                            ckpt_dir / f"finetune_epoch_{epoch}.pth")
+            save_checkpoint(make_checkpoint(module, lr=lr_t, **common, metadata=run_tag), ckpt_dir / f"finetune_epoch_{epoch}.pth")
         if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
-            path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
-            save_checkpoint(make_checkpoint(module, lr=lr, **common, metadata=run_tag), path)
-            if best["path"] and Path(best["path"]) != path:
-                Path(best["path"]).unlink(missing_ok=True)
-            best = {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
-            with atomic_path(models_dir / "best_model.txt") as tmp:
-                tmp.write_text(str(path) + "\n")
+            best = save_selected(epoch, lr_t, m, common, run_tag, best)
         dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
         save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
                                         metadata={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
         return best
+
+    def save_selected(epoch, lr_t, m, common, run_tag, best):
+        """The selected model: the best-model file is a checkpoint of this run at its epoch (weighted like one, by the
+        mean rate since the previous checkpoint), and checkpoint_dir/selected_model.json names it, so that TracIn
+        explains the trajectory up to the model evaluate.py reports."""
+        path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
+        ckpt = make_checkpoint(module, lr=lr_t, **common, metadata=run_tag)
+        save_checkpoint(ckpt, path)
+        if best["path"] and Path(best["path"]) != path:
+            Path(best["path"]).unlink(missing_ok=True)
+        save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
+                                        "accuracy": m["accuracy"], "loss": m["loss"]})
+        with atomic_path(models_dir / "best_model.txt") as tmp:
+            tmp.write_text(str(path) + "\n")
+        return {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
 
     epoch_start = time.time()
     fit(step, optimizer, batches, args.epochs, lambda epoch: lr_at(epoch, args), start_epoch=start_epoch,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.checkpoints import check_same_model
 from lib.cli import UserError, cli, nonneg_int
 from lib.data_utils import list_split, read_false_predictions
 from lib.files import save_csv, save_json
@@ -54,6 +55,10 @@ def analyze(args) -> dict:
     if other:
         raise UserError(f"{args.false_predictions} does not belong with the TracIn run in {args.results_dir}: {other}; rerun "
                         "false_prediction.py and efficient_tracin.py on the same training run")
+    check_same_model(r.record.get("model"), fp_record.get("model"),
+                     f"{args.false_predictions} and the TracIn run in {args.results_dir}",
+                     "run false_prediction.py and efficient_tracin.py on the selected model (their defaults), or pass "
+                     "false_prediction.py --model the model the TracIn run explains")
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     for split, listing in (("train", train_list), ("test", test_list)):
         rows = fp[fp.split == split]

@@ -21,7 +21,7 @@ from lib.cli import cli, positive_int
 from lib.data_utils import list_split, load_rgb
 from lib.files import save_csv, save_figure, save_json
 from lib.ownership import check_replaceable
-from TracIn.core.results import appearances, load_results, run_id
+from TracIn.core.results import appearances, explained_model, load_results, run_id
 from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,8 @@ def analyze(args) -> dict:
         bar_chart(table, min(args.top_n, 12), fig.add_subplot(gs[1, 0]))
         prop, opp = np.asarray(r["top_k_influences_values"]), np.asarray(r["top_k_opponents_values"])
         fig.suptitle(f"TracIn: {len(test_ids)} test x {len(r['train_indices'])} train, top-{prop.shape[1]}; "
-                     f"{len(wrong)} mispredicted test images; negative scores: {(prop < 0).mean():.1%} of proponents, "
-                     f"{(opp < 0).mean():.1%} of opponents", fontsize=10)
+                     f"{len(wrong)} mispredicted test images by {explained_model(r.record)}; negative scores: "
+                     f"{(prop < 0).mean():.1%} of proponents, {(opp < 0).mean():.1%} of opponents", fontsize=10)
         fig.tight_layout()
         save_figure(out / "dashboard.png", fig)
         save_figure(out / "concentration.png", lorenz(r))

@@ -28,7 +28,11 @@ def parse_args(argv=None) -> TracInConfig:
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
     p.add_argument("--checkpoint_dir", default="models/checkpoints", help="where finetune_epoch_*.pth are (default models/checkpoints)")
     p.add_argument("--output_dir", default="TracIn/results", help="results folder (default TracIn/results)")
-    p.add_argument("--checkpoints", nargs="+", default=[], help="checkpoint files to use (default: every finetune_epoch_*.pth, by epoch)")
+    p.add_argument("--checkpoints", nargs="+", default=[],
+                   help="checkpoint files of one training run, taken in the order of their recorded epochs (default: "
+                        "--checkpoint_dir's checkpoints up to the model train.py selected, that model last)")
+    p.add_argument("--all_checkpoints", action="store_true",
+                   help="every checkpoint of --checkpoint_dir (or of each member), not only those up to the selected model")
     p.add_argument("--members", nargs="+", default=[],
                    help="an ensemble: the checkpoint folders of several training runs of the same data (python -m "
                         "TracIn.ensemble trains them); every score, self-influence and prediction is the members' mean, "

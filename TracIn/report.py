@@ -39,12 +39,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.checkpoints import model_difference
 from lib.cli import UserError, cli, first_line, nonneg_int, positive_int
 from lib.data_utils import SplitListing, data_identity, list_split, read_false_predictions
 from lib.files import identity_mismatch, read_table
 from lib.ownership import check_replaceable, owned_by
 from lib.processes import quiet_worker
-from TracIn.core.results import RECORD, appearances, index_of, load_results, other_training_run, run_id
+from TracIn.core.results import RECORD, appearances, index_of, load_results, run_id
 from TracIn.core.run_folder import current, tool_folder
 
 log = logging.getLogger(__name__)
@@ -325,9 +326,10 @@ def build(args) -> dict:
         except UserError as e:
             fp, fp_record = None, None
             notes.append(f"mispredictions skipped: {e}")
-        other = other_training_run(fp_record.get("train_run"), r.record) if fp is not None else None
+        other = model_difference(r.record.get("model"), fp_record.get("model")) if fp is not None else None
         if other:
-            notes.append(f"mispredictions skipped: {other}; rerun false_prediction.py")
+            notes.append(f"mispredictions skipped: the TracIn lists and {fp_dir / 'false_predictions.csv'}: {other}; rerun "
+                         "false_prediction.py and efficient_tracin.py on the selected model (their defaults)")
             fp = None
         if fp is not None:
             cams_ok = gradcam_matches(fp_dir / "gradcam", fp_record, notes)
@@ -402,9 +404,10 @@ def build(args) -> dict:
     if evaluation is not None and identity_mismatch(evaluation, data_identity(args.data_dir, images=False)):
         notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: computed on other data (rerun evaluate.py)")
         evaluation = None
-    if evaluation is not None and other_training_run(evaluation.get("train_run"), r.record):
-        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: "
-                     f"{other_training_run(evaluation.get('train_run'), r.record)}; rerun evaluate.py")
+    other = model_difference(r.record.get("model"), evaluation.get("model_record")) if evaluation is not None else None
+    if other:
+        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: the TracIn lists and the evaluation: {other}; "
+                     "rerun evaluate.py and efficient_tracin.py on the selected model (their defaults)")
         evaluation = None
     counterfactual = {}
     for path in sorted(res_dir.glob("counterfactual/*/counterfactual.json")):

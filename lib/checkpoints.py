@@ -100,6 +100,47 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
+def weights_sha256(ckpt: dict) -> str:
+    """The identity of a checkpoint's model: sha256 over its weights (names, dtypes, shapes, bytes). Two files of the
+    same model (a checkpoint and the best-model file of the same epoch) share it, whatever else they record."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(ckpt["model_state"]):
+        t = ckpt["model_state"][name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_record(path, ckpt: dict) -> dict:
+    """What names a model in every output that describes one (run.json, false_predictions.json, metrics_*.json)."""
+    return {"path": str(path), "weights_sha256": weights_sha256(ckpt), "epoch": int(ckpt["epoch"]),
+            "train_run": ckpt.get("train_run")}
+
+
+def model_difference(ours: dict | None, theirs: dict | None) -> str | None:
+    """Why two outputs' model records (model_record) do not describe the same model (their weights); None if they do."""
+    a = ours.get("weights_sha256") if isinstance(ours, dict) else None
+    b = theirs.get("weights_sha256") if isinstance(theirs, dict) else None
+    if not a or not b:
+        return "one side does not record which model it describes (written by an older version)"
+    if a != b:
+        describe = lambda r: f"the model of epoch {r.get('epoch')} ({Path(str(r.get('path'))).name})"
+        return f"{describe(ours)} and {describe(theirs)} are different models"
+    return None
+
+
+def check_same_model(ours: dict | None, theirs: dict | None, what: str, fix: str) -> None:
+    """Refuse to join two outputs that describe different models, naming both and the fix."""
+    why = model_difference(ours, theirs)
+    if why:
+        raise UserError(f"{what}: {why}; {fix}")
+
+
+SELECTED = "selected_model.json"  # train.py's record, in the checkpoint folder, of the model it selected
+
+
 def find_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Every finetune_epoch_N.pth in a folder, ordered by epoch."""
     found = []

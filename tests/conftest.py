@@ -40,7 +40,7 @@ def trained(prepared, tmp_path_factory):
                        "--weights", "none", "--save_checkpoints_every", "1", "--checkpoint_dir", str(root / "ckpt"),
                        "--models_dir", str(root / "models"), "--num_workers", "0", "--no-hflip"]) == 0
     tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(root / "ckpt"), output_dir=str(root / "res"), top_k=3,
-                            num_workers=0, score_fn="tracin", normalize="none"))
+                            num_workers=0, score_fn="tracin", normalize="none", all_checkpoints=True))
     return root
 
 

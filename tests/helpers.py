@@ -111,8 +111,9 @@ def make_random_checkpoints(ckpt_dir, class_names, n=3, arch="resnet18", image_s
     return sorted(ckpt_dir.glob("finetune_epoch_*.pth"))
 
 
-def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64):
-    """A hand-made mispredictions table with the record false_prediction.py writes beside it (model and data)."""
+def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64, results_dir=None):
+    """A hand-made mispredictions table with the record false_prediction.py writes beside it (model and data); with
+    results_dir, of the model that TracIn run explains."""
     import json
     from pathlib import Path
 
@@ -122,7 +123,8 @@ def write_false_predictions(csv_path, frame, data_dir, model_sha256="0" * 64):
     frame.to_csv(csv_path, index=False)
     from lib.files import file_sha256
 
-    csv_path.with_suffix(".json").write_text(json.dumps({"model": "hand-made", "model_sha256": model_sha256,
+    model = json.loads((Path(results_dir) / "run.json").read_text())["model"] if results_dir else {"path": "hand-made"}
+    csv_path.with_suffix(".json").write_text(json.dumps({"model": model, "model_sha256": model_sha256,
                                                          **data_identity(data_dir), "csv_sha256": file_sha256(csv_path)}))
     return csv_path
 

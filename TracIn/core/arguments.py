@@ -114,6 +114,7 @@ class TracInConfig:
     checkpoint_dir: str = "models/checkpoints"
     output_dir: str = "TracIn/results"
     checkpoints: list[str] = field(default_factory=list)
+    all_checkpoints: bool = False                             # every checkpoint, not the trajectory up to the selected model
     members: list[str] = field(default_factory=list)         # checkpoint folders of an ensemble's training runs
     member_sizes: list[int] = field(default_factory=list)    # checkpoints per member, as a run.json records them
     lr_weights: list[float] = field(default_factory=list)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from lib.checkpoints import CHECKPOINT_RE, SELECTED, find_checkpoints, load_checkpoint, model_from_checkpoint
 from lib.cli import UserError, first_line
-from lib.data_utils import ImageListDataset, eval_transform, listing_key
+from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
-from lib.files import file_sha256, load_npy, save_json, save_npy
+from lib.files import file_sha256, load_npy, read_json, save_json, save_npy
 from lib.ownership import remove_inside_owned
 from TracIn.core.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
@@ -47,41 +47,98 @@ def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def selected_trajectory(folder, all_checkpoints: bool) -> tuple[list[Path], str]:
+    """The checkpoints of the training run in `folder` that TracIn sums over, and how they were chosen: by default the
+    run's checkpoints up to the model train.py selected (its selected_model.json), with that model last (the
+    checkpoint of its epoch, else the best-model file, which is a checkpoint of the run at that epoch); with
+    all_checkpoints, or for a run that records no selection, every checkpoint."""
+    found = find_checkpoints(folder)
+    record_path = Path(folder) / SELECTED
+    if all_checkpoints or not record_path.exists():
+        why = "every checkpoint (--all_checkpoints)" if all_checkpoints else \
+            f"every checkpoint ({folder} records no selected model: trained by an older train.py)"
+        return found, why
+    sel = read_json(record_path, f"retrain, or pass --all_checkpoints to explain every checkpoint of {folder}")
+    try:
+        epoch, path, sha = int(sel["epoch"]), Path(str(sel["path"])), str(sel["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{record_path} is not train.py's record of a selected model; retrain, or pass --all_checkpoints") from None
+    by_epoch = {int(CHECKPOINT_RE.search(p.name).group(1)): p for p in found}
+    before = [by_epoch[e] for e in sorted(by_epoch) if e < epoch]
+    if epoch in by_epoch:
+        last = by_epoch[epoch]
+    else:
+        if not path.is_file() or file_sha256(path) != sha:
+            raise UserError(f"the model train.py selected ({path}, epoch {epoch}) is missing or changed since training; "
+                            f"retrain, or pass --all_checkpoints to explain every checkpoint of {folder}")
+        last = path
+    return before + [last], f"the model train.py selected on {sel.get('selected_on', 'val')} (epoch {epoch}) and the checkpoints before it"
+
+
 def load_checkpoints(cfg, class_names: list[str]):
-    """The run's checkpoints (cfg.checkpoints, or every finetune_epoch_*.pth of cfg.checkpoint_dir, or of each
-    cfg.members folder in turn), checked to be one model family; returns (paths, checkpoint dicts, lr_t per checkpoint,
-    sha256 per file, members: the checkpoint indices of each training run)."""
+    """The run's checkpoints, checked once for every tool: cfg.checkpoints, or the trajectory of cfg.checkpoint_dir (or
+    of each cfg.members folder in turn) up to its selected model (selected_trajectory). Each run's checkpoints are
+    ordered by their recorded epoch, must come from one training run, be trained on this data's split, and share one
+    model family. Returns (paths, checkpoint dicts, lr_t per checkpoint, sha256 per file, members: the checkpoint
+    indices of each training run, how the checkpoints were chosen)."""
     members = list(getattr(cfg, "members", None) or [])
+    everything = bool(getattr(cfg, "all_checkpoints", False))
     if members:
         per_member = []
         for folder in members:
-            found = find_checkpoints(folder)
+            found, chosen = selected_trajectory(folder, everything)
             if not found:
                 raise UserError(f"--members {folder}: no finetune_epoch_*.pth there (train the member first)")
             per_member.append(found)
         paths = [p for found in per_member for p in found]
         sizes = [len(found) for found in per_member]
-    else:
-        paths = [Path(p) for p in cfg.checkpoints] or find_checkpoints(cfg.checkpoint_dir)
+    elif cfg.checkpoints:
+        paths, chosen = [Path(p) for p in cfg.checkpoints], "the --checkpoints given"
         sizes = list(getattr(cfg, "member_sizes", None) or []) or [len(paths)]
+    else:
+        paths, chosen = selected_trajectory(cfg.checkpoint_dir, everything)
+        sizes = [len(paths)]
     if not paths:
         raise UserError(f"no checkpoints: no finetune_epoch_*.pth in {cfg.checkpoint_dir} (train first or pass --checkpoints)")
     if sum(sizes) != len(paths) or min(sizes) < 1:
         raise UserError(f"member sizes {sizes} do not match the {len(paths)} checkpoints; rerun efficient_tracin.py")
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise UserError("a checkpoint is given twice; each checkpoint of the trajectory once")
+    if cfg.lr_weights and len(cfg.lr_weights) != len(paths):
+        raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
     ckpts = [load_checkpoint(p, class_names=class_names) for p in paths]
     first = ckpts[0]
     for p, c in zip(paths, ckpts):
         if (c["arch"], c["image_size"], c["mean"], c["std"]) != (first["arch"], first["image_size"], first["mean"], first["std"]):
             raise UserError(f"{p} differs from {paths[0]} in arch, image size or normalisation; TracIn needs one model family")
-    if cfg.lr_weights and len(cfg.lr_weights) != len(paths):
-        raise UserError(f"--lr_weights has {len(cfg.lr_weights)} values for {len(paths)} checkpoints")
+        check_same_split(c, cfg.data_dir, p)
     lrs = list(cfg.lr_weights) or [float(c["lr"]) for c in ckpts]
-    shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
     bounds = np.cumsum([0] + sizes)
     groups = [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
+    order = []  # each run's checkpoints by recorded epoch, whatever order they were given in
+    for g in groups:
+        check_one_run([paths[t] for t in g], [ckpts[t] for t in g])
+        order += sorted(g, key=lambda t: int(ckpts[t]["epoch"]))
+    paths, ckpts, lrs = [paths[t] for t in order], [ckpts[t] for t in order], [lrs[t] for t in order]
+    shas = [file_sha256(p) for p in paths]  # the checkpoint's content is its identity, not its name
     if members:
         check_members(members, [[ckpts[t] for t in g] for g in groups])
-    return paths, ckpts, lrs, shas, groups
+    return paths, ckpts, lrs, shas, groups, chosen
+
+
+def check_one_run(paths: list[Path], ckpts: list[dict]) -> None:
+    """The checkpoints TracIn sums over are one training run's trajectory: one train_run, each epoch once."""
+    runs = {c.get("train_run") for c in ckpts}
+    if len(runs) > 1:
+        a = next(p for p, c in zip(paths, ckpts) if c.get("train_run") == ckpts[0].get("train_run"))
+        b = next(p for p, c in zip(paths, ckpts) if c.get("train_run") != ckpts[0].get("train_run"))
+        raise UserError(f"{a} and {b} come from different training runs; TracIn sums over one run's checkpoints "
+                        "(an ensemble of runs: --members)")
+    epochs = [int(c["epoch"]) for c in ckpts]
+    if len(set(epochs)) != len(epochs):
+        twice = next(e for e in epochs if epochs.count(e) > 1)
+        raise UserError(f"two checkpoints of epoch {twice} ({', '.join(str(p) for p, e in zip(paths, epochs) if e == twice)}); "
+                        "give each epoch of the run once")
 
 
 def check_members(folders: list[str], ckpts: list[list[dict]]) -> None:

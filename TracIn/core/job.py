@@ -39,6 +39,7 @@ def tracin_job(cfg) -> dict:
                         "output, not both: pass a cache folder of its own (default output_dir/factors)")
     out = ensure_output_dir(cfg.output_dir, "--output_dir")
     run = InfluenceRun(cfg)
+    log.info(f"explaining {run.chosen}: epochs {', '.join(str(c['epoch']) for c in run.ckpts)}")
     if cfg.top_k > len(run.train_ids):
         raise UserError(f"--top_k {cfg.top_k} is larger than the {len(run.train_ids)} training images scored; lower --top_k")
     # Shards are whole units of lcm(batch_size, train_block) images, so every forward batch and

@@ -165,6 +165,8 @@ def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, d
         "checkpoints": [{"path": str(p), "sha256": sha, "epoch": c["epoch"], "lr": lr, "train_run": c.get("train_run")}
                         for p, c, sha, lr in zip(run.paths, run.ckpts, run.shas, run.lrs)],
         "layers": run.layers, "summary": summary,
+        # the model the lists explain (an ensemble: each member's), and how the checkpoints were chosen
+        "model": run.explained_models()[0], "members_models": run.explained_models(), "checkpoints_chosen": run.chosen,
     }
     return arrays, {"top_k_influences.csv": table}, record, summary
 
@@ -314,6 +316,14 @@ def check_arrays(record: dict, arrays: dict, results_dir: Path, fix: str) -> Non
         if n is not None and a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n):
             raise UserError(f"{results_dir}/{name}.npy holds indices outside the split's 0..{n - 1} "
                             f"(or is not integer); {fix}")
+
+
+def explained_model(record: dict) -> str:
+    """The model a run's lists explain, in words for titles and log lines."""
+    model = record.get("model")
+    if not isinstance(model, dict):
+        return "the last checkpoint"
+    return f"the model of epoch {model.get('epoch')} ({Path(str(model.get('path'))).name})"
 
 
 def other_training_run(model_run: str | None, record: dict) -> str | None:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from lib.checkpoints import model_from_checkpoint
+from lib.checkpoints import model_from_checkpoint, model_record
 from lib.cli import UserError
 from lib.data_utils import check_manifest, data_identity, list_split
 from lib.devices import model_to_device, resolve_device
@@ -67,7 +67,7 @@ class InfluenceRun:
         if self.train_list.class_names != self.test_list.class_names:
             raise UserError(f"train and test class folders differ in {cfg.data_dir}")
         check_manifest(cfg.data_dir, {"train": self.train_list, "test": self.test_list})
-        self.paths, self.ckpts, self.lrs, self.shas, self.members = load_checkpoints(cfg, self.train_list.class_names)
+        self.paths, self.ckpts, self.lrs, self.shas, self.members, self.chosen = load_checkpoints(cfg, self.train_list.class_names)
         self.n_train, self.n_test = len(self.train_list.paths), len(self.test_list.paths)
         self.train_ids = choose_subset(self.n_train, cfg.train_subset, cfg.seed)
         self.test_ids = choose_subset(self.n_test, cfg.test_subset, cfg.seed + 1)
@@ -122,6 +122,10 @@ class InfluenceRun:
                 "batch_size": c.batch_size, "train_subset": c.train_subset, "test_subset": c.test_subset, "seed": c.seed,
                 "self_influence": c.self_influence, "num_shards": c.num_shards, "amp": c.amp, "normalize": c.normalize,
                 **score_key, "train_block": c.train_block, "test_block": c.test_block, "factors": self.factor_key}
+
+    def explained_models(self) -> list[dict]:
+        """The model each member's lists explain (one run: one), as every output that describes a model names it."""
+        return [model_record(self.paths[m[-1]], self.ckpts[m[-1]]) for m in self.members]
 
     def recorded_args(self) -> dict:
         """The settings as run.json records them: the config with --layers expanded."""

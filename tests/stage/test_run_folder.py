@@ -140,7 +140,7 @@ def test_mispredictions_of_another_training_run_are_not_mixed_with_this_tracin_r
     names = test.class_names
     csv = write_false_predictions(tmp_path / "false_predictions.csv", pd.DataFrame({
         "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [names[test.labels[0]]],
-        "pred_label": [names[(test.labels[0] + 1) % len(names)]], "confidence": [0.9]}), prepared)
+        "pred_label": [names[(test.labels[0] + 1) % len(names)]], "confidence": [0.9]}), prepared, results_dir=trained / "res")
     args = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--false_predictions", str(csv)]
     record = json.loads(csv.with_suffix(".json").read_text())
     for model_run, ok in (("f" * 16, False), (run, True)):  # a model retrained in place since, then the run's own

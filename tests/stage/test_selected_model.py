@@ -1,0 +1,148 @@
+"""One model explained: TracIn's default trajectory ends at the model train.py selected (the one evaluate.py and
+false_prediction.py report), its checkpoints are one training run of this data split in epoch order, and every output
+that joins predictions with the lists refuses another model."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import make_random_checkpoints
+from lib.checkpoints import SELECTED, load_checkpoint, model_record, save_checkpoint, weights_sha256
+from lib.cli import UserError
+from lib.data_utils import list_split
+from lib.files import file_sha256, save_json
+from TracIn.core.arguments import TracInConfig
+from TracIn.core.factors import selected_trajectory
+from TracIn.core.job import tracin_job
+from TracIn.core.results import ARRAYS
+
+
+def tracin(data_dir, out, **settings):
+    return tracin_job(TracInConfig(**{"data_dir": str(data_dir), "output_dir": str(out), "top_k": 3, "batch_size": 8,
+                                      "num_workers": 0, "score_fn": "tracin", "normalize": "none", **settings}))
+
+
+def arrays(out) -> dict:
+    return {n: np.load(out / f"{n}.npy") for n in ARRAYS if (out / f"{n}.npy").exists()}
+
+
+def test_evaluation_mispredictions_lists_and_analysis_describe_the_selected_model(prepared, tmp_path):
+    import evaluate
+    import false_prediction
+    import train
+    from TracIn import analyze_misprediction_influences
+
+    ckpt_dir, models = tmp_path / "ckpt", tmp_path / "models"
+    assert train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "3", "--batch_size", "4",
+                       "--weights", "none", "--save_checkpoints_every", "2", "--checkpoint_dir", str(ckpt_dir),
+                       "--models_dir", str(models), "--num_workers", "0", "--no-hflip", "--learning_rate", "3e-3"]) == 0
+    sel = json.loads((ckpt_dir / SELECTED).read_text())
+    best = load_checkpoint((models / "best_model.txt").read_text().strip())
+    assert sel["epoch"] == best["epoch"] and sel["weights_sha256"] == weights_sha256(best)
+    assert sel["sha256"] == file_sha256(sel["path"])
+
+    common = ["--data_dir", str(prepared), "--models_dir", str(models), "--num_workers", "0", "--device", "cpu"]
+    assert evaluate.main(common + ["--out_dir", str(tmp_path / "eval")]) == 0
+    assert false_prediction.main(common + ["--out_dir", str(tmp_path / "fp")]) == 0
+    tracin(prepared, tmp_path / "res", checkpoint_dir=str(ckpt_dir))
+    record = json.loads((tmp_path / "res" / "run.json").read_text())
+
+    # the trajectory: every checkpoint before the selected epoch, the selected model last
+    n = sel["epoch"]
+    assert [c["epoch"] for c in record["checkpoints"]] == [e for e in (2, 3) if e < n] + [n]
+    assert record["model"]["weights_sha256"] == sel["weights_sha256"]
+    assert json.loads((tmp_path / "eval" / "metrics_test.json").read_text())["model_record"]["weights_sha256"] == sel["weights_sha256"]
+    assert json.loads((tmp_path / "fp" / "false_predictions.json").read_text())["model"]["weights_sha256"] == sel["weights_sha256"]
+    # the lists' predictions and false_prediction.py agree on the mispredicted test images
+    test = list_split(prepared, "test")
+    pred = np.load(tmp_path / "res" / "test_pred.npy")
+    ids = np.load(tmp_path / "res" / "test_indices.npy")
+    fp = pd.read_csv(tmp_path / "fp" / "false_predictions.csv")
+    assert set(ids[pred != test.labels[ids]].tolist()) == set(fp[fp.split == "test"]["index"].tolist())
+    args = ["--results_dir", str(tmp_path / "res"), "--data_dir", str(prepared)]
+    assert analyze_misprediction_influences.main(args + ["--false_predictions", str(tmp_path / "fp" / "false_predictions.csv"),
+                                                         "--out_dir", str(tmp_path / "mis")]) == 0
+
+    # mispredictions of another model of the same run: refused, naming both models
+    other = next(p for p in sorted(ckpt_dir.glob("finetune_epoch_*.pth"))
+                 if weights_sha256(load_checkpoint(p)) != sel["weights_sha256"])
+    assert false_prediction.main(common + ["--out_dir", str(tmp_path / "fp2"), "--model", str(other)]) == 0
+    with pytest.raises(UserError, match="different models"):
+        analyze_misprediction_influences.main(args + ["--false_predictions", str(tmp_path / "fp2" / "false_predictions.csv"),
+                                                      "--out_dir", str(tmp_path / "mis2")])
+    # --all_checkpoints explains the last checkpoint, and says so in the record
+    tracin(prepared, tmp_path / "all", checkpoint_dir=str(ckpt_dir), all_checkpoints=True)
+    everything = json.loads((tmp_path / "all" / "run.json").read_text())
+    assert [c["epoch"] for c in everything["checkpoints"]] == [2, 3]
+    assert everything["model"]["epoch"] == 3 and "--all_checkpoints" in everything["checkpoints_chosen"]
+
+
+def test_a_selected_epoch_without_a_checkpoint_ends_the_trajectory_with_the_best_model_file(prepared, tmp_path):
+    names = list_split(prepared, "train").class_names
+    paths = make_random_checkpoints(tmp_path / "src", names, n=3)
+    ckpt_dir, models = tmp_path / "ckpt", tmp_path / "models"
+    ckpt_dir.mkdir()
+    models.mkdir()
+    shutil.copy(paths[0], ckpt_dir / "finetune_epoch_2.pth")  # checkpoints of epochs 2 and 4, the selection at 3
+    shutil.copy(paths[2], ckpt_dir / "finetune_epoch_4.pth")
+    for name, epoch in (("finetune_epoch_2.pth", 2), ("finetune_epoch_4.pth", 4)):
+        c = load_checkpoint(ckpt_dir / name)
+        save_checkpoint({**c, "epoch": epoch}, ckpt_dir / name)
+    best = {**load_checkpoint(paths[1]), "epoch": 3}
+    save_checkpoint(best, models / "Resnet18_x_val.pth")
+    record = {**model_record(models / "Resnet18_x_val.pth", best), "sha256": file_sha256(models / "Resnet18_x_val.pth")}
+    save_json(ckpt_dir / SELECTED, record)
+
+    found, why = selected_trajectory(ckpt_dir, all_checkpoints=False)
+    assert found == [ckpt_dir / "finetune_epoch_2.pth", models / "Resnet18_x_val.pth"] and "epoch 3" in why
+    found, why = selected_trajectory(ckpt_dir, all_checkpoints=True)
+    assert found == [ckpt_dir / "finetune_epoch_2.pth", ckpt_dir / "finetune_epoch_4.pth"]
+
+    tracin(prepared, tmp_path / "res", checkpoint_dir=str(ckpt_dir))
+    rec = json.loads((tmp_path / "res" / "run.json").read_text())
+    assert [c["epoch"] for c in rec["checkpoints"]] == [2, 3] and rec["model"]["weights_sha256"] == weights_sha256(best)
+
+    # the selected model changed since training: refused with the way out
+    save_checkpoint({**best, "lr": 123.0}, models / "Resnet18_x_val.pth")
+    with pytest.raises(UserError, match="--all_checkpoints"):
+        selected_trajectory(ckpt_dir, all_checkpoints=False)
+
+
+@pytest.fixture
+def three(prepared, tmp_path):
+    """Three checkpoints of one (hand-made) training run of the prepared data."""
+    names = list_split(prepared, "train").class_names
+    paths = make_random_checkpoints(tmp_path / "ckpt", names, n=3)
+    for p in paths:
+        save_checkpoint({**load_checkpoint(p), "train_run": "a" * 16}, p)
+    return paths
+
+
+def test_checkpoints_given_out_of_order_are_taken_by_their_recorded_epoch(prepared, three, tmp_path):
+    tracin(prepared, tmp_path / "sorted", checkpoints=[str(p) for p in three])
+    tracin(prepared, tmp_path / "shuffled", checkpoints=[str(p) for p in (three[2], three[0], three[1])])
+    a, b = arrays(tmp_path / "sorted"), arrays(tmp_path / "shuffled")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    rec = json.loads((tmp_path / "shuffled" / "run.json").read_text())
+    assert [c["epoch"] for c in rec["checkpoints"]] == [1, 2, 3] and rec["model"]["epoch"] == 3
+
+
+def test_checkpoints_of_two_runs_or_of_another_split_are_refused(prepared, three, tmp_path):
+    mixed = tmp_path / "other_run.pth"
+    save_checkpoint({**load_checkpoint(three[1]), "train_run": "b" * 16}, mixed)
+    with pytest.raises(UserError, match="different training runs"):
+        tracin(prepared, tmp_path / "mixed", checkpoints=[str(three[0]), str(mixed), str(three[2])])
+    other_split = tmp_path / "other_split.pth"
+    save_checkpoint({**load_checkpoint(three[2]), "split_key": "0123456789abcdef"}, other_split)
+    with pytest.raises(UserError, match="another split"):
+        tracin(prepared, tmp_path / "split", checkpoints=[str(three[0]), str(three[1]), str(other_split)])
+    twice = tmp_path / "twice.pth"
+    shutil.copy(three[1], twice)
+    with pytest.raises(UserError, match="epoch 2"):
+        tracin(prepared, tmp_path / "twice", checkpoints=[str(three[0]), str(three[1]), str(twice)])
+    assert not (tmp_path / "mixed" / "run.json").exists() and not (tmp_path / "split" / "run.json").exists()
