@@ -4,11 +4,15 @@
     views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids,
                                          cache_root, num_workers)
     a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
+    views["train"].sha256()                                         # the digest of the cached rows it reads
 
 The cache is output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<layers key>/: memory-mapped .npy over
 the whole split with per-row done flags, so any subset reuses rows already computed, a new checkpoint costs only its
 own forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale cache. A killed run resumes
-where it stopped and gives the same bits. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
+where it stopped and gives the same bits. The cache proves its content: each row carries a checksum written with it and
+checked when the cache is opened, each file the size its header implies, and a cache that fails is computed again
+(CheckpointFactors); `FactorView.sha256` is the digest of the rows a run read, which run.json records and
+InfluenceRun.factors checks on reuse. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
 interface: FactorView (from the cache), ResidentFactors (held on the GPU), methods.NormalizedView (unit gradients).
 
 Why one module over 300 lines: stage 1 is one mechanism, the cache's layout and keys, the resumable writer that fills
@@ -139,6 +143,8 @@ def check_images(listing, ids: np.ndarray) -> None:
 def row_sums(block: np.ndarray) -> np.ndarray:
     """(rows, w) array -> (rows,) uint64: the first 8 bytes of each row's sha256, the cache's per-row checksum."""
     block = np.ascontiguousarray(block)
+    if block.size == 0:
+        return np.zeros(len(block), dtype=np.uint64)
     raw, step = memoryview(block).cast("B"), block.itemsize * int(np.prod(block.shape[1:], dtype=np.int64))
     return np.frombuffer(b"".join(hashlib.sha256(raw[i * step:(i + 1) * step]).digest()[:8] for i in range(len(block))),
                          dtype="<u8").copy()
