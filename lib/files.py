@@ -3,7 +3,7 @@
 - writes: `atomic_path` (a temporary name renamed into place on success) under `save_npy`, `save_json`, `save_csv`,
   `save_figure`; `ensure_output_dir` checks a folder can be written before any work;
 - reads: `read_json`, `load_npy`, `load_npz`, `read_table` turn a missing, truncated or malformed file into a UserError
-  naming it and the fix;
+  naming it and the fix; `npy_damage` says why an .npy's size is not what its header implies;
 - identities: `file_sha256` (a checkpoint's or input's identity is its bytes), `identity_mismatch` (what changed
   between a recorded and a current identity), `git_commit`.
 """
@@ -128,8 +128,31 @@ def read_json(path: str | os.PathLike, fix: str = "rerun the tool that wrote it"
     return value
 
 
+def npy_damage(path: str | os.PathLike) -> str | None:
+    """Why an .npy file cannot be what its header says (an unreadable header, or a size other than the header's shape
+    and dtype imply: cut short or grown); None when it can. Reads the header only."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            want = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError) as e:
+        return f"cannot read {path} ({first_line(e)})"
+    if size != want:
+        return f"{path} has {size:,} bytes, not the {want:,} its header implies (cut short or overwritten)"
+    return None
+
+
 def load_npy(path: str | os.PathLike, mmap_mode: str | None = "r", fix: str = "rerun the tool that wrote it") -> np.ndarray:
-    """np.load with a truncated or corrupt file turned into one UserError naming it."""
+    """np.load with a truncated or corrupt file turned into one UserError naming it. A memory-mapped file must have
+    exactly the size its header implies (np.load's "r+" would silently zero-extend a file cut short)."""
+    damage = npy_damage(path) if mmap_mode is not None else None
+    if damage:
+        raise UserError(f"{damage}; {fix}")
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:

@@ -194,3 +194,22 @@ def tiny_resnets(n_ckpt=2):
 def tiny_resnet_batch(n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+# ---------------------------------------------------------------- a factor cache damaged on disk
+def damage_npy(path, how):
+    """Damage a float32 .npy of the factor cache in place: "truncate" cuts off its last quarter (as a full disk or a
+    killed copy leaves it); "flip" changes the exponent byte of its first value, keeping the size."""
+    import numpy as np
+
+    path = Path(path)
+    size = path.stat().st_size
+    if how == "truncate":
+        os.truncate(path, size - size // 4)
+        return
+    n_bytes = int(np.prod(np.load(path, mmap_mode="r").shape)) * 4
+    with open(path, "r+b") as f:
+        f.seek(size - n_bytes + 3)  # the first value's most significant byte (little-endian float32)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))

@@ -4,11 +4,15 @@
     views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids,
                                          cache_root, num_workers)
     a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
+    views["train"].sha256()                                         # the digest of the cached rows it reads
 
 The cache is output_dir/factors/<split>-<image list key>/<checkpoint sha256>-<layers key>/: memory-mapped .npy over
 the whole split with per-row done flags, so any subset reuses rows already computed, a new checkpoint costs only its
 own forward passes, and a retrained checkpoint or re-prepared data can never reuse a stale cache. A killed run resumes
-where it stopped and gives the same bits. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
+where it stopped and gives the same bits. The cache proves its content: each row carries a checksum written with it and
+checked when the cache is opened, each file the size its header implies, and a cache that fails is computed again
+(CheckpointFactors); `FactorView.sha256` is the digest of the rows a run read, which run.json records and
+InfluenceRun.factors checks on reuse. Every factor source has the same `load(t, layer, rows, device) -> (A, D)`
 interface: FactorView (from the cache), ResidentFactors (held on the GPU), methods.NormalizedView (unit gradients).
 
 Why one module over 300 lines: stage 1 is one mechanism, the cache's layout and keys, the resumable writer that fills
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,12 +37,13 @@ from lib.checkpoints import CHECKPOINT_RE, SELECTED, find_checkpoints, load_chec
 from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
-from lib.files import file_sha256, load_npy, read_json, save_json, save_npy
+from lib.files import file_sha256, load_npy, npy_damage, read_json, save_json, save_npy
 from lib.ownership import remove_inside_owned
 from TracIn.core.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
 
 TOOL = "efficient_tracin"  # the owner of every factor cache folder
+log = logging.getLogger(__name__)
 
 
 def choose_subset(n: int, size: int, seed: int) -> np.ndarray:
@@ -191,9 +197,26 @@ def check_images(listing, ids: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------- the cache
+def row_sums(block: np.ndarray) -> np.ndarray:
+    """(rows, w) array -> (rows,) uint64: the first 8 bytes of each row's sha256, the cache's per-row checksum."""
+    block = np.ascontiguousarray(block)
+    if block.size == 0:
+        return np.zeros(len(block), dtype=np.uint64)
+    raw, step = memoryview(block).cast("B"), block.itemsize * int(np.prod(block.shape[1:], dtype=np.int64))
+    return np.frombuffer(b"".join(hashlib.sha256(raw[i * step:(i + 1) * step]).digest()[:8] for i in range(len(block))),
+                         dtype="<u8").copy()
+
+
 class CheckpointFactors:
-    """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the
-    whole split, memory-mapped, with per-row done flags."""
+    """Cached factors of one (split, checkpoint, layer set): A/D per layer and logits over the whole split, memory-mapped,
+    with per-row done flags (done.npy) and per-row checksums (checksums.npy: (n, files) uint64, the first 8 bytes of the
+    sha256 of each file's row, computed from the bytes written).
+
+    Opening proves the content: each file's size must be what its header says (checked before the memory map, which
+    would zero-extend a file cut short) and every row the flags claim must match its checksum (one read of the claimed
+    rows); a cache that fails starts over, said in a warning, so its rows are computed again rather than read as zeros.
+    Checksums are per row, not per file, because runs of other subsets add rows to a shared cache: `sha256(ids)`, a
+    digest of the rows a run reads, stays the same when other rows are added, and run.json records it."""
 
     def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict, cache_root: Path):
         self.root, self.n = root, n
@@ -204,29 +227,71 @@ class CheckpointFactors:
             saved = None  # corrupt: treated as never finished
         if saved is not None and saved != json.loads(json.dumps(meta)):
             raise UserError(f"factor cache {root} belongs to another setting; pass --overwrite to recompute it")
-        if saved is None and root.exists():
-            # meta.json is written only once every array is allocated: without it (a full disk or a kill while
-            # allocating, or a corrupt file) the folder holds no finished rows and starts over.
+        self.shapes = {**{(l, k): (n, dims[l][0] if k == "A" else dims[l][1]) for l in dims for k in ("A", "D")},
+                       "logits": (n, n_classes)}
+        self.names = [f"{k[1]}_{k[0]}.npy" if isinstance(k, tuple) else f"{k}.npy" for k in self.shapes]
+        self.done_path, self.sums_path = root / "done.npy", root / "checksums.npy"
+        # meta.json is written only once every array is allocated: without it (a full disk or a kill while allocating,
+        # or a corrupt file) the folder holds no finished rows and starts over.
+        damage = "no meta.json" if saved is None else self._open()
+        if damage is not None and root.exists():
+            if saved is not None:
+                log.warning(f"warning: factor cache {damage}; its rows are computed again")
+            self.arrays = self.logits = None  # unmap before removing
             remove_inside_owned(root, cache_root, TOOL)
-        root.mkdir(parents=True, exist_ok=True)
-        shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
-        self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
-        self.logits = self._open("logits.npy", (n, n_classes))
-        self.done_path = root / "done.npy"
-        self.done = load_npy(self.done_path, None, "pass --overwrite to recompute the factor cache") if self.done_path.exists() \
-            else np.zeros(n, dtype=bool)
-        if self.done.shape != (n,):
-            raise UserError(f"factor cache {root} does not match the split; pass --overwrite to recompute it")
-        if saved is None:
+        if damage is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            if self._open() is not None:  # a fresh folder holds nothing to doubt
+                raise UserError(f"factor cache {root} cannot be created; pass another --output_dir")
             save_json(meta_path, meta)
         self._last_sync = time.time()
+
+    def _open(self) -> str | None:
+        """Map the files (allocating absent ones) and read the flags and checksums; returns what is wrong with a
+        cache whose claimed rows cannot be trusted, or None."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name, shape in zip(self.names, self.shapes.values()):
+            path = self.root / name
+            damage = npy_damage(path) if path.exists() else None
+            if damage is not None:
+                return damage
+        arrays = [self._map(name, shape) for name, shape in zip(self.names, self.shapes.values())]
+        self.arrays = dict(zip(list(self.shapes)[:-1], arrays[:-1]))
+        self.logits = arrays[-1]
+        if not self.done_path.exists():
+            self.done, self.sums = np.zeros(self.n, dtype=bool), np.zeros((self.n, len(self.names)), dtype=np.uint64)
+            return None
+        damage = npy_damage(self.done_path)
+        if damage is not None:
+            return damage
+        self.done = np.load(self.done_path, allow_pickle=False)
+        if self.done.shape != (self.n,) or self.done.dtype != bool:
+            return f"{self.done_path} does not match the split"
+        if not self.done.any():
+            self.sums = np.zeros((self.n, len(self.names)), dtype=np.uint64)
+            return None
+        if npy_damage(self.sums_path) is not None:
+            return f"{self.root} has no readable checksums.npy for its finished rows"
+        self.sums = np.load(self.sums_path, allow_pickle=False)
+        if self.sums.shape != (self.n, len(self.names)) or self.sums.dtype != np.uint64:
+            return f"{self.sums_path} does not match the cache's files"
+        rows = np.flatnonzero(self.done)
+        for j, (name, arr) in enumerate(zip(self.names, arrays)):
+            for r0 in range(0, len(rows), 4096):  # bounded memory: 4096 rows at a time
+                sel = rows[r0:r0 + 4096]
+                bad = row_sums(arr[sel]) != self.sums[sel, j]
+                if bad.any():
+                    return (f"{self.root / name} row {int(sel[bad][0])} differs from its checksum "
+                            f"({int(bad.sum())} of these {len(sel)} rows do)")
+        return None
 
     @staticmethod
     def new_bytes(root: Path, n: int, dims: dict, n_classes: int) -> int:
         """Disk space a not yet existing cache folder will take."""
-        return 0 if (root / "meta.json").exists() else 4 * n * (sum(a + d for a, d in dims.values()) + n_classes) + n
+        return 0 if (root / "meta.json").exists() else (4 * (sum(a + d for a, d in dims.values()) + n_classes) + 1
+                                                        + 8 * (2 * len(dims) + 1)) * n
 
-    def _open(self, name, shape):
+    def _map(self, name, shape):
         path = self.root / name
         fix = "pass --overwrite to recompute the factor cache"
         if path.exists():
@@ -244,20 +309,28 @@ class CheckpointFactors:
         return arr
 
     def write(self, rows: np.ndarray, factors: dict, logits: torch.Tensor):
-        for layer, (a, d) in factors.items():
-            self.arrays[(layer, "A")][rows] = a.float().cpu().numpy()
-            self.arrays[(layer, "D")][rows] = d.float().cpu().numpy()
-        self.logits[rows] = logits.float().cpu().numpy()
+        values = {**{(l, k): x for l, (a, d) in factors.items() for k, x in (("A", a), ("D", d))}, "logits": logits}
+        for j, key in enumerate(self.shapes):
+            block = values[key].float().cpu().numpy()
+            (self.logits if key == "logits" else self.arrays[key])[rows] = block
+            self.sums[rows, j] = row_sums(block)
         self.done[rows] = True
 
     def sync(self, force: bool = True, every_s: float = 10.0):
-        """Flush the factors, then the done flags: a flag on disk never claims unwritten rows."""
+        """Flush the factors, then their checksums, then the done flags: a flag on disk never claims unwritten rows."""
         if not force and time.time() - self._last_sync < every_s:
             return
         for arr in list(self.arrays.values()) + [self.logits]:
             arr.flush()
+        save_npy(self.sums_path, self.sums)
         save_npy(self.done_path, self.done)
         self._last_sync = time.time()
+
+    def sha256(self, ids: np.ndarray) -> str:
+        """A digest of the rows `ids` as cached (their checksums, file by file): what a run read from this cache."""
+        h = hashlib.sha256(json.dumps(self.names).encode())
+        h.update(np.ascontiguousarray(self.sums[np.asarray(ids)]).tobytes())
+        return h.hexdigest()
 
 
 def make_hook(model, factor_args: FactorArguments) -> InfluenceHook:
@@ -331,6 +404,10 @@ class FactorView:
     def load(self, t: int, layer: str, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
         sel = self.ids[rows]
         return tuple(torch.from_numpy(self.caches[t].arrays[(layer, k)][sel]).to(device) for k in ("A", "D"))
+
+    def sha256(self) -> str:
+        """A digest of the factors this view reads (each cache's checksums of the rows `ids`): run.json records it."""
+        return hashlib.sha256("".join(c.sha256(self.ids) for c in self.caches).encode()).hexdigest()
 
     def nbytes(self) -> int:
         return sum(4 * len(self.ids) * a.shape[1] for c in self.caches for a in c.arrays.values())

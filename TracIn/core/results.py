@@ -158,6 +158,8 @@ def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, d
         "train_loss_per_ckpt": train_arrays["loss_per_ckpt"], "train_margin_per_ckpt": train_arrays["margin_per_ckpt"],
         "train_el2n_per_ckpt": train_arrays["el2n_per_ckpt"], "train_grad_sq_norm_per_ckpt": train_arrays.get("grad_sq_norm_per_ckpt"),
     }
+    if scored.factors_sha256 is not None:  # the cached factors' content, which InfluenceRun.factors checks on reuse
+        identity = {**identity, "factors_sha256": scored.factors_sha256}
     record = {
         "args": run.recorded_args(), "identity": identity, "git_commit": git_commit(), "device": str(run.device),
         "data": {**{k: identity[k] for k in ("data_dir", "manifest_key", "train_key", "test_key")}, "n_train_split": len(train_list.paths),

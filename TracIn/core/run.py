@@ -113,7 +113,8 @@ class InfluenceRun:
 
     # ------------------------------------------------------------------ identity
     def identity(self, data_id: dict | None = None) -> dict:
-        """What a run's scores depend on (its factors' own identity is their cache key); results.run_id hashes it."""
+        """What a run's scores depend on, before stage 1 (its factors' cache key; results.tracin_outputs adds the
+        digest of the factors read, ScoredRun.factors_sha256); results.run_id hashes it."""
         c = self.cfg
         data_id = data_id if data_id is not None else data_identity(c.data_dir)
         score_key = pick(ScoreArguments, c).key()
@@ -153,12 +154,27 @@ class InfluenceRun:
                                               self.cfg.num_workers)
             if any(computed.values()):
                 log.info(f"factor cache completed: {computed} forward batches")
+            self.check_factors(views["train"], FactorView(views["test"].caches, self.test_ids))
             self.train_view, self.test_caches = views["train"], views["test"].caches
             self._factor_set = FactorSet(views["train"], views["test"], self.lrs, self.layers,
                                          self.train_list.labels[self.train_ids], self.test_list.labels, self.device,
                                          views["train"].logits(), views["test"].logits(), block=self.cfg.train_block,
                                          curvature_store=curvature_store(views["train"]), members=self.members)
         return self._factor_set
+
+    def check_factors(self, train_view: FactorView, test_view: FactorView) -> None:
+        """Refuse factors other than those the finished run read (the digest of their checksums that its run.json
+        recorded; a record without one predates it and is not checked)."""
+        recorded = (self.record or {}).get("identity", {}).get("factors_sha256")
+        if not recorded:
+            return
+        recorded = recorded if isinstance(recorded, dict) else {}
+        now = {"train": train_view.sha256(), "test": test_view.sha256()}
+        differs = [split for split in ("train", "test") if recorded.get(split) != now[split]]
+        if differs:
+            raise UserError(f"the cached {' and '.join(differs)} factors in {self.cache_root()} are not those the run in "
+                            f"{self.results_dir} was scored from (their checksums differ); rerun efficient_tracin.py "
+                            f"--output_dir {self.results_dir}")
 
     def score_args(self, score_fn: str | None = None, normalize: str | None = None, **changes) -> ScoreArguments:
         """ScoreArguments with the run's blocks, damping and trak_dim as recorded (an older record takes the defaults of

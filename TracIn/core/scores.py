@@ -45,12 +45,14 @@ def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,
 class ScoredRun:
     """Stage 2's output for one run, shard or merge: the top-k tracker, per training image arrays (shards.TRAIN_ARRAYS
     names: self_influence, train_ids, loss_last, ...; None where not computed), the test predictions and the summary
-    figures (seconds per stage, forward batches run, layer dims)."""
+    figures (seconds per stage, forward batches run, layer dims) and factors_sha256 ({"train", "test"}: the digest of the
+    cached factors read, FactorView.sha256; None for a merge, whose factors stay in the shards)."""
 
     tracker: TopKInfluenceTracker
     train_arrays: dict
     test_pred: np.ndarray
     summary: dict
+    factors_sha256: dict | None = None
 
 
 def fits_on_device(views: dict, device) -> bool:
@@ -89,7 +91,7 @@ def factors_and_scores(factor_args: FactorArguments, score_args: ScoreArguments,
     summary = {"seconds_factors": t_factors, "seconds_scores": time.time() - t0, "batches_computed": computed,
              "layer_dims": {l: list(d) for l, d in dims.items()}}
     test_pred = test_logits[last].mean(0).argmax(1).astype(np.int64)  # the members' mean logits
-    return ScoredRun(tracker, train_arrays, test_pred, summary)
+    return ScoredRun(tracker, train_arrays, test_pred, summary, {split: v.sha256() for split, v in views.items()})
 
 
 def score_factor_set(fs: FactorSet, score_args: ScoreArguments, train_ids: np.ndarray):

@@ -13,7 +13,7 @@ from PIL import Image
 
 import TracIn
 from lib.cli import UserError
-from helpers import one_error_line, sh
+from helpers import damage_npy, one_error_line, sh
 from TracIn import efficient_tracin, explain
 from TracIn.core.methods import METHODS, SCORE_FNS, method_for
 from TracIn.core.run import InfluenceRun
@@ -164,6 +164,32 @@ def test_explain_refuses_changed_checkpoints(runs, prepared, trained, tmp_path):
     torch.save(state, last)
     with pytest.raises(UserError, match="changed since the TracIn run"):
         TracIn.open(res, data_dir=str(prepared)).explain([TracIn.open(res, data_dir=str(prepared)).test_list.paths[0]])
+
+
+def test_explain_recomputes_a_damaged_cache_and_refuses_another(prepared, trained, tmp_path):
+    """explain on a run whose cached A_fc.npy was cut short or had a byte changed gives the table it gave before (the
+    cache is computed again); a cache whose rows agree with their own checksums but are not the run's is refused."""
+    res = tmp_path / "res"
+    assert efficient_tracin.main(["--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt"), "--output_dir",
+                                  str(res), "--top_k", "2", "--score_fn", "tracin", "--normalize", "none",
+                                  "--num_workers", "0"]) == 0
+    image = TracIn.open(res, data_dir=str(prepared)).test_list.paths[1]
+    before = TracIn.open(res, data_dir=str(prepared)).explain([image], k=2)
+    a_fc = sorted((res / "factors").glob("train-*/*/A_fc.npy"))[-1]
+    for how in ("truncate", "flip"):
+        damage_npy(a_fc, how)
+        pd.testing.assert_frame_equal(TracIn.open(res, data_dir=str(prepared)).explain([image], k=2), before)
+    from TracIn.core.factors import row_sums
+
+    a = np.load(a_fc, mmap_mode="r+")  # another cache: row 0 changed and its checksum with it
+    a[0] *= 2
+    a.flush()
+    sums = np.load(a_fc.parent / "checksums.npy")
+    sums[0, 0] = row_sums(np.asarray(a[:1]))[0]  # column 0: A_fc.npy
+    np.save(a_fc.parent / "checksums.npy", sums)
+    with pytest.raises(UserError) as e:
+        explain.main([str(image), "--results_dir", str(res), "--data_dir", str(prepared), "--out_dir", str(tmp_path / "x")])
+    assert "\n" not in str(e.value) and "checksums differ" in str(e.value) and "rerun efficient_tracin.py" in str(e.value)
 
 
 def test_readme_notebook_examples_run_verbatim(runs, prepared, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""efficient_tracin end to end: parity with Captum's TracInCP, resume, subsets, bad input."""
+"""efficient_tracin end to end: parity with Captum's TracInCP, resume, a damaged cache, subsets, bad input."""
 import json
+import logging
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from lib.checkpoints import load_checkpoint, model_from_checkpoint
 from lib.cli import UserError
 from lib.data_utils import ImageListDataset, build_transform, list_split
-from helpers import make_random_checkpoints
+from helpers import damage_npy, make_random_checkpoints
 from TracIn.core import factors, scores
 from TracIn.core.arguments import TracInConfig
 from TracIn.core.job import tracin_job
@@ -110,6 +111,24 @@ def test_resume_after_interruption_gives_identical_arrays(prepared, ckpts, tmp_p
     a, b = load_outputs(tmp_path / "clean"), load_outputs(tmp_path / "resumed")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_factor_cache_is_recomputed_never_read(prepared, ckpts, tmp_path, caplog, how):
+    """A cached A_fc.npy cut short (which np.load's r+ map would zero-extend) or with a byte changed: the re-score
+    computes that checkpoint's rows again and gives the same arrays, never scores from zeros or the changed byte."""
+    out = tmp_path / "out"
+    run(prepared, ckpts, out)
+    before = load_outputs(out)
+    damaged = sorted((out / "factors").glob("train-*/*/A_fc.npy"))[-1]
+    damage_npy(damaged, how)
+    with caplog.at_level(logging.WARNING):
+        summary = run(prepared, ckpts, out)
+    after = load_outputs(out)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert str(damaged) in caplog.text and "computed again" in caplog.text
+    assert summary["batches_computed"] == {"train": 5, "test": 0}  # 18 training images in batches of 4
 
 
 def test_subsets_refer_to_full_split_indices(prepared, ckpts, tmp_path):
