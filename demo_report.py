@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib.cli import UserError, cli
 from lib.files import read_json as read_checked_json
-from TracIn.core.results import run_id
+from TracIn.core.results import explained_model, run_id
 from TracIn.core.run_folder import current
 
 
@@ -58,6 +58,8 @@ def main(argv=None):
          if ev.get("selected_on") == "val" and ev.get("selection_accuracy") is not None else
          "  test accuracy (clean labels; the model was selected on test): ")
         + f"{ev['accuracy']:.4f} on {ev['n']} images   model: {ev['model']}",
+        f"  explained: {explained_model(record)}, {record.get('checkpoints_chosen') or 'every checkpoint'}; evaluated: "
+        f"epoch {(ev.get('model_record') or {}).get('epoch')} ({Path(str(ev['model'])).name})",
         f"  influence ({score_fn}): {run['pairs_scored']:,} pairs ({run['n_test']} test x {run['n_train']} train, {run['n_checkpoints']} checkpoints) "
         f"in {run['seconds_total']:.1f}s; negative share among opponents {run['opponent_negative_share']:.1%}",
         f"  mispredictions: {mis['mispredicted_test']} test, {mis['mispredicted_train']} train (given labels, noise included); "

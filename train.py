@@ -9,7 +9,9 @@ Writes checkpoint_dir/finetune_epoch_{N}.pth every N epochs (and at the last epo
 checkpoint_dir/training_dynamics.npz (per image and epoch: loss, margin, correct),
 checkpoint_dir/last.pth every epoch (for --resume), and the best model (by accuracy, then loss, on the
 val split that prepare_data.py holds out; on test, with a warning, for data prepared with --val_fraction 0)
-as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt. evaluate.py reports the test split.
+as models/<Arch>_<tag>_val_<acc>_<loss>.pth, named in models/best_model.txt: a checkpoint of the run at its epoch,
+also named (with its weights' identity) in checkpoint_dir/selected_model.json, which TracIn reads to explain the
+trajectory up to that model. evaluate.py reports the test split.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
 
 Why one script over 300 lines: a training run stays one readable file (arguments, exact resume, what each batch and

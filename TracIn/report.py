@@ -45,7 +45,7 @@ from lib.data_utils import SplitListing, data_identity, list_split, read_false_p
 from lib.files import identity_mismatch, read_table
 from lib.ownership import check_replaceable, owned_by
 from lib.processes import quiet_worker
-from TracIn.core.results import RECORD, appearances, index_of, load_results, run_id
+from TracIn.core.results import RECORD, appearances, explained_model, index_of, load_results, run_id
 from TracIn.core.run_folder import current, tool_folder
 
 log = logging.getLogger(__name__)
@@ -424,6 +424,7 @@ def build(args) -> dict:
                 "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"].get("normalize", "none")),
                 "score_fn": text(r.record["args"].get("score_fn", "tracin")),
                 "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
+                "model": text(f"{explained_model(r.record)}: {r.record.get('checkpoints_chosen') or 'every checkpoint'}"),
                 "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
                                 for c in r.record.get("checkpoints", [])]},
         "evaluation": None if evaluation is None else {"accuracy": number(evaluation.get("accuracy")), "loss": number(evaluation.get("loss")),

@@ -161,6 +161,7 @@
     let h = "<h2>Run</h2><table>" +
       [["training images", r.n_train], ["test images", r.n_test], ["checkpoints", r.n_checkpoints + " (" +
         r.checkpoints.map((c) => "epoch " + c.epoch + ", lr " + fmt(c.lr, 5)).join("; ") + ")"],
+       ["model explained", r.model || "–"],
        ["layers", (r.layers || []).join(", ")], ["score of the main lists (--score_fn)", r.score_fn],
        ["normalisation of the main lists", r.normalize],
        ["lists in this report", M.kinds.join(", ") + " (top " + M.show_k + " of " + M.top_k + " shown)"],
