@@ -33,7 +33,7 @@ from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
 from lib.files import file_sha256, load_npy, save_json, save_npy
-from lib.ownership import remove_inside_owned
+from lib.ownership import claim_allocated, remove_inside_owned
 from TracIn.core.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
 
@@ -155,6 +155,7 @@ class CheckpointFactors:
         shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
         self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
         self.logits = self._open("logits.npy", (n, n_classes))
+        claim_allocated([self.root / f"{k[1]}_{k[0]}.npy" for k in shapes] + [self.root / "logits.npy"])  # filled in place
         self.done_path = root / "done.npy"
         self.done = load_npy(self.done_path, None, "pass --overwrite to recompute the factor cache") if self.done_path.exists() \
             else np.zeros(n, dtype=bool)
