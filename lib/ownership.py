@@ -290,16 +290,11 @@ def check_replaceable(target: str | os.PathLike, tool: str, flag: str) -> Path:
 @contextlib.contextmanager
 def building(target: str | os.PathLike, tool: str, flag: str) -> Iterator[Path]:
     """Yield an empty folder beside `target`; on success its listing is recorded (claim_tree), it replaces `target`
-    whole (marked as `tool`'s), and the old folder is removed through its record. A `target` holding files `tool`
-    cannot prove it wrote (yours, or changed since) is refused before any work. On failure `target` is left as it was."""
+    whole (marked as `tool`'s), and the old folder is removed through its record: files `tool` cannot prove it wrote
+    (yours, or changed since) are moved to `<target>.kept-<id>` beside it, said. On failure `target` stays as it was."""
     import shutil
 
     target = check_replaceable(target, tool, flag)
-    kept = remove_recorded(target, dry_run=True)[1] if target.is_dir() else []
-    if kept:
-        names = ", ".join(str(p.relative_to(target.absolute())) for p in kept[:3]) + (" ..." if len(kept) > 3 else "")
-        raise UserError(f"{flag} {target} holds {len(kept)} file(s) that {tool} did not write or that changed since "
-                        f"({names}); they are left untouched: move them away or pass another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
     try:
@@ -314,9 +309,12 @@ def building(target: str | os.PathLike, tool: str, flag: str) -> Iterator[Path]:
             os.replace(target, old / "x")
         os.replace(build, target)
         if old is not None:
-            say_kept(old / "x", tool, remove_recorded(old / "x")[1])
-            if not (old / "x").exists():
-                old.rmdir()
+            kept = remove_recorded(old / "x")[1]
+            if kept:  # yours, or changed since: kept beside the new folder, said
+                aside = target.with_name(f"{target.name}.kept-{Path(old).name.rsplit('-', 1)[-1]}")
+                os.replace(old / "x", aside)
+                say_kept(aside, tool, [aside / p.relative_to(old / "x") for p in kept])
+            old.rmdir()
     finally:
         if build.exists():
             shutil.rmtree(build)

@@ -151,6 +151,7 @@ class CheckpointFactors:
             # meta.json is written only once every array is allocated: without it (a full disk or a kill while
             # allocating, or a corrupt file) the folder holds no finished rows and starts over.
             remove_inside_owned(root, cache_root, TOOL)
+        self.fresh = saved is None  # an unfinished folder: its arrays (kept only if changed since recorded) are written anew
         root.mkdir(parents=True, exist_ok=True)
         shapes = {**{(l, "A"): (n, a) for l, (a, _) in dims.items()}, **{(l, "D"): (n, d) for l, (_, d) in dims.items()}}
         self.arrays = {key: self._open(f"{key[1]}_{key[0]}.npy", shape) for key, shape in shapes.items()}
@@ -173,7 +174,7 @@ class CheckpointFactors:
     def _open(self, name, shape):
         path = self.root / name
         fix = "pass --overwrite to recompute the factor cache"
-        if path.exists():
+        if path.exists() and not self.fresh:
             arr = load_npy(path, "r+", fix)
             if arr.shape != shape or arr.dtype != np.float32:
                 raise UserError(f"factor cache {path} has the wrong shape; {fix}")
