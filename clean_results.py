@@ -1,12 +1,13 @@
-"""Remove what the pipeline wrote, and only that: `make clean-results` runs it.
+"""Remove what the pipeline's result tools wrote, and only what they can prove they wrote: `make clean-results` runs it.
 
     $ python clean_results.py      # TracIn/results, false_predictions, models/checkpoints, models/evaluation
 
-A file or folder goes only when the tool that wrote it marked it as its own, checked at the moment of deletion:
-folders with a tool's marker (factor caches, the run folder's tool subfolders, Grad-CAM maps) and the links into them,
-files and links a tool claimed, while they are exactly what it wrote (lib.ownership.claim_files; a TracIn run's
-files among them), and train.py's checkpoints in a folder train.py marked. Anything else (a user's notes, photos,
-weights, the tracked READMEs) stays where it is.
+A file goes only while its content is what its tool recorded writing (lib.ownership.remove_recorded: size and sha256
+recorded at write time; a link, its target); a folder goes only once nothing else is left in it. A marker alone removes
+nothing. Under --results_dir, --false_predictions and --eval_dir only the result tools' folders (the factor cache,
+the run folder's tool subfolders, Grad-CAM maps) and the files and links claimed in those folders are cleaned; a folder
+of another tool there (a prepared data set, train.py's checkpoints, an ensemble's members) is left, said. Under
+--checkpoint_dir, train.py's recorded checkpoints and records. A user's file inside a tool's folder stays, said.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from lib.checkpoints import find_checkpoints
 from lib.cli import cli
-from lib.ownership import OWNER_MARKER, owned_by, read_claims, remove_claimed, remove_inside_owned, remove_owned
-from TracIn.core.run_folder import remove_dangling_links
+from lib.ownership import owner_of, read_claims, remove_claimed, remove_owned
+from TracIn.core.factors import TOOL as TRACIN
+from TracIn.core.run_folder import TOOL_FOLDERS, remove_dangling_links
 
 log = logging.getLogger(__name__)
-TRAIN_FILES = ("last.pth", "training_dynamics.npz", "train_args.json")
+# the tools whose marked folders are results (rebuilt by rerunning them); train.py, prepare_data.py and the ensemble's
+# members are models and data, cleaned only by their own flag (--checkpoint_dir) or not at all
+RESULT_TOOLS = {TRACIN, "gradCAM_evaluation", *TOOL_FOLDERS.values()}
 
 
 def parse_args(argv=None):
@@ -32,16 +35,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def files_in(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def clean_owned(folder: Path, tool: str) -> int:
+    """A folder `tool` marked: its recorded files that are unchanged (the rest stays, said). Returns how many went."""
+    before = files_in(folder)
+    remove_owned(folder, tool)
+    return before - files_in(folder)
+
+
 def clean_folder(folder: Path) -> int:
-    """One output folder: nested TracIn runs (raw/, normalized/), claimed files, subfolders with a tool's marker, and
-    the folder's own TracIn run. Returns how many files and folders went."""
+    """One output folder (a shared one, never removed itself): its result tools' subfolders, nested TracIn runs
+    (raw/, normalized/), and the files and links claimed in it. Returns how many files went."""
     if not folder.is_dir() or folder.is_symlink():
         return 0
     n = 0
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
-        marker = sub / OWNER_MARKER
-        if marker.is_file():
-            n += remove_owned(sub, marker.read_text().strip())
+        tool = owner_of(sub)
+        if tool in RESULT_TOOLS:
+            n += clean_owned(sub, tool)
+        elif tool is not None:
+            log.info(f"clean-results: {sub} is {tool}'s folder, not a result; left as it is")
         elif (sub / "run.json").is_file():
             n += clean_folder(sub)
     n += remove_dangling_links(folder)
@@ -52,17 +68,17 @@ def clean_folder(folder: Path) -> int:
 def clean(args) -> int:
     n = sum(clean_folder(Path(d)) for d in (args.results_dir, args.false_predictions, args.eval_dir))
     ckpt = Path(args.checkpoint_dir)
-    if ckpt.is_dir() and owned_by(ckpt, "train.py"):
-        for path in find_checkpoints(ckpt) + [ckpt / name for name in TRAIN_FILES]:
-            if path.is_file() and not path.is_symlink():
-                remove_inside_owned(path, ckpt, "train.py")
-                n += 1
+    if ckpt.is_dir() and not ckpt.is_symlink() and owner_of(ckpt) == "train.py":
+        n += clean_owned(ckpt, "train.py")
+    elif ckpt.is_dir() and owner_of(ckpt) is not None:
+        log.info(f"clean-results: --checkpoint_dir {ckpt} is {owner_of(ckpt)}'s folder, not train.py's; left as it is")
     return n
 
 
 def main(argv=None):
     n = clean(parse_args(argv))
-    log.info(f"clean-results: removed {n} file(s) and folder(s) the pipeline wrote; everything else stays")
+    log.info(f"clean-results: removed {n} file(s) the pipeline recorded writing and that are unchanged since; "
+             "anything else stays")
     return 0
 
 

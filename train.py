@@ -171,7 +171,7 @@ def train(args) -> dict:
     d = Dist(args.device)
     device = d.device
     if d.main:  # checked before any work: a folder we cannot write fails now, not after an epoch
-        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir")
+        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir", "train.py")
         ensure_output_dir(args.models_dir, "--models_dir")
     ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
     train_run = uuid.uuid4().hex[:16]  # this training run's identity: in train_args.json, every checkpoint, the dynamics

@@ -1,7 +1,9 @@
 """Files: written atomically, read with one error line per bad file, identified by their content.
 
 - writes: `atomic_path` (a temporary name renamed into place on success) under `save_npy`, `save_json`, `save_csv`,
-  `save_figure`; `ensure_output_dir` checks a folder can be written before any work;
+  `save_figure` and the checkpoints; a file it puts inside a tool's marked folder is recorded there with its sha256
+  (lib.ownership.record_written), so that only a file still exactly as written is ever removed; `ensure_output_dir`
+  checks a folder can be written, and is not another tool's, before any work;
 - reads: `read_json`, `load_npy`, `load_npz`, `read_table` turn a missing, truncated or malformed file into a UserError
   naming it and the fix; `npy_damage` says why an .npy's size is not what its header implies;
 - identities: `file_sha256` (a checkpoint's or input's identity is its bytes), `identity_mismatch` (what changed
@@ -44,6 +46,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
+        from lib.ownership import record_written  # lib.ownership builds on this module
+
+        record_written(path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -74,14 +79,19 @@ def save_figure(path: str | os.PathLike, fig) -> None:
     plt.close(fig)
 
 
-def ensure_output_dir(path: str | os.PathLike, flag: str) -> Path:
+def ensure_output_dir(path: str | os.PathLike, flag: str, tool: str | None = None) -> Path:
     """Create `path` if needed and check that files can be written there, before any work.
 
-    Raises UserError naming the flag for a path that is a file, is not writable, or cannot exist.
+    Raises UserError naming the flag for a path that is a file, is not writable, cannot exist, or is a folder another
+    tool marked as its own (tool: the writer's own marker name; None for a writer into a shared folder, which no
+    tool's marked folder may be).
     """
+    from lib.ownership import check_not_foreign  # lib.ownership builds on this module
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder; pass a folder path")
+    check_not_foreign(path, tool, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)

@@ -38,7 +38,7 @@ from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
 from lib.files import file_sha256, load_npy, npy_damage, read_json, save_json, save_npy
-from lib.ownership import remove_inside_owned
+from lib.ownership import claim_allocated, remove_inside_owned
 from TracIn.core.arguments import FactorArguments
 from TracIn.influence_utils import InfluenceHook
 
@@ -231,6 +231,7 @@ class CheckpointFactors:
                        "logits": (n, n_classes)}
         self.names = [f"{k[1]}_{k[0]}.npy" if isinstance(k, tuple) else f"{k}.npy" for k in self.shapes]
         self.done_path, self.sums_path = root / "done.npy", root / "checksums.npy"
+        self.fresh = False
         # meta.json is written only once every array is allocated: without it (a full disk or a kill while allocating,
         # or a corrupt file) the folder holds no finished rows and starts over.
         damage = "no meta.json" if saved is None else self._open()
@@ -241,6 +242,7 @@ class CheckpointFactors:
             remove_inside_owned(root, cache_root, TOOL)
         if damage is not None:
             root.mkdir(parents=True, exist_ok=True)
+            self.fresh = True  # arrays the removal kept (changed since recorded) are written anew
             if self._open() is not None:  # a fresh folder holds nothing to doubt
                 raise UserError(f"factor cache {root} cannot be created; pass another --output_dir")
             save_json(meta_path, meta)
@@ -252,10 +254,11 @@ class CheckpointFactors:
         self.root.mkdir(parents=True, exist_ok=True)
         for name, shape in zip(self.names, self.shapes.values()):
             path = self.root / name
-            damage = npy_damage(path) if path.exists() else None
+            damage = npy_damage(path) if path.exists() and not self.fresh else None
             if damage is not None:
                 return damage
         arrays = [self._map(name, shape) for name, shape in zip(self.names, self.shapes.values())]
+        claim_allocated([self.root / name for name in self.names])  # filled in place: recorded by size until sealed
         self.arrays = dict(zip(list(self.shapes)[:-1], arrays[:-1]))
         self.logits = arrays[-1]
         if not self.done_path.exists():
@@ -294,7 +297,7 @@ class CheckpointFactors:
     def _map(self, name, shape):
         path = self.root / name
         fix = "pass --overwrite to recompute the factor cache"
-        if path.exists():
+        if path.exists() and not self.fresh:
             arr = load_npy(path, "r+", fix)
             if arr.shape != shape or arr.dtype != np.float32:
                 raise UserError(f"factor cache {path} has the wrong shape; {fix}")

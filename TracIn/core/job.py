@@ -20,7 +20,7 @@ import numpy as np
 from lib.cli import UserError
 from lib.devices import resolve_device
 from lib.files import ensure_output_dir, is_relative_to
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned, remove_owned
+from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned, remove_owned, seal_claims
 from TracIn.core.factors import TOOL, check_images
 from TracIn.core.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
 from TracIn.core.run import InfluenceRun
@@ -73,6 +73,7 @@ def tracin_job(cfg) -> dict:
             remove_inside_owned(work_dir / "complete.json", work_dir, TOOL)  # this shard is not finished until written again
         scored = factors_and_scores(run.factor_args, cfg.score_args(), run.device, run.ckpts, run.shas, run.lrs, run.train_list,
                                     run.test_list, shard_ids, run.test_ids, cache_root, cfg.num_workers, members=run.members)
+        seal_claims(cache_root)  # the factor files are filled: their sha256 from now on proves them (make clean-results)
         if cfg.num_shards > 1:
             write_shard(work_dir, scored, {"shard_index": cfg.shard_index, "n_train": len(shard_ids),
                                            "seconds": time.time() - t_start, "identity": identity})

@@ -29,7 +29,7 @@ from lib.checkpoints import find_checkpoints, load_checkpoint, model_from_checkp
 from lib.cli import UserError
 from lib.data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
 from lib.devices import model_to_device, resolve_device
-from lib.files import read_json, save_csv
+from lib.files import read_json, save_csv, save_npy
 from lib.ownership import check_replaceable, mark_owned, remove_inside_owned
 from lib.prediction import predict
 from lib.processes import run_child
@@ -184,7 +184,7 @@ class Retrainer:
         logits = full_test_logits(last, self.data_dir, self.num_workers, resolve_device(self.device))
         arm_dir = self.arms_dir / arm.name
         if keep_folder:
-            np.save(arm_dir / "test_logits.npy", logits)
+            save_npy(arm_dir / "test_logits.npy", logits)
             for sub in ("checkpoints", "models"):
                 remove_inside_owned(arm_dir / sub, self.owner, self.tool)
         else:
