@@ -32,7 +32,7 @@ import torch
 
 from lib.cli import UserError, checked_int, int_text
 from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
-from lib.files import read_json
+from lib.files import read_json, read_table
 from lib.prediction import logit_figures
 from TracIn.core.methods import method_for
 from TracIn.core.results import load_results, recorded_data_dir, run_id
@@ -94,9 +94,9 @@ class Results:
         self._run = None
 
     def __repr__(self) -> str:
-        a = self.record["args"]
         return (f"<TracIn run {self.run_id} in {self.path}: {len(self.results['test_indices'])} test x "
-                f"{len(self.results['train_indices'])} train, --score_fn {a['score_fn']}, top-{a['top_k']}>")
+                f"{len(self.results['train_indices'])} train, --score_fn {self.record['args']['score_fn']}, "
+                f"top-{self.results['top_k_influences_indices'].shape[1]}>")
 
     @property
     def run(self):
@@ -160,7 +160,8 @@ class Results:
         folder = current(self.path, "mislabel", self.run_id, notes)
         if folder is None:
             raise UserError(notes[0] if notes else f"no {self.path}/mislabel: run python -m TracIn.mislabel_detection first")
-        return pd.read_csv(folder / "mislabel_candidates.csv")
+        return read_table(folder / "mislabel_candidates.csv", {"rank": "int", "train_idx": "int", "path": "str"},
+                          "rerun python -m TracIn.mislabel_detection")
 
     def lds(self) -> pd.DataFrame:
         """python -m TracIn.lds's table: per method the linear datamodeling score, its 95% interval and damping."""
@@ -171,8 +172,13 @@ class Results:
         if result.get("tracin_run") != self.run_id:
             raise UserError(f"{path} was computed from another TracIn run ({result.get('tracin_run')}, this one is "
                             f"{self.run_id}); rerun python -m TracIn.lds")
-        rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m["damping"]}
-                for name, m in result["methods"].items()]
+        methods = result.get("methods")
+        if not isinstance(methods, dict) or not all(isinstance(m, dict) and isinstance(m.get("ci95"), list)
+                                                    and len(m["ci95"]) == 2 and isinstance(m.get("lds"), (int, float))
+                                                    for m in methods.values()):
+            raise UserError(f"{path} is not an LDS table of python -m TracIn.lds (methods with lds and ci95); rerun it")
+        rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m.get("damping")}
+                for name, m in methods.items()]
         return pd.DataFrame(rows).sort_values("lds", ascending=False, ignore_index=True)
 
     # ------------------------------------------------------------------ new images

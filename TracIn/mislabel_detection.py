@@ -19,7 +19,8 @@ Detectors (higher = more suspicious), all from data the pipeline already compute
 
 On the results of an ensemble of training runs (efficient_tracin --members) every detector is the members' mean:
 the losses and self-influence as efficient_tracin averaged them, AUM and forgetting from each member's own
-training_dynamics.npz (found beside its checkpoints), averaged.
+training_dynamics.npz (found beside its checkpoints; a --checkpoint_dir given there must be one of the members'),
+averaged.
 
 Writes results_dir/mislabel/ (TracIn/core/run_folder.py: built whole, with inputs.json) holding mislabel_candidates.csv
 ranked by --score (column `rank`; every detector is a column; linked as results_dir/mislabel_candidates.csv) and

@@ -249,3 +249,33 @@ def test_explain_cli_refuses_a_superscript_label_and_a_decompression_bomb_with_o
     one_error_line(sh(*base, img, "--label", "²"), "not a class")  # str.isdigit() trusts it, int() refuses it
     one_error_line(sh(*base, bomb_png(tmp_path / "bomb.png")), "bomb.png", "exceeds limit")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_apis_readers_of_tool_outputs_check_their_types(trained, prepared, tmp_path):
+    """A hand-edited lds.json (methods of other types) or mislabel_candidates.csv (text in an index column) of this run
+    is one line from run.lds() / run.mislabel_candidates(), not a KeyError, TypeError or a silently wrong table."""
+    import json
+
+    from TracIn import mislabel_detection
+
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res, ignore=shutil.ignore_patterns("factors"))
+    run = TracIn.open(res, data_dir=str(prepared))
+    assert mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir",
+                                    str(trained / "ckpt")]) == 0
+    table = res / "mislabel" / "mislabel_candidates.csv"
+    frame = pd.read_csv(table)
+    assert list(run.mislabel_candidates().train_idx) == list(frame.train_idx)
+    frame["train_idx"] = frame["train_idx"].astype(object)
+    frame.loc[0, "train_idx"] = "x"
+    frame.to_csv(table, index=False)
+    with pytest.raises(UserError, match="column train_idx"):
+        run.mislabel_candidates()
+    (res / "lds").mkdir()
+    for methods in (None, {"tracin": {"lds": "0.5", "ci95": [0, 1]}}, {"tracin": {"lds": 0.5, "ci95": 0.1}}):
+        (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": run.run_id, "methods": methods}))
+        with pytest.raises(UserError, match="not an LDS table"):
+            run.lds()
+    (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": run.run_id, "methods": {
+        "tracin": {"lds": 0.5, "ci95": [0.1, 0.9], "damping": None}}}))
+    assert run.lds().lds.tolist() == [0.5]
