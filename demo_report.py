@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib.cli import UserError, cli
 from lib.files import read_json as read_checked_json
-from TracIn.core.results import explained_model, run_id
+from TracIn.core.results import explained_model, load_results, run_id
 from TracIn.core.run_folder import current
 
 
@@ -31,7 +31,7 @@ def read_json(path: Path) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     ev = read_json(Path(args.eval_dir) / "metrics_test.json")
-    record = read_json(Path(args.results_dir) / "run.json")
+    record = load_results(args.results_dir).record  # the typed reader of run.json
     run = record["summary"]
 
     def derived(name: str, file: str) -> dict:  # a tool folder of this TracIn run, or one line saying why not
@@ -50,7 +50,7 @@ def main(argv=None):
     mis = derived("misprediction", "misprediction_summary.json")
     top = derived("analysis", "summary.json")
     n_bad = det.get("n_mislabeled", 0)
-    score_fn = record["args"].get("score_fn", "tracin")
+    score_fn = record["args"]["score_fn"]
     lines = [
         "=" * 72,
         "demo report",

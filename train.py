@@ -74,8 +74,9 @@ def parse_args(argv=None):
                    help="CSV of training images to leave out (column train_idx or path; with a decision column only rows "
                         "marked drop); default none")
     p.add_argument("--fork_from", default=None,
-                   help="a checkpoint (finetune_epoch_N.pth) of another run of these settings to continue from: its weights "
-                        "and epoch N, a fresh optimizer, this --seed's data order for epochs N+1.. (an ensemble's cheap "
+                   help="a checkpoint (finetune_epoch_N.pth) of another run of these settings (its train_args.json's "
+                        "learning rate, schedule, batch size, weight decay, epochs, image size and flips; refused when one "
+                        "differs) to continue from: its weights and epoch N, a fresh optimizer, this --seed's data order for epochs N+1.. (an ensemble's cheap "
                         "member, TracIn.ensemble --fork_epoch); default none")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints in checkpoint_dir instead of refusing")
     args = p.parse_args(argv)
@@ -148,9 +149,14 @@ def resume_settings(args, ckpt_dir: Path) -> str:
     return saved.get("train_run") or uuid.uuid4().hex[:16]
 
 
+# What a fork keeps of the run it continues: the optimisation and the inputs (the seed, and so the data order, is its own).
+FORK_SAME = ("learning_rate", "lr_schedule", "batch_size", "weight_decay", "epochs", "image_size", "hflip")
+
+
 def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
-    """--fork_from: the checkpoint to continue from, checked to be an earlier epoch of a run of this model, classes and
-    training split; with the training dynamics of its epochs (read from its folder, recorded by the same run)."""
+    """--fork_from: the checkpoint to continue from, checked to be an earlier epoch of a run of this model, classes,
+    training split and training settings (its folder's train_args.json: FORK_SAME); with the training dynamics of its
+    epochs (read from its folder, recorded by the same run)."""
     path = Path(args.fork_from)
     if path.resolve().parent == ckpt_dir.resolve():
         raise UserError(f"--fork_from {path} is in --checkpoint_dir {ckpt_dir}; a fork trains into a folder of its own")
@@ -160,6 +166,16 @@ def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
         raise UserError(f"--fork_from {path} is of epoch {epoch}; a fork of a {args.epochs}-epoch run starts before its last epoch")
     if ckpt.get("split_key") != split_key(args.data_dir):
         raise UserError(f"--fork_from {path} was trained on another split of the data than {args.data_dir}; fork a run of this data")
+    saved_path = path.parent / "train_args.json"
+    if not saved_path.exists():
+        raise UserError(f"--fork_from {path}: no {saved_path} beside it, so its run's settings are unknown; fork a train.py run")
+    saved = read_json(saved_path, "fork a run of this version of train.py")
+    if saved.get("train_run") != run:
+        raise UserError(f"--fork_from {path} is not of the run {saved_path} records (retrained since?); fork a checkpoint of that run")
+    differ = [k for k in FORK_SAME if saved.get(k) != getattr(args, k)]
+    if differ:
+        raise UserError(f"--fork_from {path} continues a run of other settings: " + ", ".join(
+            f"--{k} {getattr(args, k)} (run: {saved.get(k)})" for k in differ) + "; pass the run's settings")
     dyn = load_dynamics(path.parent, len(train_list.paths), class_names, required=True, train_runs=[run])
     if len(dyn["loss"]) < epoch:
         raise UserError(f"{path.parent}/training_dynamics.npz records {len(dyn['loss'])} epochs, fewer than the checkpoint's {epoch}")

@@ -243,7 +243,7 @@ def analyze(args) -> dict:
         save_figure(out / "concentration.png", lorenz(r))
         summary = {"concentration": {kind: concentration(r[key], r["train_indices"], 10) for kind, key in
                                      (("proponents", "top_k_influences_indices"), ("opponents", "top_k_opponents_indices"))},
-                   "normalize": r.record.get("args", {}).get("normalize", "none"),
+                   "normalize": r.record["args"]["normalize"],
                    "proponent_negative_share": float((prop < 0).mean()), "opponent_negative_share": float((opp < 0).mean()),
                    "same_class_proponent_share": float(np.mean(np.diag(share.to_numpy()))), "panels": len(chosen),
                    "mispredicted_test": len(wrong)}

@@ -8,13 +8,17 @@
     run.mislabel_candidates().head(50)              # mislabel_detection's ranking (refused when stale)
     run.test_table()                                # test_idx, path, label, prediction, margin
     run.lds()                                       # method, lds, ci_low, ci_high, damping (python -m TracIn.lds)
-    run.explain(["photo.jpg", pil_image], k=10)     # proponents/opponents of new images, from the cached factors
+    run.explain(["photo.jpg", pil_image, array], k=10)  # new images (path, PIL image or HxWx3 uint8 array)
 
 `explain` scores images that need not be in the data set with the run's own method (--score_fn, --normalize,
 --damping) against the cached training factors: per checkpoint one forward/backward of the query images and a pass
 over the cached training rows, no forward pass of a training image. An image is explained under its label in the data
 set when its file is one of the prepared splits, under a label you give, or else under the model's prediction
 (column label_source says which). python -m TracIn.explain is its command line.
+
+Every public method checks its arguments before any work (integers in range, never a float truncated; label names or
+indices; images as paths, PIL images or HxWx3 uint8 arrays) and refuses a bad one with lib.cli.UserError, the project's
+one-line error.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.cli import UserError
+from lib.cli import UserError, checked_int, int_text
 from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
-from lib.files import read_json
+from lib.files import read_json, read_table
 from lib.prediction import logit_figures
 from TracIn.core.methods import method_for
 from TracIn.core.results import load_results, recorded_data_dir, run_id
@@ -37,12 +41,50 @@ from TracIn.core.run_folder import current
 QUERY_BATCH = 64  # query images per forward pass and score block
 
 
+# ---------------------------------------------------------------- argument checks of every public entry
+def folder_arg(value, what: str, optional: bool = False):
+    """A folder argument: a str or os.PathLike (None where optional)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return value
+    raise UserError(f"{what} must be a folder path, not {str(value)[:40]!r} ({type(value).__name__})")
+
+
+def is_image(value) -> bool:
+    """One image as the API takes it: a path, a PIL image or an HxWx3 uint8 array."""
+    from PIL import Image
+
+    return isinstance(value, (str, os.PathLike, Image.Image)) or (isinstance(value, np.ndarray) and value.ndim == 3)
+
+
+def images_arg(images) -> list:
+    """One image or a sequence of them, each a path, a PIL image or an HxWx3 uint8 array (RGB)."""
+    if is_image(images):
+        images = [images]
+    elif isinstance(images, (bytes, dict)) or not hasattr(images, "__iter__"):
+        raise UserError(f"images must be a path, a PIL image, an HxWx3 uint8 array or a list of them, not "
+                        f"{type(images).__name__}")
+    images = list(images)
+    if not images:
+        raise UserError("no images to explain")
+    for i, im in enumerate(images):
+        if not is_image(im):
+            raise UserError(f"image {i} is a {type(im).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+        if isinstance(im, np.ndarray) and (im.shape[2] != 3 or im.dtype != np.uint8 or 0 in im.shape):
+            raise UserError(f"image {i} is an array of shape {im.shape} and dtype {im.dtype}: pass HxWx3 uint8 (RGB)")
+    return images
+
+
 class Results:
     """A finished TracIn run (efficient_tracin's --output_dir) on its prepared data. data_dir: default the folder the run
     recorded; device for explain (default cpu)."""
 
     def __init__(self, results_dir="TracIn/results", data_dir=None, device: str = "cpu"):
-        self.path = Path(results_dir)
+        self.path = Path(folder_arg(results_dir, "results_dir"))
+        data_dir = folder_arg(data_dir, "data_dir", optional=True)
+        if not isinstance(device, str):
+            raise UserError(f"device must be a string (auto, cpu or cuda[:N]), not {type(device).__name__}")
         record = load_results(self.path).record
         self.data_dir = str(data_dir or recorded_data_dir(record))
         self.results = load_results(self.path, data_dir=self.data_dir)  # refuses data changed since the run
@@ -52,9 +94,9 @@ class Results:
         self._run = None
 
     def __repr__(self) -> str:
-        a = self.record["args"]
         return (f"<TracIn run {self.run_id} in {self.path}: {len(self.results['test_indices'])} test x "
-                f"{len(self.results['train_indices'])} train, --score_fn {a.get('score_fn', 'tracin')}, top-{a['top_k']}>")
+                f"{len(self.results['train_indices'])} train, --score_fn {self.record['args']['score_fn']}, "
+                f"top-{self.results['top_k_influences_indices'].shape[1]}>")
 
     @property
     def run(self):
@@ -72,11 +114,11 @@ class Results:
                              "class": np.asarray(self.class_names)[self.train_list.labels[idx]]})
 
     def _list(self, kind: str, test_idx: int, k: int | None) -> pd.DataFrame:
-        row = self.results.test_row(int(test_idx))
+        row = self.results.test_row(checked_int(test_idx, "test_idx", 0))
         values = np.asarray(self.results[f"top_k_{kind}_values"][row])
         indices = np.asarray(self.results[f"top_k_{kind}_indices"][row])
-        k = len(values) if k is None else int(k)
-        if not 1 <= k <= len(values):
+        k = len(values) if k is None else checked_int(k, "k", 1)
+        if k > len(values):
             raise UserError(f"k={k}: the run kept the top {len(values)} (efficient_tracin.py --top_k)")
         frame = self._train_frame(indices[:k])
         frame.insert(0, "rank", np.arange(1, k + 1))
@@ -118,7 +160,8 @@ class Results:
         folder = current(self.path, "mislabel", self.run_id, notes)
         if folder is None:
             raise UserError(notes[0] if notes else f"no {self.path}/mislabel: run python -m TracIn.mislabel_detection first")
-        return pd.read_csv(folder / "mislabel_candidates.csv")
+        return read_table(folder / "mislabel_candidates.csv", {"rank": "int", "train_idx": "int", "path": "str"},
+                          "rerun python -m TracIn.mislabel_detection")
 
     def lds(self) -> pd.DataFrame:
         """python -m TracIn.lds's table: per method the linear datamodeling score, its 95% interval and damping."""
@@ -129,17 +172,25 @@ class Results:
         if result.get("tracin_run") != self.run_id:
             raise UserError(f"{path} was computed from another TracIn run ({result.get('tracin_run')}, this one is "
                             f"{self.run_id}); rerun python -m TracIn.lds")
-        rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m["damping"]}
-                for name, m in result["methods"].items()]
+        methods = result.get("methods")
+        if not isinstance(methods, dict) or not all(isinstance(m, dict) and isinstance(m.get("ci95"), list)
+                                                    and len(m["ci95"]) == 2 and isinstance(m.get("lds"), (int, float))
+                                                    for m in methods.values()):
+            raise UserError(f"{path} is not an LDS table of python -m TracIn.lds (methods with lds and ci95); rerun it")
+        rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m.get("damping")}
+                for name, m in methods.items()]
         return pd.DataFrame(rows).sort_values("lds", ascending=False, ignore_index=True)
 
     # ------------------------------------------------------------------ new images
     def prepared_image(self, image) -> "Image.Image":
-        """A path or PIL image as the prepared splits hold it: RGB, image_size x image_size (prepare_data.py's bicubic
-        resize and, for a JPEG split, its quality-95 encoding, when the size differs)."""
+        """A path, PIL image or HxWx3 uint8 array (RGB) as the prepared splits hold it: RGB, image_size x image_size
+        (prepare_data.py's bicubic resize and, for a JPEG split, its quality-95 encoding, when the size differs)."""
         from PIL import Image
 
-        if isinstance(image, Image.Image):
+        image = images_arg([image])[0]
+        if isinstance(image, np.ndarray):
+            im = Image.fromarray(np.ascontiguousarray(image), "RGB")
+        elif isinstance(image, Image.Image):
             im = to_rgb(image)
         else:
             try:
@@ -159,34 +210,39 @@ class Results:
     def _labels(self, images, labels) -> tuple[list, list]:
         """Per image: the label index it is explained under, or None (its prediction), and where it came from."""
         if labels is not None:
+            if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+                raise UserError(f"labels must be a list with one class name or index per image, not {str(labels)[:40]!r}")
             if len(labels) != len(images):
                 raise UserError(f"{len(labels)} labels for {len(images)} images")
-            out = []
-            for lab in labels:
-                if isinstance(lab, str):
-                    if lab not in self.class_names:
-                        raise UserError(f"label {lab!r} is not a class of the run ({', '.join(self.class_names)})")
-                    lab = self.class_names.index(lab)
-                if not 0 <= int(lab) < len(self.class_names):
-                    raise UserError(f"label {lab} is out of range: the run has {len(self.class_names)} classes")
-                out.append(int(lab))
-            return out, ["given"] * len(images)
+            return [self.label_index(lab) for lab in labels], ["given"] * len(images)
         known = {os.path.realpath(p): int(l) for listing in (self.train_list, self.test_list)
                  for p, l in zip(listing.paths, listing.labels)}
         found = [known.get(os.path.realpath(im)) if isinstance(im, (str, os.PathLike)) else None for im in images]
         return found, ["data set" if f is not None else "prediction" for f in found]
 
-    def explain(self, images, k: int = 10, labels=None) -> pd.DataFrame:
-        """Proponents and opponents of images (paths or PIL images), scored by the run's method against the cached
-        training factors. Returns one row per (image, kind, rank): query, image, label, label_source, prediction, kind,
-        rank, train_idx, path, class, score."""
-        from PIL import Image
+    def label_index(self, label) -> int:
+        """A class given by name (a class of the run) or by index (an integer, or its digits as text, 0..C-1)."""
+        if isinstance(label, str):
+            if label in self.class_names:
+                return self.class_names.index(label)
+            try:
+                label = int_text(label)
+            except ValueError:
+                raise UserError(f"label {label[:40]!r} is not a class of the run ({', '.join(self.class_names)}) or a "
+                                f"class index 0..{len(self.class_names) - 1}") from None
+        return checked_int(label, "label", 0, len(self.class_names) - 1)
 
-        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
-        if not images:
-            raise UserError("no images to explain")
-        if not 1 <= int(k) <= len(self.results["train_indices"]):
-            raise UserError(f"k={k}: choose 1..{len(self.results['train_indices'])}")
+    def explain(self, images, k: int = 10, labels=None) -> pd.DataFrame:
+        """Proponents and opponents of images, scored by the run's method against the cached training factors.
+
+        Args:
+            images: one image or a list; each a path, a PIL image (any mode) or an HxWx3 uint8 RGB array.
+            k: proponents and opponents per image (1..the scored training images).
+            labels: None, or one class name or index per image to explain it under.
+        Returns one row per (image, kind, rank): query, image, label, label_source, prediction, kind, rank, train_idx,
+        path, class, score."""
+        images = images_arg(images)
+        k = checked_int(k, "k", 1, len(self.results["train_indices"]))
         run = self.run
         fs = run.factors()
         transform = eval_transform(run.ckpts[0])
@@ -204,15 +260,15 @@ class Results:
             view = run.query_factors(x, torch.from_numpy(y), steps)
             if pred is None:  # the last checkpoint's logits came with the factors
                 pred = view.logits()[run.last_steps()].mean(0).argmax(1)
-            tracker = run.topk(fs.with_test(view, y, view.logits()), int(k))
+            tracker = run.topk(fs.with_test(view, y, view.logits()), k)
             for kind, (values, indices) in (("proponent", tracker.proponents()), ("opponent", tracker.opponents())):
                 values, indices = values.cpu().numpy(), indices.cpu().numpy()
                 for i in range(len(batch)):
                     frame = self._train_frame(indices[i])
-                    frame.insert(0, "rank", np.arange(1, int(k) + 1))
+                    frame.insert(0, "rank", np.arange(1, k + 1))
                     frame["score"] = values[i].astype(np.float64)
                     q = b0 + i
-                    head = {"query": q, "image": str(batch[i]) if not isinstance(batch[i], Image.Image) else f"<image {q}>",
+                    head = {"query": q, "image": str(batch[i]) if isinstance(batch[i], (str, os.PathLike)) else f"<image {q}>",
                             "label": names[y[i]], "label_source": sources[q], "prediction": names[pred[i]], "kind": kind}
                     for j, (col, value) in enumerate(head.items()):
                         frame.insert(j, col, value)

@@ -43,9 +43,8 @@ def main(argv=None):
     from TracIn.core.run_folder import tool_folder
 
     args = parse_args(argv)
-    labels = None if args.label is None else [int(x) if x.isdigit() else x for x in args.label]
     run = Results(args.results_dir, args.data_dir, args.device)
-    table = run.explain(args.images, k=args.k, labels=labels)
+    table = run.explain(args.images, k=args.k, labels=args.label)  # a label: a class name, else digits of an index
     out = Path(args.out_dir or Path(args.results_dir) / "explain")
     with tool_folder(out, TOOL, {"tracin_run": run.run_id, "images": [str(p) for p in args.images]}) as build:
         save_csv(build / "explain.csv", table)

@@ -55,7 +55,7 @@ from TracIn.core.factors import choose_subset
 from TracIn.core.methods import METHODS as REGISTRY
 from TracIn.core.results import run_id
 from TracIn.core.run import InfluenceRun
-from TracIn.experiments.lds_score import choose_damping, records_matrices
+from TracIn.experiments.lds_score import check_subset_size, choose_damping, records_matrices, subset_size
 from TracIn.experiments.retraining import Arm, Retrainer, original_exclusions, original_settings
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def shard_spec(text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------- the subset records
 def subset_indices(candidates: np.ndarray, fraction: float, seed: int, j: int) -> np.ndarray:
     """Subset j: a seeded draw of round(fraction * len(candidates)) training images, sorted."""
-    m = int(round(fraction * len(candidates)))
+    m = subset_size(len(candidates), fraction)
     return np.sort(np.random.default_rng([seed, j]).choice(candidates, size=m, replace=False))
 
 
@@ -237,6 +237,7 @@ def evaluate(args) -> dict:
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
     excluded = original_exclusions(ckpt_dir, run.train_list)
     candidates = np.setdiff1d(np.arange(run.n_train), excluded)
+    check_subset_size(len(candidates), args.fraction, min_size=2 if args.retrain == "full" else 1)  # before any retrain
     out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
     mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
     # The retrains depend on the data, the original run's settings and the subsets, not on how the run was scored: an

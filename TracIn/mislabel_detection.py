@@ -19,7 +19,8 @@ Detectors (higher = more suspicious), all from data the pipeline already compute
 
 On the results of an ensemble of training runs (efficient_tracin --members) every detector is the members' mean:
 the losses and self-influence as efficient_tracin averaged them, AUM and forgetting from each member's own
-training_dynamics.npz (found beside its checkpoints), averaged.
+training_dynamics.npz (found beside its checkpoints; a --checkpoint_dir given there must be one of the members'),
+averaged.
 
 Writes results_dir/mislabel/ (TracIn/core/run_folder.py: built whole, with inputs.json) holding mislabel_candidates.csv
 ranked by --score (column `rank`; every detector is a column; linked as results_dir/mislabel_candidates.csv) and
@@ -130,8 +131,11 @@ def detector_scores(r, dynamics: list[dict], train_ids: np.ndarray) -> dict[str,
     return {name: s[name] for name in DETECTORS if name in s}
 
 
-def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoint_dir: str = "models/checkpoints",
+def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoint_dir: str | None = None,
            score: str = DEFAULT_SCORE) -> dict:
+    """The detectors' table and metrics, written to out_dir. checkpoint_dir: the training run's folder with its
+    training_dynamics.npz (None: models/checkpoints; on an ensemble's results each member's own folder, and a given one
+    must be a member's)."""
     results_dir = Path(results_dir)
     out = check_replaceable(Path(out_dir) if out_dir else results_dir / "mislabel", TOOL, "--out_dir")
     r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
@@ -140,8 +144,8 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     train_ids, pred = np.asarray(r["train_indices"]), np.asarray(r["train_pred_last"])
     scores = detector_scores(r, dynamics, train_ids)
     if score not in scores:
-        why = {"aum": f"no training_dynamics.npz in {checkpoint_dir} (pass --checkpoint_dir)",
-               "forgetting": f"no training_dynamics.npz in {checkpoint_dir} (pass --checkpoint_dir)"}.get(
+        why = {"aum": f"no training_dynamics.npz in {checkpoint_dir or 'models/checkpoints'} (pass --checkpoint_dir)",
+               "forgetting": f"no training_dynamics.npz in {checkpoint_dir or 'models/checkpoints'} (pass --checkpoint_dir)"}.get(
             score, "the TracIn run did not compute it (rerun efficient_tracin.py without --no_self_influence)")
         raise UserError(f"--score {score} is not available: {why}; available: {', '.join(scores)}")
     names = np.asarray(listing.class_names)
@@ -209,8 +213,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
-    p.add_argument("--checkpoint_dir", default="models/checkpoints",
-                   help="train.py's folder with training_dynamics.npz, for aum and forgetting (default models/checkpoints)")
+    p.add_argument("--checkpoint_dir", default=None,
+                   help="train.py's folder with training_dynamics.npz, for aum and forgetting (default models/checkpoints; "
+                        "on an ensemble's results each member's own folder, and a given one must be a member's)")
     p.add_argument("--score", choices=DETECTORS, default=DEFAULT_SCORE,
                    help=f"detector that orders mislabel_candidates.csv (default {DEFAULT_SCORE}; see docs/mislabel.md)")
     p.add_argument("--out_dir", default=None, help="this tool's folder, replaced whole (default: results_dir/mislabel)")

@@ -229,11 +229,10 @@ KINDS = {"none": "raw", "train": "normalized", "both": "cosine"}
 
 def list_kind(run) -> str:
     """The lists' name: TracIn's by its normalisation (raw, normalized, cosine), any other score by its --score_fn."""
-    args = run.record.get("args", {})
-    score_fn = str(args.get("score_fn", "tracin"))
-    if score_fn != "tracin":
-        return score_fn
-    return KINDS.get(str(args.get("normalize", "none")), "raw")
+    args = run.record["args"]  # its method: checked and filled in by results.check_record
+    if args["score_fn"] != "tracin":
+        return args["score_fn"]
+    return KINDS[args["normalize"]]
 
 
 def comparable_run(main, path: Path, notes: list[str]):
@@ -421,8 +420,8 @@ def build(args) -> dict:
         "kinds": list(lists), "notes": notes, "detectors": detectors,
         "default_detector": None if det_json is None else text(det_json.get("score")),
         "run": {"n_train": len(r["train_indices"]), "n_test": len(test_ids), "n_checkpoints": len(r.record.get("checkpoints", [])),
-                "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"].get("normalize", "none")),
-                "score_fn": text(r.record["args"].get("score_fn", "tracin")),
+                "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"]["normalize"]),
+                "score_fn": text(r.record["args"]["score_fn"]),
                 "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
                 "model": text(f"{explained_model(r.record)}: {r.record.get('checkpoints_chosen') or 'every checkpoint'}"),
                 "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}

@@ -71,11 +71,19 @@ REQUIRED_KEYS = ("model_state", "arch", "num_classes", "class_names", "image_siz
 
 def load_checkpoint(path: str | os.PathLike, class_names: list[str] | None = None, arch: str | None = None) -> dict:
     """Load and validate a checkpoint; optionally check it matches a class set / arch."""
+    import pickle
+    import zipfile
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
+        # torch's own message for a file it cannot unpickle advises weights_only=False (running the file's code);
+        # train.py writes a zip archive of tensors and plain values, so anything else is simply not one of its files
+        if isinstance(e, (pickle.UnpicklingError, EOFError)) or (Path(path).is_file() and not zipfile.is_zipfile(path)):
+            raise UserError(f"{path} is not a checkpoint written by train.py (not a PyTorch file of tensors and plain "
+                            "values)") from None
         raise UserError(f"cannot load checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (missing keys); a bare state_dict belongs in --weights")

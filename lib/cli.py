@@ -94,10 +94,39 @@ def cli(main: Callable[[list[str] | None], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def int_text(text: str) -> int:
+    """A string of ASCII digits (optional sign) as an int; ValueError otherwise. int() alone also takes "1_0", " 3" and
+    other scripts' digits, while str.isdigit() also trusts "²", which int() refuses."""
+    import re
+
+    if not isinstance(text, str) or not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
+def checked_int(value, what: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer argument of a public function (an int, a numpy integer or a string int_text reads; not a bool, a float
+    or NaN), in lo..hi; else UserError naming `what`. The notebook API checks every integer argument with it."""
+    import numbers
+
+    if isinstance(value, str):
+        try:
+            value = int_text(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{what} must be an integer, not {str(value)[:40]!r} ({type(value).__name__})")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise UserError(f"{what}={value} is out of range ({span})")
+    return value
+
+
 def _ranged(kind, lo=None, hi=None, lo_open=False):
     def parse(text: str):
         try:
-            value = kind(text)
+            value = (int_text if kind is int else kind)(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
         if kind is float and not math.isfinite(value):

@@ -51,13 +51,14 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode any image file to an 8-bit RGB PIL image, EXIF orientation applied.
 
     Handles grayscale, palette (with transparency), RGBA/LA (composited on white),
-    CMYK and 16-bit/float modes. Raises ValueError for anything unreadable.
+    CMYK and 16-bit/float modes. Raises ValueError for anything unreadable, and for an image beyond PIL's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS x 2 pixels, about 179 megapixels).
     """
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     return to_rgb(im)
 

@@ -80,42 +80,52 @@ class DynamicsRecorder:
 
 
 def load_dynamics(checkpoint_dir, n_train: int, class_names: list[str], required: bool = False,
-                  train_runs: list | None = None) -> dict | None:
+                  train_runs: list | None = None, fix: str | None = None) -> dict | None:
     """The dynamics file of `checkpoint_dir`, checked against the data it will be indexed with.
 
     Returns None when there is no file (and not required); raises UserError for a file of
     another data set (other n or class list), naming the flag to fix, and, given `train_runs` (the run ids of the
-    checkpoints a TracIn run used), for the dynamics of another training run.
+    checkpoints a TracIn run used), for the dynamics of another training run. fix: what the user should do instead of
+    the default advice (pass another --checkpoint_dir), for callers where that flag does not choose the folder.
     """
     path = Path(checkpoint_dir) / FILE
     if not path.exists():
         if required:
-            raise UserError(f"no {path}: train.py writes it; pass the --checkpoint_dir of the training run")
+            raise UserError(f"no {path}: train.py writes it; {fix or 'pass the --checkpoint_dir of the training run'}")
         return None
-    dyn = load_npz(path, ("class_names", "n_train"), "train.py writes it: retrain, or pass the --checkpoint_dir of an intact run")
+    dyn = load_npz(path, ("class_names", "n_train"), f"train.py writes it: {fix or 'retrain, or pass the --checkpoint_dir of an intact run'}")
     names = [str(c) for c in dyn["class_names"]]
     if int(dyn["n_train"]) != n_train or names != list(class_names):
         raise UserError(f"{path} belongs to another data set ({int(dyn['n_train'])} training images, classes {names}; "
-                        f"this data has {n_train}, {list(class_names)}); pass the matching --checkpoint_dir or --data_dir")
+                        f"this data has {n_train}, {list(class_names)}); {fix or 'pass the matching --checkpoint_dir or --data_dir'}")
     if train_runs is not None:
         mine = str(dyn["train_run"]) if "train_run" in dyn else ""
         if not mine or any(r != mine for r in train_runs):
             raise UserError(f"{path} was recorded by training run {mine or '(unknown)'}, but the TracIn results come from the "
-                            f"checkpoints of run {', '.join(sorted({str(r) for r in train_runs}))}; pass the --checkpoint_dir of "
-                            "the training run whose checkpoints TracIn used")
+                            f"checkpoints of run {', '.join(sorted({str(r) for r in train_runs}))}; "
+                            f"{fix or 'pass the --checkpoint_dir of the training run whose checkpoints TracIn used'}")
     return dyn
 
 
 def dynamics_of_run(record: dict, checkpoint_dir, n_train: int, class_names: list[str]) -> list[dict]:
     """The training dynamics behind a TracIn run (its run.json `record`): checkpoint_dir's for one training run
-    ([] when it has none); for an ensemble (efficient_tracin --members) every member's, read from the folder of its
-    recorded checkpoints, each checked to be that member's run."""
+    ([] when it has none; None: models/checkpoints); for an ensemble (efficient_tracin --members) every member's, read
+    from the folder of its recorded checkpoints, each checked to be that member's run (a checkpoint_dir given there
+    must be one of the members' folders)."""
     ckpts = record["checkpoints"]
     sizes = record["args"].get("member_sizes") or [len(ckpts)]
     if len(sizes) == 1:
-        one = load_dynamics(checkpoint_dir, n_train, class_names, train_runs=[c.get("train_run") for c in ckpts])
+        one = load_dynamics(checkpoint_dir or "models/checkpoints", n_train, class_names,
+                            train_runs=[c.get("train_run") for c in ckpts])
         return [] if one is None else [one]
     bounds = np.cumsum([0] + list(sizes))
     groups = [ckpts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    return [load_dynamics(Path(g[0]["path"]).parent, n_train, class_names, required=True,
-                          train_runs=[c.get("train_run") for c in g]) for g in groups]
+    folders = [Path(g[0]["path"]).parent for g in groups]
+    if checkpoint_dir is not None and Path(checkpoint_dir).resolve() not in {f.resolve() for f in folders}:
+        raise UserError(f"--checkpoint_dir {checkpoint_dir} is not a member of this ensemble ({', '.join(map(str, folders))}); "
+                        "each member's training dynamics come from its own folder: drop --checkpoint_dir")
+    members = " ".join(map(str, folders))
+    return [load_dynamics(folder, n_train, class_names, required=True, train_runs=[c.get("train_run") for c in g],
+                          fix=f"a member's folder must hold the run the ensemble's TracIn run scored (retrained since?): "
+                              f"rerun python -m TracIn.efficient_tracin --members {members}")
+            for folder, g in zip(folders, groups)]

@@ -13,7 +13,8 @@ the run's files are claimed. So a results folder holds one complete run or no re
 before the swap leaves the previous results exactly as they were.
 
 Loading (`load_results`): refuses a folder without a record, a corrupt record or array (one line naming the
-file), and results computed on another data folder or on this folder as it was before being re-prepared
+file), a record with a field of another type than its readers index it as (`check_record`, the one typed reader of
+run.json: every tool reads the record through it), and results computed on another data folder or on this folder as it was before being re-prepared
 (each split's content key differs), naming what differs.
 
 Why one module over 300 lines: the writer and the checked reader must agree on every file name, shape and identity
@@ -190,7 +191,7 @@ def previous_method(out: Path) -> str | None:
     """"--score_fn X --normalize Y" of the run now in `out` (None: no readable record)."""
     try:
         was = json.loads((Path(out) / RECORD).read_text())["args"]
-        return f"--score_fn {was.get('score_fn', 'tracin')} --normalize {was['normalize']}"
+        return f"--score_fn {was['score_fn']} --normalize {was['normalize']}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -227,7 +228,8 @@ class TracInResults:
         return name in self.arrays
 
     def test_row(self, test_idx: int) -> int:
-        row = int(index_of(self.arrays["test_indices"], test_idx)[0])
+        in_split = 0 <= test_idx < self.record["data"]["n_test_split"]  # beyond int64 too: no overflow in index_of
+        row = int(index_of(self.arrays["test_indices"], test_idx)[0]) if in_split else -1
         if row < 0:
             raise UserError(f"test image #{test_idx} is not among the {len(self.arrays['test_indices'])} test images of {self.path}")
         return row
@@ -261,14 +263,12 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
                         f"--output_dir {results_dir} first")
     fix = f"rerun TracIn/efficient_tracin.py --output_dir {results_dir}"
     record = read_json(record_path, fix)
-    if not isinstance(record.get("identity"), dict) or not isinstance(record.get("data"), dict):
-        raise UserError(f"{record_path} is not a TracIn run record (no identity); {fix}")
-    files = set(record.get("files", []))
+    check_record(record, record_path, fix)
+    files = set(record["files"])
     missing = [n for n in list(REQUIRED) + list(need) if f"{n}.npy" not in files or not (results_dir / f"{n}.npy").exists()]
     if missing:
         hint = " (the run used --no_self_influence: rerun without it)" if "self_influence" in missing else ""
         raise UserError(f"{results_dir} lacks {', '.join(missing)}.npy{hint}; rerun TracIn/efficient_tracin.py")
-    check_args(record, record_path, fix)
     if data_dir is not None:
         check_data(record, data_dir, results_dir)
     arrays = {n: load_npy(results_dir / f"{n}.npy", "r", fix) for n in ARRAYS if f"{n}.npy" in files}
@@ -276,17 +276,72 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
     return TracInResults(results_dir, record, arrays)
 
 
-def check_args(record: dict, record_path: Path, fix: str) -> None:
-    """The recorded method is one this version knows (its name reaches the results browser's page)."""
+def check_record(record: dict, record_path: Path, fix: str) -> None:
+    """The typed reader of run.json: every field a reader indexes has the type it is indexed as (one line naming the
+    field otherwise, never a traceback further on), and the record says its method. args.score_fn and args.normalize
+    are filled in from the identity where args lacks them (a run of plain TracIn has no score_fn in its identity, so
+    its run id stays that of the runs before --score_fn existed); an args.score_fn the identity contradicts is refused."""
     from TracIn.core.methods import SCORE_FNS
 
-    args = record.get("args") if isinstance(record.get("args"), dict) else {}
-    score_fn, normalize = args.get("score_fn", "tracin"), args.get("normalize", "none")
+    def bad(field: str, value, want: str):
+        raise UserError(f"{record_path}: {field} is {str(value)[:40]!r} ({type(value).__name__}), not {want}; {fix}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for field in ("identity", "data", "args", "summary"):
+        if not isinstance(record.get(field), dict):
+            bad(field, record.get(field), "an object: not a TracIn run record")
+    data, args, identity = record["data"], record["args"], record["identity"]
+    if not isinstance(data.get("data_dir"), str):
+        bad("data.data_dir", data.get("data_dir"), "a path")
+    for field in ("n_train_split", "n_test_split"):
+        if not is_int(data.get(field)) or data[field] < 1:
+            bad(f"data.{field}", data.get(field), "a positive integer")
+    names = data.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        bad("data.class_names", names, "a list of class names")
+    for field in ("manifest_key", "train_key", "test_key"):
+        if data.get(field) is not None and not isinstance(data[field], str):
+            bad(f"data.{field}", data[field], "a string")
+    ckpts = record.get("checkpoints")
+    if not isinstance(ckpts, list) or not ckpts or not all(isinstance(c, dict) for c in ckpts):
+        bad("checkpoints", ckpts, "a list of checkpoint records")
+    for i, c in enumerate(ckpts):
+        for field, ok, want in (("path", isinstance(c.get("path"), str), "a path"),
+                                ("sha256", isinstance(c.get("sha256"), str), "a checksum"),
+                                ("lr", is_number(c.get("lr")), "a number")):
+            if not ok:
+                bad(f"checkpoints[{i}].{field}", c.get(field), want)
+    for field in ("files", "layers"):
+        value = record.get(field, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            bad(field, value, "a list of names")
+    if "files" not in record:
+        bad("files", None, "a list of names")
+    sizes = args.get("member_sizes")
+    if sizes and (not isinstance(sizes, list) or not all(is_int(n) and n >= 1 for n in sizes) or sum(sizes) != len(ckpts)):
+        bad("args.member_sizes", sizes, f"checkpoints per member summing to the {len(ckpts)} checkpoints")
+    for field in ("top_k", "num_shards"):
+        if field in args and not (is_int(args[field]) and args[field] >= 1):
+            bad(f"args.{field}", args[field], "a positive integer")
+    if args.get("data_dir") is not None and not isinstance(args["data_dir"], str):
+        bad("args.data_dir", args["data_dir"], "a path")
+    # the method: what the identity (the run id) says; args must agree
+    method = identity.get("score_fn", "tracin")
+    score_fn = args.get("score_fn", method)
     if score_fn not in SCORE_FNS:
         raise UserError(f"{record_path}: args.score_fn {str(score_fn)[:40]!r} is not a method of this version "
                         f"({', '.join(SCORE_FNS)}); {fix}")
+    if score_fn != method:
+        raise UserError(f"{record_path}: args.score_fn {score_fn} contradicts the run's identity ({method}); {fix}")
+    normalize = args.get("normalize", identity.get("normalize"))
     if normalize not in ("none", "train", "both"):
         raise UserError(f"{record_path}: args.normalize {str(normalize)[:40]!r} is not none, train or both; {fix}")
+    args["score_fn"], args["normalize"] = score_fn, normalize
 
 
 def check_arrays(record: dict, arrays: dict, results_dir: Path, fix: str) -> None:

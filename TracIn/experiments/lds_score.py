@@ -9,6 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from lib.cli import UserError
+
+
+def subset_size(n: int, fraction: float) -> int:
+    """Training images per subset: round(fraction * n) of the n candidates."""
+    return int(round(fraction * n))
+
+
+def check_subset_size(n: int, fraction: float, min_size: int = 1) -> int:
+    """The subset size, refused before any retrain when the subsets cannot give a finite LDS: with no image (every
+    prediction sum_{z in S_j} tau is 0) or every candidate (every subset the same) nothing varies over the subsets, and
+    every Spearman correlation is undefined. min_size: the fewest images a retrain takes (train.py: 2, for batch norm)."""
+    m = subset_size(n, fraction)
+    if not min_size <= m <= n - 1:
+        lo, hi = min_size / n, (n - 1) / n  # fractions of min_size .. n - 1 images
+        fix = (f"pass a --fraction from {lo:.3g} to {hi:.3g}" if lo <= hi else
+               f"{n} training images are too few for subsets of {min_size} or more that differ")
+        raise UserError(f"--fraction {fraction:g} of {n} training images is {m} per subset: nothing would vary over the "
+                        f"subsets and every LDS would be undefined (NaN); nothing was retrained: {fix}")
+    return m
+
 
 def spearman_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Spearman correlation per column between pred and actual, both (n_subsets, n_test); NaN where constant."""

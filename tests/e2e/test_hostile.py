@@ -555,3 +555,50 @@ def test_a_garbage_or_truncated_manifest_is_refused_with_one_line(world, tmp_pat
     manifest.write_text(good)
     os.remove(manifest)  # no manifest at all: an image folder prepared by other means is scored as before
     assert tracin(c, tmp_path / "r2") == 0
+
+
+def test_a_run_record_of_wrong_types_or_without_its_method_is_read_through_one_typed_reader(world, tmp_path):
+    """run.json's fields are checked once where it is loaded (results.check_record): a null summary or a split size as
+    text is one line from every reader, not a traceback; a record whose args were emptied is named by the method its
+    identity says (not guessed as tracin), and args that contradict the identity are refused."""
+    c = own_copy(world, tmp_path)
+    res, d = c["res"], c["data"]
+    record = json.loads((res / "run.json").read_text())
+    for path, value, needle in ((("summary",), None, "summary"), (("data", "n_train_split"), "18", "data.n_train_split"),
+                                (("checkpoints",), {}, "checkpoints"), (("data", "class_names"), None, "data.class_names"),
+                                (("checkpoints", 0, "lr"), "0.1", "checkpoints[0].lr"), (("files",), 3, "files"),
+                                (("args", "member_sizes"), [5], "args.member_sizes")):
+        crafted = json.loads(json.dumps(record))
+        target = crafted
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        (res / "run.json").write_text(json.dumps(crafted))
+        one_error_line(sh("-m", "TracIn.report", *report_args(c, out=tmp_path / "rep")), "run.json", needle)
+        fails(mislabel_detection.main, ["--results_dir", str(res), "--data_dir", str(d), "--checkpoint_dir", str(c["ckpt"])],
+              "run.json", needle)
+    assert not (tmp_path / "rep").exists()
+    # an influence_last run whose args were emptied: its identity names the method
+    last = tmp_path / "last"
+    assert et.main(["--data_dir", str(d), "--checkpoint_dir", str(c["ckpt"]), "--output_dir", str(last), "--top_k", "3",
+                    "--cache_dir", str(res / "factors"), "--score_fn", "influence_last", "--num_workers", "0"]) == 0
+    record = json.loads((last / "run.json").read_text())
+    (last / "run.json").write_text(json.dumps({**record, "args": {}}))
+    assert load_results(last).record["args"]["score_fn"] == "influence_last"
+    assert report.main(["--results_dir", str(last), "--data_dir", str(d), "--eval_dir", str(tmp_path / "none"),
+                        "--false_predictions", str(tmp_path / "none"), "--num_workers", "0"]) == 0
+    meta = (last / "report" / "data" / "meta.js").read_text()
+    meta = json.loads(meta[meta.index("=") + 1:].strip().rstrip(";"))
+    assert meta["run"]["score_fn"] == "influence_last" and meta["kinds"][0] == "influence_last"  # was "tracin", "raw"
+    (last / "run.json").write_text(json.dumps({**record, "args": {**record["args"], "score_fn": "tracin"}}))
+    fails(report.main, ["--results_dir", str(last), "--data_dir", str(d)], "args.score_fn", "contradicts")
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line_without_torchs_hint(world, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    res = sh("evaluate.py", "--model", photo, "--data_dir", world["data"], "--out_dir", tmp_path / "e")
+    one_error_line(res, "photo.jpg is not a checkpoint written by train.py")
+    assert "weights_only" not in res.stderr

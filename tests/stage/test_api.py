@@ -216,3 +216,92 @@ def test_non_finite_scores_are_refused_before_anything_is_written(trained, prepa
            "--num_workers", "0")
     one_error_line(r, "not finite", "--damping")
     assert not (out / "run.json").exists() and not list(out.glob("*.npy"))
+
+
+def bomb_png(path, side=20000):
+    """A PNG whose header claims side x side pixels (beyond PIL's decompression-bomb limit); its pixels are never read."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_every_api_argument_is_checked_with_one_line(trained, prepared):
+    """Floats are never truncated to an index (2.7 -> 2), and NaN, None, text, bools, a bare string as labels, a huge
+    index or an object that is not an image raise the project's UserError (one line), not ValueError, TypeError,
+    OverflowError or AttributeError."""
+    run = TracIn.open(trained / "res", data_dir=str(prepared))
+    bad = [(run.proponents, (3,), {"k": 2.7}, "k must be an integer"), (run.proponents, (2.7,), {}, "test_idx must be"),
+           (run.proponents, (np.float64(2.0),), {}, "test_idx must be"), (run.opponents, (3,), {"k": float("nan")}, "k must"),
+           (run.opponents, (None,), {}, "test_idx must be"), (run.opponents, ("x",), {}, "test_idx must be"),
+           (run.opponents, (3,), {"k": True}, "k must be"), (run.opponents, (10 ** 20,), {}, "not among"),
+           (run.opponents, (-1,), {}, "out of range"), (run.proponents, (3,), {"k": 0}, "out of range"),
+           (run.explain, ([run.test_list.paths[0]],), {"k": 2.7}, "k must be"),
+           (run.explain, ([run.test_list.paths[0]],), {"labels": [2.7]}, "label must be"),
+           (run.explain, ([run.test_list.paths[0]],), {"labels": [None]}, "label must be"),
+           (run.explain, ([run.test_list.paths[0]],), {"labels": ["²"]}, "not a class"),
+           (run.explain, ([run.test_list.paths[0]],), {"labels": [len(run.class_names)]}, "out of range"),
+           (run.explain, ([run.test_list.paths[0]],), {"labels": run.class_names[0]}, "one class name or index per image"),
+           (run.explain, ([object()],), {}, "pass a path, a PIL image or an HxWx3 uint8 array"),
+           (run.explain, (5,), {}, "images must be"), (run.explain, ([],), {}, "no images"),
+           (run.explain, ([np.zeros((8, 8), np.uint8)],), {}, "HxWx3 uint8"),
+           (run.explain, ([np.zeros((8, 8, 3), np.float32)],), {}, "HxWx3 uint8"),
+           (TracIn.open, (None,), {}, "results_dir must be a folder path"),
+           (TracIn.open, (trained / "res",), {"data_dir": 3}, "data_dir must be a folder path")]
+    for fn, args, kwargs, needle in bad:
+        with pytest.raises(UserError) as e:
+            fn(*args, **kwargs)
+        assert needle in str(e.value) and "\n" not in str(e.value), (fn.__name__, args, kwargs, str(e.value))
+    # what is accepted: numpy integers, digits as text, a label by index or name, and an HxWx3 uint8 array as an image
+    np.testing.assert_array_equal(run.proponents(np.int64(3), k="2").train_idx, run.proponents(3, k=2).train_idx)
+    array = np.asarray(Image.open(run.test_list.paths[0]).convert("RGB"))
+    table = run.explain(array, k=2, labels=["0"])
+    by_path = run.explain([run.test_list.paths[0]], k=2, labels=[run.class_names[0]])
+    assert (table.image == "<image 0>").all() and (table.label == run.class_names[0]).all()
+    np.testing.assert_array_equal(table.train_idx, by_path.train_idx)
+
+
+def test_explain_cli_refuses_a_superscript_label_and_a_decompression_bomb_with_one_line(trained, prepared, tmp_path):
+    img = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((20, 20, 3)) * 255).astype(np.uint8)).save(img)
+    base = ["-m", "TracIn.explain", "--results_dir", trained / "res", "--data_dir", prepared, "--out_dir", tmp_path / "out"]
+    one_error_line(sh(*base, img, "--label", "²"), "not a class")  # str.isdigit() trusts it, int() refuses it
+    one_error_line(sh(*base, bomb_png(tmp_path / "bomb.png")), "bomb.png", "exceeds limit")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_apis_readers_of_tool_outputs_check_their_types(trained, prepared, tmp_path):
+    """A hand-edited lds.json (methods of other types) or mislabel_candidates.csv (text in an index column) of this run
+    is one line from run.lds() / run.mislabel_candidates(), not a KeyError, TypeError or a silently wrong table."""
+    import json
+
+    from TracIn import mislabel_detection
+
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res, ignore=shutil.ignore_patterns("factors"))
+    run = TracIn.open(res, data_dir=str(prepared))
+    assert mislabel_detection.main(["--results_dir", str(res), "--data_dir", str(prepared), "--checkpoint_dir",
+                                    str(trained / "ckpt")]) == 0
+    table = res / "mislabel" / "mislabel_candidates.csv"
+    frame = pd.read_csv(table)
+    assert list(run.mislabel_candidates().train_idx) == list(frame.train_idx)
+    frame["train_idx"] = frame["train_idx"].astype(object)
+    frame.loc[0, "train_idx"] = "x"
+    frame.to_csv(table, index=False)
+    with pytest.raises(UserError, match="column train_idx"):
+        run.mislabel_candidates()
+    (res / "lds").mkdir()
+    for methods in (None, {"tracin": {"lds": "0.5", "ci95": [0, 1]}}, {"tracin": {"lds": 0.5, "ci95": 0.1}}):
+        (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": run.run_id, "methods": methods}))
+        with pytest.raises(UserError, match="not an LDS table"):
+            run.lds()
+    (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": run.run_id, "methods": {
+        "tracin": {"lds": 0.5, "ci95": [0.1, 0.9], "damping": None}}}))
+    assert run.lds().lds.tolist() == [0.5]

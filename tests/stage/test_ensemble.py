@@ -218,3 +218,47 @@ def test_a_fork_of_another_split_or_of_the_last_epoch_is_one_line_and_writes_not
         train.main(base + ["--checkpoint_dir", str(tmp_path / "c"), "--models_dir", str(tmp_path / "mc"), "--overwrite",
                            "--fork_from", str(other / "finetune_epoch_1.pth")])
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
+
+
+def test_a_fork_of_a_run_of_other_settings_is_refused_naming_each_difference(trained, tmp_path):
+    """--fork_from's help says "a run of these settings": another learning rate, batch size or epoch count is refused
+    (one line listing each, before anything is written), not trained as a silent mix."""
+    import train
+
+    original = trained / "ckpt"
+    saved = json.loads((original / "train_args.json").read_text())
+    base = ["--data_dir", saved["data_dir"], "--arch", "resnet18", "--weights", "none", "--save_checkpoints_every", "1",
+            "--num_workers", "0", "--no-hflip", "--seed", "5", "--checkpoint_dir", str(tmp_path / "a"), "--models_dir",
+            str(tmp_path / "ma"), "--fork_from", str(original / "finetune_epoch_1.pth")]
+    with pytest.raises(UserError) as e:
+        train.main(base + ["--epochs", "3", "--batch_size", "2", "--learning_rate", "0.5"])
+    msg = str(e.value)
+    assert "\n" not in msg and all(f"--{k}" in msg for k in ("epochs", "batch_size", "learning_rate")), msg
+    assert "--weight_decay" not in msg and "--image_size" not in msg
+    with pytest.raises(UserError, match="--hflip"):
+        train.main([a for a in base if a != "--no-hflip"] + ["--epochs", "2", "--batch_size", "4"])
+    assert not list((tmp_path / "a").glob("*.pth")) and not (tmp_path / "a" / "train_args.json").exists()
+
+
+def test_mislabel_detection_on_an_ensemble_refuses_a_foreign_checkpoint_dir_and_advises_what_works(prepared, members, trained,
+                                                                                                    tmp_path):
+    """On an ensemble's results every member's dynamics come from its own folder: a --checkpoint_dir that is no member's
+    is refused (it was ignored), and a member retrained since is told to rerun efficient_tracin --members, not to pass
+    --checkpoint_dir (which ensembles do not read)."""
+    from TracIn import mislabel_detection
+
+    a, b = (tmp_path / "a", tmp_path / "b")
+    for src, dst in zip(members, (a, b)):
+        shutil.copytree(src, dst)
+        shutil.copy(trained / "ckpt" / "training_dynamics.npz", dst)  # another training run's dynamics: "retrained since"
+    run(prepared, tmp_path / "ens", members=[str(a), str(b)], score_fn="influence_last", normalize="none")
+    argv = ["--results_dir", str(tmp_path / "ens"), "--data_dir", str(prepared)]
+    with pytest.raises(UserError, match="is not a member of this ensemble") as e:
+        mislabel_detection.main(argv + ["--checkpoint_dir", str(trained / "ckpt")])
+    assert "\n" not in str(e.value)
+    for given in ([], ["--checkpoint_dir", str(a)]):
+        with pytest.raises(UserError) as e:
+            mislabel_detection.main(argv + given)
+        msg = str(e.value)
+        assert "efficient_tracin --members" in msg and "--checkpoint_dir" not in msg and "\n" not in msg, msg
+    assert not (tmp_path / "ens" / "mislabel").exists()

@@ -248,3 +248,28 @@ def test_a_killed_lds_takes_its_train_py_with_it_and_a_failed_run_does_not_lock_
         time.sleep(0.2)
     alive = [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
     assert not alive, f"train.py {alive} outlived its killed parent"
+
+
+@pytest.mark.parametrize("retrain,fraction,needle", [("head", "0.01", "is 0 per subset"), ("head", "0.99", "is 18 per subset"),
+                                                     ("full", "0.06", "is 1 per subset")])
+def test_subsets_that_cannot_give_a_finite_lds_are_refused_before_any_retrain(prepared, trained, tmp_path, monkeypatch,
+                                                                               retrain, fraction, needle):
+    """--fraction 0.01 of 18 training images is no image per subset (every prediction 0) and 0.99 every image (every
+    subset the same): every LDS would be NaN, so nothing is retrained; a full retrain (train.py) needs 2 images."""
+    def no_retrain(*a, **kw):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(lds, "fill_store", no_retrain)
+    monkeypatch.setattr(lds, "retrain_in_processes", no_retrain)
+    argv = ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--num_subsets", "8", "--n_test", "6",
+            "--num_workers", "0", "--methods", "tracin", "--fraction", fraction, "--retrain", retrain, "--out_dir",
+            str(tmp_path / "lds")]
+    with pytest.raises(lds.UserError) as e:
+        lds.evaluate(lds.parse_args(argv))
+    assert needle in str(e.value) and "NaN" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "lds").exists()
+    from TracIn.experiments.lds_score import check_subset_size
+
+    assert check_subset_size(18, 0.5) == 9 and check_subset_size(18, 1 / 18) == 1 and check_subset_size(18, 17 / 18) == 17
+    with pytest.raises(lds.UserError, match="too few"):
+        check_subset_size(2, 0.5, min_size=2)
