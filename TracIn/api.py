@@ -35,7 +35,7 @@ from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
 from lib.files import read_json, read_table
 from lib.prediction import logit_figures
 from TracIn.core.methods import method_for
-from TracIn.core.results import load_results, recorded_data_dir, run_id
+from TracIn.core.results import explained_model, load_results, recorded_data_dir, run_id
 from TracIn.core.run_folder import current
 
 QUERY_BATCH = 64  # query images per forward pass and score block
@@ -96,7 +96,12 @@ class Results:
     def __repr__(self) -> str:
         return (f"<TracIn run {self.run_id} in {self.path}: {len(self.results['test_indices'])} test x "
                 f"{len(self.results['train_indices'])} train, --score_fn {self.record['args']['score_fn']}, "
-                f"top-{self.results['top_k_influences_indices'].shape[1]}>")
+                f"top-{self.results['top_k_influences_indices'].shape[1]}, explaining {self.model}>")
+
+    @property
+    def model(self) -> str:
+        """The model the lists, the test table and explain describe (train.py's selected model by default)."""
+        return explained_model(self.record)
 
     @property
     def run(self):
@@ -142,8 +147,8 @@ class Results:
         return frame
 
     def test_table(self) -> pd.DataFrame:
-        """Per scored test image: path, label, the last checkpoint's prediction and margin (label logit minus the
-        largest other; negative when mispredicted), from the run's cached logits."""
+        """Per scored test image: path, label, the explained model's prediction and margin (label logit minus the
+        largest other; negative when mispredicted), from the run's cached logits; `self.model` says which model."""
         ids = np.asarray(self.results["test_indices"])
         logits = self.run.factors().test_logits[self.run.last_steps()].mean(0)[ids]  # (n, C): the last checkpoint('s mean)
         labels = self.test_list.labels[ids]
