@@ -128,7 +128,8 @@ def test_self_influence_of_a_train_subset_is_looked_up_by_split_index(data, tmp_
     ids = np.asarray(r["train_indices"])
     rows = [("train", int(j), train_list.paths[j], "cat", "dog", 0.9) for j in range(len(train_list.paths))]
     rows.append(("test", 0, list_split(d, "test").paths[0], "cat", "dog", 0.9))
-    write_false_predictions(fp, pd.DataFrame(rows, columns=["split", "index", "path", "true_label", "pred_label", "confidence"]), d)
+    write_false_predictions(fp, pd.DataFrame(rows, columns=["split", "index", "path", "true_label", "pred_label", "confidence"]), d,
+                            results_dir=tmp_path / "out")
     analyze_misprediction_influences.main(["--results_dir", str(tmp_path / "out"), "--data_dir", str(d),
                                            "--false_predictions", str(fp)])
     per = pd.read_csv(tmp_path / "out" / "misprediction_influence_analysis.csv").set_index("train_idx")
