@@ -48,7 +48,7 @@ ARRAYS = (
     "top_k_influences_values", "top_k_influences_indices",   # proponents, descending
     "top_k_opponents_values", "top_k_opponents_indices",     # opponents, most negative first
     "test_indices", "train_indices",                         # split indices of the rows / of the train arrays
-    "test_pred",                                             # last checkpoint's prediction per test row
+    "test_pred",                                             # the explained model's (last checkpoint's) prediction per test row
     "self_influence",                                        # [n_train] sum_t lr_t |g_t|^2 (optional)
     "train_loss_last", "train_pred_last",                    # [n_train] last checkpoint's loss / prediction
     "train_loss_per_ckpt", "train_margin_per_ckpt",          # [n_ckpt, n_train] loss, logit margin per checkpoint
