@@ -82,8 +82,8 @@ def load_checkpoint(path: str | os.PathLike, class_names: list[str] | None = Non
         # torch's own message for a file it cannot unpickle advises weights_only=False (running the file's code);
         # train.py writes a zip archive of tensors and plain values, so anything else is simply not one of its files
         if isinstance(e, (pickle.UnpicklingError, EOFError)) or (Path(path).is_file() and not zipfile.is_zipfile(path)):
-            raise UserError(f"{path} is not a checkpoint written by train.py (not a PyTorch file of tensors and plain "
-                            "values)") from None
+            raise UserError(f"cannot load checkpoint {path}: it is not a checkpoint written by train.py (not a PyTorch "
+                            "file of tensors and plain values)") from None
         raise UserError(f"cannot load checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint written by train.py (missing keys); a bare state_dict belongs in --weights")

@@ -221,7 +221,7 @@ def test_report_never_reuses_thumbnails_or_gradcam_maps_of_other_data_or_models(
     names = test.class_names  # classes of the data set: a table naming others is refused before Grad-CAM is looked at
     write_false_predictions(tmp_path / "fp" / "false_predictions.csv", pd.DataFrame({
         "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [names[0]], "pred_label": [names[1]],
-        "confidence": [0.9]}), c["data"], model_sha256="a" * 64)
+        "confidence": [0.9]}), c["data"], model_sha256="a" * 64, results_dir=c["res"])
     (tmp_path / "fp" / "gradcam").mkdir()
     shutil.copy(test.paths[0], tmp_path / "fp" / "gradcam" / "test_0.png")
     (tmp_path / "fp" / "gradcam" / "identity.json").write_text(json.dumps({"model_sha256": "b" * 64}))  # another model's maps
@@ -302,12 +302,13 @@ def test_report_escapes_crafted_values_in_every_file_it_reads(world, tmp_path, b
                                                       "methods": {CRAFT: {"lds": CRAFT, "ci95": [CRAFT, 0.5], "damping": CRAFT}}}))
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "metrics_test.json").write_text(json.dumps({"accuracy": CRAFT, "loss": 1.0, "n": CRAFT, "model": CRAFT,
+                                                                   "model_record": rec["model"],
                                                                    **data_identity(c["data"], images=False)}))
     test = list_split(c["data"], "test")
     (tmp_path / "fp").mkdir()
     write_false_predictions(tmp_path / "fp" / "false_predictions.csv", pd.DataFrame({
         "split": ["test"], "index": [0], "path": [test.paths[0]], "true_label": [CRAFT], "pred_label": [CRAFT], "confidence": [0.9]}),
-        c["data"])
+        c["data"], results_dir=res)
     args = report_args(c, out=tmp_path / "rep", fp=tmp_path / "fp")
     args[args.index("--eval_dir") + 1] = str(tmp_path / "ev")
     assert report.main(args) == 0
@@ -527,9 +528,9 @@ def test_a_mispredictions_table_must_be_the_one_its_record_names_and_of_this_dat
            "confidence": [0.9]}
     for change, needle in (({"true_label": ["unicorn"]}, "not a class"), ({"path": ["/elsewhere/x.jpg"]}, "is not that image"),
                            ({"index": [10_000]}, "is not that image")):
-        write_false_predictions(csv, pd.DataFrame({**row, **change}), c["data"])
+        write_false_predictions(csv, pd.DataFrame({**row, **change}), c["data"], results_dir=c["res"])
         fails(analyze_misprediction_influences.main, args, needle)
-    write_false_predictions(csv, pd.DataFrame(row), c["data"])
+    write_false_predictions(csv, pd.DataFrame(row), c["data"], results_dir=c["res"])
     assert analyze_misprediction_influences.main(args) == 0
     csv.write_text(csv.read_text().replace(names[1], names[2]))  # edited after its record was written
     fails(analyze_misprediction_influences.main, args, "is not the table")
@@ -600,5 +601,5 @@ def test_a_file_that_is_no_checkpoint_is_one_line_without_torchs_hint(world, tmp
     photo = tmp_path / "photo.jpg"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
     res = sh("evaluate.py", "--model", photo, "--data_dir", world["data"], "--out_dir", tmp_path / "e")
-    one_error_line(res, "photo.jpg is not a checkpoint written by train.py")
+    one_error_line(res, "photo.jpg: it is not a checkpoint written by train.py")
     assert "weights_only" not in res.stderr

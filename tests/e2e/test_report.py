@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     (root / "fp").mkdir()
     write_false_predictions(root / "fp" / "false_predictions.csv", pd.DataFrame({
         "split": "test", "index": wrong, "path": np.asarray(test.paths)[wrong], "true_label": np.asarray(names)[test.labels[wrong]],
-        "pred_label": np.asarray(names)[pred[pred != test.labels[ids]]], "confidence": 0.5, "true_class_prob": 0.2}), data)
+        "pred_label": np.asarray(names)[pred[pred != test.labels[ids]]], "confidence": 0.5, "true_class_prob": 0.2}), data, results_dir=root / "res")
     gone = int(ids[-1])
     os.remove(test.paths[gone])  # an image file that went missing since the run
     args = ["--results_dir", str(root / "res"), "--data_dir", str(data), "--false_predictions", str(root / "fp"),
@@ -100,6 +100,7 @@ def test_the_overview_says_where_the_model_was_selected(run, tmp_path):
     for selected, want in (("val", "val"), ("test", "test"), ("<img src=x onerror=1>", None)):
         (tmp_path / "ev" / "metrics_test.json").write_text(json.dumps({
             "accuracy": 0.5, "loss": 1.0, "n": 6, "model": "m.pth", "selected_on": selected, "selection_accuracy": 0.75,
+            "model_record": json.loads((run["res"] / "run.json").read_text())["model"],  # the model the lists explain
             **data_identity(run["data"], images=False)}))
         assert report.main(args + ["--out_dir", str(tmp_path / "rep")]) == 0
         ev = meta(tmp_path / "rep")["evaluation"]

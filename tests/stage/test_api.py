@@ -157,7 +157,7 @@ def test_explain_refuses_changed_checkpoints(runs, prepared, trained, tmp_path):
     shutil.copytree(trained / "ckpt", ckpt)
     res = tmp_path / "res"
     assert efficient_tracin.main(["--data_dir", str(prepared), "--checkpoint_dir", str(ckpt), "--output_dir", str(res),
-                                  "--top_k", "2", "--num_workers", "0"]) == 0
+                                  "--top_k", "2", "--num_workers", "0", "--all_checkpoints"]) == 0
     last = sorted(ckpt.glob("finetune_epoch_*.pth"))[-1]
     state = torch.load(last, weights_only=True)
     state["epoch"] = state["epoch"] + 100
