@@ -357,9 +357,13 @@ def train(args) -> dict:
         explains the trajectory up to the model evaluate.py reports."""
         path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
         ckpt = make_checkpoint(module, lr=lr_t, **common, metadata=run_tag)
+        previous = read_json(ckpt_dir / SELECTED, "start over with --overwrite") if (ckpt_dir / SELECTED).exists() else {}
         save_checkpoint(ckpt, path)
-        if best["path"] and Path(best["path"]) != path:
-            Path(best["path"]).unlink(missing_ok=True)
+        old = Path(str(previous.get("path", "")))
+        # the previous best model goes only while it is provably this run's: in this --models_dir, the bytes recorded
+        if previous.get("path") and old.is_file() and old.resolve() != path.resolve() and \
+                old.resolve().parent == models_dir.resolve() and file_sha256(old) == previous.get("sha256"):
+            old.unlink()
         save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
                                         "accuracy": m["accuracy"], "loss": m["loss"]})
         with atomic_path(models_dir / "best_model.txt") as tmp:

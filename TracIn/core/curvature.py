@@ -32,8 +32,19 @@ EXACT_MAX = 4096  # fc heads up to this many weights get the exact Gauss-Newton 
 
 
 def _damped_inverse(m: torch.Tensor, shift: float) -> torch.Tensor:
-    """(m + shift I)^{-1} of a symmetric PSD matrix, float64."""
-    return torch.linalg.inv(m + shift * torch.eye(len(m), dtype=m.dtype, device=m.device))
+    """(m + shift I)^{-1} of a symmetric PSD matrix, float64. A matrix with no curvature to damp (every output error
+    zero: a saturated or diverged model) is refused with one line instead of linalg's error."""
+    from lib.cli import UserError
+
+    try:
+        inverse = torch.linalg.inv(m + shift * torch.eye(len(m), dtype=m.dtype, device=m.device))
+    except torch.linalg.LinAlgError:
+        inverse = None
+    if inverse is None or not torch.isfinite(inverse).all():
+        raise UserError("the curvature of a checkpoint cannot be inverted (its loss gradients vanish or are not finite: a "
+                        "saturated or diverged model); nothing was written: check the checkpoints (evaluate.py), or use "
+                        "--score_fn tracin, which needs no curvature")
+    return inverse
 
 
 def gauss_newton_d(logits: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,7 @@ class KroneckerCurvature:
         """((A + dA I)^{-1}, (D + dD I)^{-1}) with dD * dA (cross terms aside) = damping x mean eigenvalue of D (x) A."""
         mean_a, mean_d = float(torch.diagonal(a_mom).mean()), float(torch.diagonal(d_mom).mean())
         if len(d_mom) == 1:  # a projected layer, cached as (P, 1): all of the damping on A
-            return _damped_inverse(a_mom, damping * mean_a), torch.linalg.inv(d_mom)
+            return _damped_inverse(a_mom, damping * mean_a), _damped_inverse(d_mom, 0.0)
         root = math.sqrt(damping)
         return _damped_inverse(a_mom, root * mean_a), _damped_inverse(d_mom, root * mean_d)
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from lib.checkpoints import CHECKPOINT_RE, SELECTED, find_checkpoints, load_checkpoint, model_from_checkpoint
+from lib.checkpoints import (CHECKPOINT_RE, SELECTED, find_checkpoints, load_checkpoint, model_from_checkpoint,
+                             weights_sha256)
 from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
@@ -64,19 +65,24 @@ def selected_trajectory(folder, all_checkpoints: bool) -> tuple[list[Path], str]
         why = "every checkpoint (--all_checkpoints)" if all_checkpoints else \
             f"every checkpoint ({folder} records no selected model: trained by an older train.py)"
         return found, why
-    sel = read_json(record_path, f"retrain, or pass --all_checkpoints to explain every checkpoint of {folder}")
-    try:
-        epoch, path, sha = int(sel["epoch"]), Path(str(sel["path"])), str(sel["sha256"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{record_path} is not train.py's record of a selected model; retrain, or pass --all_checkpoints") from None
+    fix = f"retrain, or pass --all_checkpoints to explain every checkpoint of {folder}"
+    sel = read_json(record_path, fix)
+    epoch, path, sha, weights = (sel.get(k) for k in ("epoch", "path", "sha256", "weights_sha256"))
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1 or \
+            not all(isinstance(v, str) and v for v in (path, sha, weights)):
+        raise UserError(f"{record_path} is not train.py's record of a selected model (epoch, path, sha256, "
+                        f"weights_sha256); {fix}")
+    path = Path(path)
     by_epoch = {int(CHECKPOINT_RE.search(p.name).group(1)): p for p in found}
     before = [by_epoch[e] for e in sorted(by_epoch) if e < epoch]
-    if epoch in by_epoch:
+    if epoch in by_epoch:  # the run's own checkpoint of that epoch: the same weights as the best-model file
         last = by_epoch[epoch]
+        if weights_sha256(load_checkpoint(last)) != weights:
+            raise UserError(f"{last} is not the model train.py selected at epoch {epoch} (other weights than "
+                            f"{record_path} records); {fix}")
     else:
         if not path.is_file() or file_sha256(path) != sha:
-            raise UserError(f"the model train.py selected ({path}, epoch {epoch}) is missing or changed since training; "
-                            f"retrain, or pass --all_checkpoints to explain every checkpoint of {folder}")
+            raise UserError(f"the model train.py selected ({path}, epoch {epoch}) is missing or changed since training; {fix}")
         last = path
     return before + [last], f"the model train.py selected on {sel.get('selected_on', 'val')} (epoch {epoch}) and the checkpoints before it"
 

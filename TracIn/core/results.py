@@ -36,7 +36,7 @@ import pandas as pd
 
 from lib.cli import UserError
 from lib.files import git_commit, identity_mismatch, load_npy, read_json, save_csv, save_json, save_npy
-from lib.ownership import claim_files, mark_owned, remove_claimed, remove_owned
+from lib.ownership import claim_files, claimed, mark_owned, remove_claimed, remove_owned
 from TracIn.core.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,11 @@ def load_results(results_dir, data_dir=None, need=()) -> TracInResults:
         check_data(record, data_dir, results_dir)
     arrays = {n: load_npy(results_dir / f"{n}.npy", "r", fix) for n in ARRAYS if f"{n}.npy" in files}
     check_arrays(record, arrays, results_dir, fix)
+    # trusted by content: each array is the one the run recorded writing (its size and sha256), not one put in its place
+    changed = [f"{n}.npy" for n in arrays if not claimed(results_dir, f"{n}.npy")]
+    if changed:
+        raise UserError(f"{results_dir}/{changed[0]} is not the file efficient_tracin wrote there (changed or replaced "
+                        f"since; {len(changed)} array(s) so); {fix}")
     return TracInResults(results_dir, record, arrays)
 
 

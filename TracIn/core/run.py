@@ -165,10 +165,13 @@ class InfluenceRun:
     def check_factors(self, train_view: FactorView, test_view: FactorView) -> None:
         """Refuse factors other than those the finished run read (the digest of their checksums that its run.json
         recorded; a record without one predates it and is not checked)."""
-        recorded = (self.record or {}).get("identity", {}).get("factors_sha256")
-        if not recorded:
+        identity = (self.record or {}).get("identity", {})
+        if "factors_sha256" not in identity:
             return
-        recorded = recorded if isinstance(recorded, dict) else {}
+        recorded = identity["factors_sha256"]
+        if not (isinstance(recorded, dict) and all(isinstance(recorded.get(k), str) for k in ("train", "test"))):
+            raise UserError(f"{self.results_dir}/run.json records no usable digest of its factors (factors_sha256: "
+                            f"{str(recorded)[:40]}); rerun efficient_tracin.py --output_dir {self.results_dir}")
         now = {"train": train_view.sha256(), "test": test_view.sha256()}
         differs = [split for split in ("train", "test") if recorded.get(split) != now[split]]
         if differs:
