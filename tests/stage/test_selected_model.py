@@ -146,3 +146,69 @@ def test_checkpoints_of_two_runs_or_of_another_split_are_refused(prepared, three
     with pytest.raises(UserError, match="epoch 2"):
         tracin(prepared, tmp_path / "twice", checkpoints=[str(three[0]), str(three[1]), str(twice)])
     assert not (tmp_path / "mixed" / "run.json").exists() and not (tmp_path / "split" / "run.json").exists()
+
+
+# ---------------------------------------------------------------- found by the hostile probe, fixed at their causes
+def test_a_selection_record_of_other_types_or_weights_is_refused(prepared, tmp_path):
+    names = list_split(prepared, "train").class_names
+    paths = make_random_checkpoints(tmp_path / "ckpt", names, n=3)  # epochs 1..3
+    rec = {**model_record(paths[2], load_checkpoint(paths[2])), "sha256": file_sha256(paths[2])}
+    for epoch in (True, 2.7, "3", 0):
+        save_json(tmp_path / "ckpt" / SELECTED, {**rec, "epoch": epoch})
+        with pytest.raises(UserError, match="not train.py's record"):
+            selected_trajectory(tmp_path / "ckpt", all_checkpoints=False)
+    save_json(tmp_path / "ckpt" / SELECTED, {**rec, "epoch": 2})  # names epoch 2, whose checkpoint has other weights
+    with pytest.raises(UserError, match="not the model train.py selected"):
+        selected_trajectory(tmp_path / "ckpt", all_checkpoints=False)
+    save_json(tmp_path / "ckpt" / SELECTED, rec)
+    assert selected_trajectory(tmp_path / "ckpt", all_checkpoints=False)[0] == paths
+
+
+def test_resuming_a_copied_run_elsewhere_keeps_the_original_runs_best_model(prepared, tmp_path):
+    import train
+
+    flags = ["--data_dir", str(prepared), "--arch", "resnet18", "--batch_size", "4", "--weights", "none", "--num_workers", "0",
+             "--no-hflip", "--save_checkpoints_every", "1"]
+    assert train.main(flags + ["--epochs", "1", "--checkpoint_dir", str(tmp_path / "a" / "ckpt"),
+                               "--models_dir", str(tmp_path / "a" / "models")]) == 0
+    before = {p.name: file_sha256(p) for p in (tmp_path / "a" / "models").glob("*.pth")}
+    assert before
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    last = load_checkpoint(tmp_path / "b" / "ckpt" / "last.pth")
+    save_checkpoint({**last, "best": {**last["best"], "acc": -1.0}}, tmp_path / "b" / "ckpt" / "last.pth")  # epoch 2 is a new best
+    assert train.main(flags + ["--epochs", "2", "--resume", "--checkpoint_dir",
+                               str(tmp_path / "b" / "ckpt"), "--models_dir", str(tmp_path / "b" / "models")]) == 0
+    assert list((tmp_path / "b" / "models").glob("*.pth"))  # the resumed run keeps a best model of its own
+    assert {p.name: file_sha256(p) for p in (tmp_path / "a" / "models").glob("*.pth")} == before
+
+
+def test_train_refuses_a_results_folder_and_readers_refuse_replaced_arrays_or_a_null_digest(prepared, trained, tmp_path):
+    import train
+    import TracIn
+    from TracIn.core.results import load_results
+
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    before = sorted(p.name for p in res.rglob("*"))
+    with pytest.raises(UserError, match="efficient_tracin wrote"):
+        train.main(["--data_dir", str(prepared), "--arch", "resnet18", "--epochs", "1", "--weights", "none",
+                    "--checkpoint_dir", str(res), "--models_dir", str(tmp_path / "m"), "--num_workers", "0"])
+    assert sorted(p.name for p in res.rglob("*")) == before
+
+    record = json.loads((res / "run.json").read_text())
+    record["identity"]["factors_sha256"] = None
+    (res / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="no usable digest"):
+        TracIn.open(res, data_dir=str(prepared)).run.factors()
+
+    pred = np.load(res / "test_pred.npy")
+    np.save(res / "test_pred.npy", np.zeros_like(pred))  # well-formed, in range: only its bytes say it is not the run's
+    with pytest.raises(UserError, match="not the file efficient_tracin wrote"):
+        load_results(res)
+
+
+def test_a_curvature_with_nothing_to_invert_is_one_line():
+    from TracIn.core.curvature import KroneckerCurvature
+
+    with pytest.raises(UserError, match="cannot be inverted"):
+        KroneckerCurvature.damped_inverses(torch.eye(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), 10.0)
