@@ -87,7 +87,7 @@ def main(argv=None):
     save_figure(out / "combined_mispredictions.png",
                 plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
     claim_files(out, ["false_predictions.csv", "false_predictions.json", "combined_mispredictions.png"], "false_prediction")
-    log.info(f"model: {model_path} (epoch {ckpt['epoch']}, selected on {ckpt.get('selection_split', '?')})")
+    log.info(f"model: {model_path} (epoch {ckpt['epoch']})")
     for line in lines:
         log.info(line)
     log.info(f"outputs: {out}/false_predictions.csv, {out}/combined_mispredictions.png")
