@@ -96,12 +96,14 @@ def load_checkpoints(cfg, class_names: list[str]):
     members = list(getattr(cfg, "members", None) or [])
     everything = bool(getattr(cfg, "all_checkpoints", False))
     if members:
-        per_member = []
+        per_member, reasons = [], []
         for folder in members:
-            found, chosen = selected_trajectory(folder, everything)
+            found, why = selected_trajectory(folder, everything)
             if not found:
                 raise UserError(f"--members {folder}: no finetune_epoch_*.pth there (train the member first)")
             per_member.append(found)
+            reasons.append(f"member {len(reasons)}: {why}")
+        chosen = "; ".join(reasons)
         paths = [p for found in per_member for p in found]
         sizes = [len(found) for found in per_member]
     elif cfg.checkpoints:
