@@ -61,8 +61,13 @@ def clean_folder(folder: Path) -> int:
         elif (sub / "run.json").is_file():
             n += clean_folder(sub)
     n += remove_dangling_links(folder)
-    n += len(remove_claimed(folder, list(read_claims(folder))))  # a TracIn run's files and links among them
-    return n
+    claims = list(read_claims(folder))
+    removed = remove_claimed(folder, claims)  # a TracIn run's files and links among them
+    kept = [c for c in claims if c not in removed and ((folder / c).exists() or (folder / c).is_symlink())]
+    if kept:
+        log.warning(f"clean-results: kept in {folder}, changed since their tool wrote them (yours now): {', '.join(kept[:8])}"
+                    + (f" and {len(kept) - 8} more" if len(kept) > 8 else ""))
+    return n + len(removed)
 
 
 def clean(args) -> int:

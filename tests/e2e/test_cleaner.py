@@ -74,6 +74,16 @@ def test_clean_keeps_a_recorded_file_that_changed_since(trained, tmp_path):
     assert edited.exists() and not (ckpt / "finetune_epoch_1.pth").exists()
 
 
+def test_clean_says_the_results_it_keeps_because_they_changed_since(trained, tmp_path, caplog):
+    res = copy(trained / "res", tmp_path / "res")
+    table = res / "top_k_influences.csv"
+    table.write_text(table.read_text() + "# my edit\n")
+    with caplog.at_level(logging.WARNING):
+        clean(tmp_path, results_dir=res)
+    assert table.read_text().endswith("# my edit\n") and not (res / "run.json").exists()
+    assert "top_k_influences.csv" in " ".join(r.getMessage() for r in caplog.records)
+
+
 def test_writers_refuse_another_tools_folder(prepared, trained, tmp_path):
     data, ckpt = copy(prepared, tmp_path / "data"), copy(trained / "ckpt", tmp_path / "ckpt")
     before = {"data": checksums(data), "ckpt": checksums(ckpt)}
