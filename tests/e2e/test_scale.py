@@ -160,7 +160,7 @@ def test_slurm_ensemble_array_trains_each_member(slurm, trained, tmp_path):
         folders.append(member)
     data = json.loads((trained / "ckpt" / "train_args.json").read_text())["data_dir"]
     assert efficient_tracin.main(["--data_dir", data, "--members", *map(str, folders), "--output_dir", str(tmp_path / "res"),
-                                  "--top_k", "3", "--num_workers", "0"]) == 0
+                                  "--top_k", "3", "--num_workers", "0", "--all_checkpoints"]) == 0
     assert json.loads((tmp_path / "res" / "run.json").read_text())["args"]["member_sizes"] == [2, 2, 2]
 
 
