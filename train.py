@@ -41,7 +41,7 @@ from lib.devices import autocast, batch_to_device, model_to_device, set_seed
 from lib.files import atomic_path, ensure_output_dir, file_sha256, git_commit, read_json, save_json
 from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned
 from lib.prediction import metrics_from_logits, predict
-from lib.training import Dist, fit, scheduled_lr
+from lib.training import SAME_SETTINGS, Dist, fit, scheduled_lr
 from lib.training_dynamics import DynamicsRecorder, load_dynamics
 from model_architecture import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
@@ -150,7 +150,7 @@ def resume_settings(args, ckpt_dir: Path) -> str:
 
 
 # What a fork keeps of the run it continues: the optimisation and the inputs (the seed, and so the data order, is its own).
-FORK_SAME = ("learning_rate", "lr_schedule", "batch_size", "weight_decay", "epochs", "image_size", "hflip")
+FORK_SAME = SAME_SETTINGS
 
 
 def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
@@ -181,6 +181,14 @@ def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
         raise UserError(f"{path.parent}/training_dynamics.npz records {len(dyn['loss'])} epochs, fewer than the checkpoint's {epoch}")
     return {"model_state": ckpt["model_state"], "epoch": epoch, "dynamics": dyn,
             "record": {"path": str(path), "sha256": file_sha256(path), "epoch": epoch, "train_run": run}}
+
+
+def written_by_train(path: Path) -> bool:
+    """Whether a file is a checkpoint train.py wrote (a best model of an earlier run of these settings may be replaced)."""
+    try:
+        return bool(load_checkpoint(path).get("train_run"))
+    except UserError:
+        return False
 
 
 def train(args) -> dict:
@@ -358,14 +366,20 @@ def train(args) -> dict:
         path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
         ckpt = make_checkpoint(module, lr=lr_t, **common, metadata=run_tag)
         previous = read_json(ckpt_dir / SELECTED, "start over with --overwrite") if (ckpt_dir / SELECTED).exists() else {}
+        if path.exists() and not written_by_train(path):
+            raise UserError(f"{path} exists and is not a model train.py wrote; it is left untouched: move it away or pass "
+                            "another --models_dir, then continue with --resume")
         save_checkpoint(ckpt, path)
         old = Path(str(previous.get("path", "")))
-        # the previous best model goes only while it is provably this run's: in this --models_dir, the bytes recorded
-        if previous.get("path") and old.is_file() and old.resolve() != path.resolve() and \
-                old.resolve().parent == models_dir.resolve() and file_sha256(old) == previous.get("sha256"):
+        # the previous best model goes only while it is provably this run's: recorded by this checkpoint folder (not a
+        # copy of another's), in this --models_dir, with the bytes recorded
+        if previous.get("path") and previous.get("checkpoint_dir") == str(ckpt_dir.resolve()) and old.is_file() and \
+                old.resolve() != path.resolve() and old.resolve().parent == models_dir.resolve() and \
+                file_sha256(old) == previous.get("sha256"):
             old.unlink()
         save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
-                                        "accuracy": m["accuracy"], "loss": m["loss"]})
+                                        "accuracy": m["accuracy"], "loss": m["loss"],
+                                        "checkpoint_dir": str(ckpt_dir.resolve())})
         with atomic_path(models_dir / "best_model.txt") as tmp:
             tmp.write_text(str(path) + "\n")
         return {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}

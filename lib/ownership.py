@@ -65,8 +65,8 @@ def check_not_foreign(folder: str | os.PathLike, tool: str | None, flag: str) ->
         others = sorted({str(e.get("tool")) for e in read_claims(Path(folder)).values()
                          if isinstance(e, dict) and e.get("tool") not in (None, "", tool)})
         if others:
-            raise UserError(f"{flag} {folder} holds files {', '.join(others)} wrote (its {CLAIMS} says so); {tool} does not "
-                            f"write there: pass another {flag}")
+            raise UserError(f"{flag} {folder} holds files {', '.join(others)} wrote (its {CLAIMS} says so), which {tool} did "
+                            f"not write: pass another {flag}")
 
 
 def mark_owned(folder: str | os.PathLike, tool: str, flag: str = "the output folder") -> None:

@@ -30,6 +30,9 @@ class EpochStats:
     correct: float = 0.0
     seen: float = 0.0
 
+# The settings that make two training runs comparable: a fork continues a run of these, an ensemble's members share them.
+SAME_SETTINGS = ("learning_rate", "lr_schedule", "batch_size", "weight_decay", "epochs", "image_size", "hflip")
+
 
 def fit(step: Callable, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
         lr_at: Callable[[int], float], start_epoch: int = 1, on_batch: Callable | None = None,

@@ -166,11 +166,22 @@ def check_members(folders: list[str], ckpts: list[list[dict]]) -> None:
         if run and run in seen:
             raise UserError(f"--members {folder} and {seen[run]} hold the same training run ({run}); each member is its own run")
         seen[run] = folder
-    keys = {}
+    from lib.training import SAME_SETTINGS
+
+    keys, settings = {}, {}
     for folder in folders:
         args = Path(folder) / "train_args.json"
         if args.exists():
-            keys[folder] = read_json(args, "retrain that member").get("data_train_key")
+            saved = read_json(args, "retrain that member")
+            keys[folder] = saved.get("data_train_key")
+            settings[folder] = {k: saved.get(k) for k in SAME_SETTINGS}
+    if settings:
+        first = next(iter(settings))
+        for folder, s in settings.items():
+            differ = [f"--{k} {s[k]} (member {first}: {settings[first][k]})" for k in SAME_SETTINGS if s[k] != settings[first][k]]
+            if differ:
+                raise UserError(f"--members {folder} was trained with other settings than {first}: {', '.join(differ)}; an "
+                                "ensemble's members are runs of the same settings")
     if len(set(keys.values())) > 1:
         first = next(iter(keys))
         other = next(f for f in keys if keys[f] != keys[first])

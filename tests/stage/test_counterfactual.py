@@ -60,7 +60,8 @@ def test_head_retrain_and_normalized_lists(prepared, trained, tmp_path):
     assert len(res["arms"]) == 3 * 4
     # normalised lists are efficient_tracin --normalize train's
     assert et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt"), "--output_dir", str(tmp_path / "n"),
-                    "--top_k", "3", "--num_workers", "0", "--score_fn", "tracin", "--normalize", "train"]) == 0
+                    "--top_k", "3", "--num_workers", "0", "--score_fn", "tracin", "--normalize", "train",
+                    "--all_checkpoints"]) == 0  # the checkpoints of trained/res
     r = load_results(tmp_path / "n")
     props = np.asarray(r["top_k_influences_indices"])
     for g, row in zip(res["group"], res["lists"]["tracin_normalized"]):

@@ -156,7 +156,8 @@ def test_a_fork_continues_the_originals_checkpoint_with_its_own_seed_and_keeps_i
     with pytest.raises(UserError, match="holds a member of another kind"):
         ensemble.main(args[:-4] + ["--out_dir", str(tmp_path / "forks"), "--fork_epoch", "0"])
     # the fork is a member like any other: efficient_tracin --members scores the two together
-    run(saved["data_dir"], tmp_path / "ens", members=[str(original), str(folder)], score_fn="influence_last", normalize="none")
+    run(saved["data_dir"], tmp_path / "ens", members=[str(original), str(folder)], score_fn="influence_last", normalize="none",
+        all_checkpoints=True)  # the original's every checkpoint (it selected epoch 1)
     assert load_results(tmp_path / "ens").record["args"]["member_sizes"] == [2, 1]
     # the mislabel detectors over the two: AUM is the mean of each member's own (from its own dynamics file)
     from TracIn import mislabel_detection

@@ -180,6 +180,20 @@ def test_resuming_a_copied_run_elsewhere_keeps_the_original_runs_best_model(prep
                                str(tmp_path / "b" / "ckpt"), "--models_dir", str(tmp_path / "b" / "models")]) == 0
     assert list((tmp_path / "b" / "models").glob("*.pth"))  # the resumed run keeps a best model of its own
     assert {p.name: file_sha256(p) for p in (tmp_path / "a" / "models").glob("*.pth")} == before
+    # a copy resumed into the original's own --models_dir: its record names the original's folder, not its own
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    save_checkpoint({**last, "best": {**last["best"], "acc": -1.0}}, tmp_path / "c" / "ckpt" / "last.pth")
+    assert train.main(flags + ["--epochs", "2", "--resume", "--checkpoint_dir", str(tmp_path / "c" / "ckpt"),
+                               "--models_dir", str(tmp_path / "a" / "models")]) == 0
+    assert all(file_sha256(tmp_path / "a" / "models" / n) == h for n, h in before.items())
+    # a user's file under the name of the best model is never overwritten: the same run again, into a folder holding it
+    name = next(iter(before))
+    (tmp_path / "d" / "models").mkdir(parents=True)
+    (tmp_path / "d" / "models" / name).write_text("precious")
+    with pytest.raises(UserError, match="not a model train.py wrote"):
+        train.main(flags + ["--epochs", "1", "--checkpoint_dir", str(tmp_path / "d" / "ckpt"),
+                            "--models_dir", str(tmp_path / "d" / "models")])
+    assert (tmp_path / "d" / "models" / name).read_text() == "precious"
 
 
 def test_train_refuses_a_results_folder_and_readers_refuse_replaced_arrays_or_a_null_digest(prepared, trained, tmp_path):
@@ -212,3 +226,18 @@ def test_a_curvature_with_nothing_to_invert_is_one_line():
 
     with pytest.raises(UserError, match="cannot be inverted"):
         KroneckerCurvature.damped_inverses(torch.eye(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), 10.0)
+
+
+def test_members_of_other_training_settings_are_refused(prepared, tmp_path):
+    names = list_split(prepared, "train").class_names
+    folders = []
+    for k, lr in enumerate((1e-3, 5e-2)):
+        paths = make_random_checkpoints(tmp_path / f"m{k}", names, n=2, seed=100 + 10 * k)
+        for p in paths:
+            save_checkpoint({**load_checkpoint(p), "train_run": f"{k}" * 16}, p)
+        save_json(tmp_path / f"m{k}" / "train_args.json", {"learning_rate": lr, "batch_size": 4, "epochs": 2,
+                                                             "lr_schedule": "constant", "weight_decay": 0.0,
+                                                             "image_size": 32, "hflip": False})
+        folders.append(str(tmp_path / f"m{k}"))
+    with pytest.raises(UserError, match="other settings"):
+        tracin(prepared, tmp_path / "ens", members=folders)
