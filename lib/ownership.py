@@ -62,11 +62,16 @@ def check_not_foreign(folder: str | os.PathLike, tool: str | None, flag: str) ->
         raise UserError(f"{flag} {folder} is {other}'s folder (its {OWNER_MARKER} says so); {tool or 'this tool'} does not "
                         f"write there: pass another {flag}")
     if tool is not None:  # a folder a tool takes whole: not one where other tools recorded files (a results folder)
-        others = sorted({str(e.get("tool")) for e in read_claims(Path(folder)).values()
-                         if isinstance(e, dict) and e.get("tool") not in (None, "", tool)})
+        others = recorded_by_others(folder, tool)
         if others:
             raise UserError(f"{flag} {folder} holds files {', '.join(others)} wrote (its {CLAIMS} says so), which {tool} did "
                             f"not write: pass another {flag}")
+
+
+def recorded_by_others(folder: str | os.PathLike, tool: str) -> list[str]:
+    """The tools other than `tool` that recorded files in `folder` (its CLAIMS)."""
+    return sorted({str(e.get("tool")) for e in read_claims(Path(folder)).values()
+                   if isinstance(e, dict) and e.get("tool") not in (None, "", tool)})
 
 
 def mark_owned(folder: str | os.PathLike, tool: str, flag: str = "the output folder") -> None:

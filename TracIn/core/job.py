@@ -20,7 +20,7 @@ import numpy as np
 from lib.cli import UserError
 from lib.devices import resolve_device
 from lib.files import ensure_output_dir, is_relative_to
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned, remove_owned, seal_claims
+from lib.ownership import OWNER_MARKER, mark_owned, owned_by, recorded_by_others, remove_inside_owned, remove_owned, seal_claims
 from TracIn.core.factors import TOOL, check_images
 from TracIn.core.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
 from TracIn.core.run import InfluenceRun
@@ -38,6 +38,9 @@ def tracin_job(cfg) -> dict:
         raise UserError(f"--cache_dir {cfg.cache_dir} is (or holds) the --output_dir {cfg.output_dir}; a folder is a cache or an "
                         "output, not both: pass a cache folder of its own (default output_dir/factors)")
     out = ensure_output_dir(cfg.output_dir, "--output_dir")
+    others = recorded_by_others(out, TOOL)
+    if others and not (out / RECORD).exists():  # another tool's output folder (false_predictions/, an evaluation)
+        raise UserError(f"--output_dir {out} holds files {', '.join(others)} wrote and no TracIn run; pass another --output_dir")
     run = InfluenceRun(cfg)
     log.info(f"explaining {run.chosen}: epochs {', '.join(str(c['epoch']) for c in run.ckpts)}")
     if cfg.top_k > len(run.train_ids):

@@ -100,3 +100,16 @@ def test_writers_refuse_another_tools_folder(prepared, trained, tmp_path):
     one_line(explain.main, ["--results_dir", str(trained / "res"), "--data_dir", str(prepared), "--out_dir", str(marked),
                             str(image)], "train.py's folder")
     assert sorted(p.name for p in marked.iterdir()) == [OWNER_MARKER]
+
+
+def test_efficient_tracin_refuses_another_tools_output_folder(prepared, trained, tmp_path):
+    import false_prediction
+
+    fp = tmp_path / "fp"
+    assert false_prediction.main(["--data_dir", str(prepared), "--models_dir", str(trained / "models"), "--out_dir", str(fp),
+                                  "--num_workers", "0", "--device", "cpu"]) == 0
+    before = checksums(fp)
+    with pytest.raises(UserError, match="false_prediction wrote"):
+        et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt"), "--output_dir", str(fp),
+                 "--top_k", "2", "--num_workers", "0"])
+    assert checksums(fp) == before
