@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lib.cli import UserError, cli
 from lib.files import atomic_path
-from model_architecture import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
+from lib.models import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
 BASE_URL = "https://download.pytorch.org/models/"
 

@@ -43,7 +43,7 @@ from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owne
 from lib.prediction import metrics_from_logits, predict
 from lib.training import SAME_SETTINGS, Dist, fit, scheduled_lr
 from lib.training_dynamics import DynamicsRecorder, load_dynamics
-from model_architecture import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
+from lib.models import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from lib.files import save_csv, save_figure, save_json
 from lib.ownership import check_replaceable
 from TracIn.core.results import appearances, explained_model, load_results, run_id
 from TracIn.core.run_folder import tool_folder
+from TracIn.panels import pyplot, influence_panel
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_topk_results"
@@ -43,17 +44,8 @@ def parse_args(argv=None):
     return args
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def score_distribution(r, ax=None):
-    plt = _plt()
+    plt = pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -86,7 +78,7 @@ def class_share(r, train_list, test_list) -> pd.DataFrame:
 def heatmap(share: pd.DataFrame, ax=None):
     import seaborn as sns
 
-    plt = _plt()
+    plt = pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(share), 1.0 + 0.5 * len(share)))
@@ -123,7 +115,7 @@ def concentration(indices: np.ndarray, train_ids: np.ndarray, k: int = 10) -> di
 
 def lorenz(r, k: int = 10, ax=None):
     """Share of all top-k appearances held by the most frequent training images."""
-    plt = _plt()
+    plt = pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.2, 4))
@@ -157,7 +149,7 @@ def most_influential(r, train_list) -> pd.DataFrame:
 
 
 def bar_chart(table: pd.DataFrame, top_n: int, ax=None):
-    plt = _plt()
+    plt = pyplot()
     fig = None
     top = table.head(top_n)
     if ax is None:
@@ -183,30 +175,8 @@ def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
     return influence_panel(load_rgb(test_list.paths[t]), title, lists, train_list, k)
 
 
-def influence_panel(image, title: str, lists: dict, train_list, k: int):
-    """A query image (left, both rows) beside its proponents (top row, green) and opponents (bottom, red).
-    lists: {"proponent": (values, split indices), "opponent": (values, split indices)}, each best first."""
-    plt = _plt()
-    names = train_list.class_names
-    fig, axes = plt.subplots(2, k + 1, figsize=((k + 1) * 1.75, 4.3))
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.imshow(image)
-    axes[0, 0].set_title(title, fontsize=8)
-    for line, (kind, color) in enumerate((("proponent", "green"), ("opponent", "red"))):
-        vals, idx = lists[kind]
-        for j in range(min(k, len(idx))):
-            ax = axes[line, j + 1]
-            tr = int(idx[j])
-            ax.imshow(load_rgb(train_list.paths[tr]))
-            ax.set_title(f"{kind} {j + 1}\n#{tr} {names[train_list.labels[tr]]}\n{float(vals[j]):.3g}", fontsize=7, color=color)
-    fig.tight_layout()
-    return fig
-
-
 def analyze(args) -> dict:
-    plt = _plt()
+    plt = pyplot()
     check_replaceable(args.out_dir, TOOL, "--out_dir")
     r = load_results(args.results_dir, data_dir=args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")

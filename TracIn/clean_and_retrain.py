@@ -6,7 +6,7 @@
 Arms, each retrained with train.py from the same initial seed and schedule as the original run
 (read from checkpoint_dir/train_args.json; --arch/--epochs may make it cheaper, said in the output):
 - none: nothing dropped (the reference);
-- the default detector (mislabel_detection.DEFAULT_SCORE, or --score): its top m% dropped;
+- the default detector (detectors.DEFAULT_SCORE, or --score): its top m% dropped;
 - self_influence: TracIn's own score, top m% dropped;
 - random: a random m%, once per --random_seeds, giving the seed-to-seed spread.
 Each arm's figure is the test accuracy after the last epoch, on the test split (whose labels are
@@ -31,7 +31,7 @@ from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
 from TracIn.experiments.retraining import (Arm, Retrainer, claim_arms_folder, full_test_logits, original_exclusions,
                                            original_settings, run_arms)
-from TracIn.mislabel_detection import DEFAULT_SCORE, DETECTORS, detector_scores
+from TracIn.detectors import DEFAULT_SCORE, DETECTORS, detector_scores
 
 log = logging.getLogger(__name__)
 TOOL = "clean_and_retrain"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lib.cli import cli, positive_int
 from lib.files import save_csv, save_figure
-from TracIn.analyze_topk_results import influence_panel
+from TracIn.panels import influence_panel
 
 log = logging.getLogger(__name__)
 TOOL = "explain"

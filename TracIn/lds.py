@@ -46,22 +46,22 @@ import numpy as np
 
 from lib.cli import UserError, cli, fraction, nonneg_int, positive_int
 from lib.devices import resolve_device
-from lib.files import identity_mismatch, load_npz, read_json, save_json
+from lib.files import save_json
 from lib.ownership import check_replaceable, mark_owned
 from lib.prediction import logit_figures
 from lib.processes import child_process, end_children
 from TracIn.core.arguments import DAMPING
 from TracIn.core.factors import choose_subset
-from TracIn.core.methods import METHODS as REGISTRY
+from TracIn.core.methods import METHODS as REGISTRY, TRAK_DIM
 from TracIn.core.results import run_id
 from TracIn.core.run import InfluenceRun
-from TracIn.experiments.lds_score import check_subset_size, choose_damping, records_matrices, subset_size
+from TracIn.experiments.lds_score import (DAMPINGS, SubsetStore, check_subset_size, choose_damping, records_matrices,
+                                          subset_indices)
 from TracIn.experiments.retraining import Arm, Retrainer, original_exclusions, original_settings
 
 log = logging.getLogger(__name__)
 TOOL = "lds"
 METHODS = tuple(REGISTRY)  # every method of the registry (TracIn/core/methods.py)
-DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature (holds DAMPING)
 
 
 def parse_args(argv=None):
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets and the test images (default 0)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if not m.startswith("ekfac")],
                    help="methods scored (default all but ekfac/ekfac_last, the EK-FAC reference that costs C times more)")
-    p.add_argument("--trak_dim", type=positive_int, default=2048, help="TRAK-style features per checkpoint (default 2048)")
+    p.add_argument("--trak_dim", type=positive_int, default=TRAK_DIM, help=f"TRAK-style features per checkpoint (default {TRAK_DIM})")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")
     p.add_argument("--shard", type=shard_spec, default=None,
                    help="i/N: retrain only subsets j with j %% N == i, then stop (a Slurm array task; slurm_lds.sh); "
@@ -124,48 +124,6 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < N")
     return i, n
-
-
-# ---------------------------------------------------------------- the subset records
-def subset_indices(candidates: np.ndarray, fraction: float, seed: int, j: int) -> np.ndarray:
-    """Subset j: a seeded draw of round(fraction * len(candidates)) training images, sorted."""
-    m = subset_size(len(candidates), fraction)
-    return np.sort(np.random.default_rng([seed, j]).choice(candidates, size=m, replace=False))
-
-
-class SubsetStore:
-    """One .npz per subset in out/subsets/ (train indices, test margins and losses), under an identity saved in
-    out/store.json: records of another TracIn run, data or subset setting are never mixed in."""
-
-    def __init__(self, out: Path, identity: dict):
-        self.dir = out / "subsets"
-        saved = out / "store.json"
-        records = list(self.dir.glob("subset_*.npz")) if self.dir.is_dir() else []
-        if saved.exists() and records:
-            differs = identity_mismatch(read_json(saved, "pass another --out_dir"), identity)
-            if differs:
-                raise UserError(f"{out} holds LDS records of another setting ({differs}); pass another --out_dir")
-        else:  # no record yet (a first run, or one that failed before its first subset): nothing to keep apart
-            save_json(saved, identity)
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, j: int) -> Path:
-        return self.dir / f"subset_{j:05d}.npz"
-
-    def has(self, j: int) -> bool:
-        return self.path(j).exists()
-
-    def save(self, j: int, train_idx: np.ndarray, margin: np.ndarray, loss: np.ndarray, accuracy: float) -> None:
-        from lib.files import atomic_path
-
-        with atomic_path(self.path(j)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, train_idx=train_idx.astype(np.int32), margin=margin.astype(np.float32), loss=loss.astype(np.float32),
-                         accuracy=np.float64(accuracy))
-
-    def load(self, j: int) -> dict:
-        return load_npz(self.path(j), ("train_idx", "margin", "loss", "accuracy"),
-                        "delete it and rerun to retrain that subset")
 
 
 def fill_store(store: SubsetStore, run, settings: dict, candidates: np.ndarray, args) -> int:
@@ -283,8 +241,8 @@ def evaluate(args) -> dict:
     if args.select_subsets < 3 and any(len(v) > 1 for v in candidates_scores.values()):
         log.warning(f"warning: --select_subsets {args.select_subsets} is too few to choose a damping (3 or more); the damped "
                     f"methods are reported at the default damping {DAMPING}")
-    for name in ("influence", "influence_last"):  # as efficient_tracin ships it: its default damping, not the swept one
-        if name in methods:
+    for name in methods:  # a shipped K-FAC method as efficient_tracin ships it: its default damping, not the swept one
+        if REGISTRY[name].shipped and REGISTRY[name].curvature == "kfac":
             reported = slice(args.select_subsets, None)  # the same reported subsets, no choice left to make
             at_default = choose_damping({DAMPING: candidates_scores[name][DAMPING]}, masks[reported], margins[reported], 0,
                                         args.bootstrap, args.seed)

@@ -28,7 +28,7 @@ from TracIn.core.factors import ResidentFactors
 from TracIn.core.methods import METHODS as REGISTRY, FactorSet
 from TracIn.core.run import InfluenceRun
 from TracIn.experiments import lds_score
-from TracIn.lds import DAMPINGS
+from TracIn.experiments.lds_score import DAMPINGS
 
 METHODS = ("influence_last", "trak")
 RATES = (0.1, 0.5)

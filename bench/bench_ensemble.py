@@ -58,7 +58,7 @@ def compare_means(demo_set: str) -> None:
     import numpy as np
 
     from TracIn.experiments import lds_score
-    from TracIn.core.methods import CheckpointsView, FactorSet, METHODS
+    from TracIn.core.methods import CheckpointsView, FactorSet, METHODS, TRAK_DIM
     from TracIn.core.run import InfluenceRun
 
     cell = ROOT / demo_set
@@ -66,7 +66,7 @@ def compare_means(demo_set: str) -> None:
     group = np.asarray(ref["test_group"])
     run = InfluenceRun.from_results(cell / "results-k8")
     fs = run.group(group)
-    recs = [lds.SubsetStore(cell / "lds", json.loads((cell / "lds" / "store.json").read_text())).load(j)
+    recs = [lds_score.SubsetStore(cell / "lds", json.loads((cell / "lds" / "store.json").read_text())).load(j)
             for j in range(ref["num_subsets"])]
     masks, margins = lds_score.records_matrices(recs, run.n_train, group)
     rep = slice(ref["select_subsets"], None)
@@ -76,7 +76,7 @@ def compare_means(demo_set: str) -> None:
             sub = FactorSet(CheckpointsView(fs.train_view, steps), CheckpointsView(fs.test_view, steps), [fs.lrs[t] for t in steps],
                             fs.layers, fs.train_labels, fs.test_labels, fs.device, fs.train_logits[steps],
                             fs.test_logits[steps], fs.block)
-            per.append(sub.dense(METHODS[name], damping, 2048))
+            per.append(sub.dense(METHODS[name], damping, TRAK_DIM))
         row = []
         for k in KS:
             means = (np.mean(per[:k], 0), np.mean([s / s.std(1, keepdims=True) for s in per[:k]], 0),

@@ -172,7 +172,7 @@ def part1_training(device, args, amp):
 
 def part2_factor_pass(device, args, amp):
     from model_architecture import build_model
-    from TracIn.influence_utils import InfluenceHook
+    from TracIn.core.ghost import InfluenceHook
 
     bs = args.batch_size
     x, y = random_batch(device, args)
@@ -198,7 +198,7 @@ def part2_factor_pass(device, args, amp):
 def part3_scoring(device, args):
     from TracIn.core.factors import ResidentFactors
     from TracIn.core.scores import score_topk
-    from TracIn.influence_utils import self_influence
+    from TracIn.core.ghost import self_influence
 
     g = torch.Generator(device=device).manual_seed(0)
 

@@ -29,7 +29,7 @@ from lib.prediction import logit_figures
 from TracIn.core.arguments import DAMPING
 from TracIn.experiments import lds_score
 from TracIn.experiments.retraining import Arm, Retrainer
-from TracIn.lds import SubsetStore
+from TracIn.experiments.lds_score import SubsetStore
 
 TOOL = "lds"
 

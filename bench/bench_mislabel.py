@@ -29,7 +29,7 @@ import prepare_data
 import train
 from lib.data_utils import list_split
 from lib.training_dynamics import dynamics_of_run
-from TracIn import ensemble, mislabel_detection
+from TracIn import detectors, ensemble, mislabel_detection
 from TracIn.core.arguments import TracInConfig
 from TracIn.core.job import tracin_job
 from TracIn.core.results import load_results
@@ -87,8 +87,8 @@ def run_members(name: str, args) -> dict:
     dyn = dynamics_of_run(r.record, None, len(listing.paths), listing.class_names)
     last = np.cumsum(r.record["args"]["member_sizes"]) - 1
     loss = np.asarray(r["train_loss_per_ckpt"], dtype=np.float64)[last]
-    q = mislabel_detection.rank_quantile
-    per = [(q(loss[k]) + q(mislabel_detection.aum(d["margin"][:, train_ids]))) / 2 for k, d in enumerate(dyn)]
+    q = detectors.rank_quantile
+    per = [(q(loss[k]) + q(detectors.aum(d["margin"][:, train_ids]))) / 2 for k, d in enumerate(dyn)]
     is_bad = np.isin(train_ids, pd.read_csv(cell / "data" / "mislabeled_ground_truth.csv").train_index.to_numpy())
     report["metrics"]["ensemble_member_ranks"] = mislabel_detection.evaluate(np.mean(per, axis=0), is_bad)
     report["train_seconds_members"], report["seconds"] = t_train, time.time() - t0

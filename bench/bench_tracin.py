@@ -163,7 +163,7 @@ def timed_phases(timers: dict):
     the factor pass, and the output files."""
     import TracIn.core.factors as factors
     import TracIn.core.job as job
-    from TracIn.influence_utils import InfluenceHook
+    from TracIn.core.ghost import InfluenceHook
 
     def wrap(owner, name, key):
         fn = getattr(owner, name)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from lib.cli import UserError, first_line
 from lib.files import atomic_path
-from model_architecture import build_model
+from lib.models import build_model
 
 
 CHECKPOINT_RE = re.compile(r"finetune_epoch_(\d+)\.pth$")

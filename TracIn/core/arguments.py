@@ -20,11 +20,10 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from lib.cli import UserError
-from TracIn.core.methods import SCORE_FNS  # the registry's shipped methods
+from TracIn.core.methods import DAMPING, NORMALIZABLE, SCORE_FNS, TRAK_DIM, method_for  # the registry's methods
+from TracIn.core.methods import DEFAULT_SCORE_FN as SCORE_FN
 
 NORMALIZE = ("none", "train", "both")
-SCORE_FN = "influence_last"  # the default: the best LDS, head and full retraining, on both data sets (docs/lds.md)
-DAMPING = 10.0  # x the mean curvature: within 0.035 of each cell's best LDS on its held-apart subsets (docs/lds.md)
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,13 @@ class FactorArguments:
 
 @dataclass(frozen=True)
 class ScoreArguments:
-    """Stage 2. score_fn: tracin | tracin_last | influence | influence_last | trak; normalize (tracin only): none | train |
-    both; damping (influence, trak) x the mean curvature; trak_dim: TRAK features per checkpoint; top_k kept per test
+    """Stage 2. score_fn: one of methods.SCORE_FNS; normalize (methods.NORMALIZABLE only): none | train | both; damping (influence, trak) x the mean curvature; trak_dim: TRAK features per checkpoint; top_k kept per test
     image; self_influence: also TracIn's self-influence; test_block x train_block: the score blocks."""
 
     score_fn: str = SCORE_FN
     normalize: str = "none"
     damping: float = DAMPING
-    trak_dim: int = 2048
+    trak_dim: int = TRAK_DIM
     top_k: int = 100
     self_influence: bool = True
     test_block: int = 1024
@@ -78,8 +76,9 @@ class ScoreArguments:
             raise UserError(f"--score_fn {self.score_fn!r}: choose one of {', '.join(SCORE_FNS)}")
         if self.normalize not in NORMALIZE:
             raise UserError(f"--normalize {self.normalize!r}: choose one of {', '.join(NORMALIZE)}")
-        if self.normalize != "none" and not self.score_fn.startswith("tracin"):
-            raise UserError(f"--normalize {self.normalize} is for --score_fn tracin/tracin_last; {self.score_fn} has its own scale")
+        if self.normalize != "none" and not self.method().plain_gradients:
+            raise UserError(f"--normalize {self.normalize} is for --score_fn {'/'.join(NORMALIZABLE)}; {self.score_fn} has "
+                            "its own scale")
         if not (np.isfinite(self.damping) and self.damping > 0) or self.trak_dim < 1:
             raise UserError("--damping must be a positive number and --trak_dim >= 1")
         if self.top_k < 1:
@@ -87,16 +86,13 @@ class ScoreArguments:
         if self.test_block < 1 or self.train_block < 1:
             raise UserError("--test_block and --train_block must be >= 1")
 
-    @property
-    def last_only(self) -> bool:
-        return self.score_fn in ("tracin_last", "influence_last")
+    def method(self):
+        """The registry's method (methods.Method) these arguments score with."""
+        return method_for(self.score_fn, self.normalize)
 
     def key(self) -> dict:
         """What --score_fn adds to a run's identity (nothing for plain TracIn, so TracIn runs keep theirs)."""
-        if self.score_fn == "tracin":
-            return {}
-        trak = {"trak_dim": self.trak_dim} if self.score_fn == "trak" else {}
-        return {"score_fn": self.score_fn, **({} if self.score_fn == "tracin_last" else {"damping": self.damping}), **trak}
+        return self.method().key(self.damping, self.trak_dim)
 
 
 def pick(cls, settings) -> object:
@@ -137,7 +133,7 @@ class TracInConfig:
     normalize: str = ""
     score_fn: str = SCORE_FN
     damping: float = DAMPING
-    trak_dim: int = 2048
+    trak_dim: int = TRAK_DIM
     cache_dir: str = ""
     proj_dim: int = 16
     proj_seed: int = 0
@@ -145,7 +141,7 @@ class TracInConfig:
 
     def __post_init__(self):
         if not self.normalize:  # TracIn's lists are normalised by default; the curvature-aware scores are not
-            self.normalize = "train" if self.score_fn.startswith("tracin") else "none"
+            self.normalize = method_for(self.score_fn).default_normalize if self.score_fn in SCORE_FNS else "none"
         self.factor_args()  # each stage's arguments check themselves
         self.score_args()
         if self.members and (self.checkpoints or self.lr_weights):
@@ -159,9 +155,9 @@ class TracInConfig:
             raise UserError("--lr_weights must be positive numbers")
         if self.cache_dir and self.num_shards > 1:
             raise UserError("--cache_dir is for unsharded runs; each shard keeps its factors in its own folder")
-        if self.num_shards > 1 and self.score_fn not in ("tracin", "tracin_last"):
+        if self.num_shards > 1 and not self.score_args().method().plain_gradients:
             raise UserError(f"--score_fn {self.score_fn} needs the whole training set's curvature, which one shard does not "
-                            "have; shard with --score_fn tracin or tracin_last, or run unsharded")
+                            f"have; shard with --score_fn {' or '.join(NORMALIZABLE)}, or run unsharded")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise UserError(f"--shard_index must be in [0, --num_shards) (got {self.shard_index} of {self.num_shards})")
 

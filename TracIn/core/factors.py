@@ -41,7 +41,7 @@ from lib.devices import autocast, batch_to_device, model_to_device
 from lib.files import file_sha256, load_npy, npy_damage, read_json, save_json, save_npy
 from lib.ownership import claim_allocated, remove_inside_owned
 from TracIn.core.arguments import FactorArguments
-from TracIn.influence_utils import InfluenceHook
+from TracIn.core.ghost import InfluenceHook
 
 TOOL = "efficient_tracin"  # the owner of every factor cache folder
 log = logging.getLogger(__name__)

@@ -24,7 +24,13 @@ import torch
 
 from lib.cli import UserError
 from TracIn.core.curvature import FcCurvature, KroneckerCurvature, TrakFeatures
-from TracIn.influence_utils import self_influence
+from TracIn.core.ghost import self_influence
+
+
+DEFAULT_SCORE_FN = "influence_last"  # the best LDS, head and full retraining, on both data sets (docs/lds.md)
+SEED_SCORE_FN = "tracin"  # the seed's method: a run.json without a score_fn ran it, and its identity carries no score key
+DAMPING = 10.0  # x the mean curvature: within 0.035 of each cell's best LDS on its held-apart subsets (docs/lds.md)
+TRAK_DIM = 2048  # TRAK-style features per checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,23 @@ class Method:
     def shipped(self) -> bool:
         return bool(self.score_fn)
 
+    @property
+    def plain_gradients(self) -> bool:
+        """Scores the gradients themselves (no curvature): --normalize applies, the default normalises the training
+        side, and a shard scores alone (no statistic over the whole training set)."""
+        return self.curvature == "none"
+
+    @property
+    def default_normalize(self) -> str:
+        return "train" if self.plain_gradients else "none"
+
+    def key(self, damping: float, trak_dim: int) -> dict:
+        """What the method adds to a run's identity (nothing for the seed's method, so its runs keep their id)."""
+        if self.score_fn == SEED_SCORE_FN:
+            return {}
+        trak = {"trak_dim": trak_dim} if self.curvature == "trak" else {}
+        return {"score_fn": self.score_fn, **({"damping": damping} if self.damped else {}), **trak}
+
 
 METHODS = {m.name: m for m in (
     Method("tracin", "tracin", "none", False, "none", "sum_t lr_t <g_t(x), g_t(z)> (Pruthi et al. 2020)"),
@@ -60,6 +83,7 @@ METHODS = {m.name: m for m in (
     Method("ekfac_last", "", "none", True, "ekfac", "ekfac at the last checkpoint (evaluation reference)"),
 )}
 SCORE_FNS = tuple(dict.fromkeys(m.score_fn for m in METHODS.values() if m.shipped))  # efficient_tracin's --score_fn
+NORMALIZABLE = tuple(dict.fromkeys(m.score_fn for m in METHODS.values() if m.shipped and m.plain_gradients))
 
 
 def method_for(score_fn: str, normalize: str = "none") -> Method:
@@ -99,7 +123,7 @@ class CheckpointsView:
 
 
 def squared_norms(view, n: int, layers, n_ckpt: int, block: int, device) -> np.ndarray:
-    """Per-checkpoint squared gradient norms |g_t|^2, (n_ckpt, n) float64: influence_utils.self_influence
+    """Per-checkpoint squared gradient norms |g_t|^2, (n_ckpt, n) float64: ghost.self_influence
     of each checkpoint alone over row blocks of a factor view. TracIn's self-influence is lrs @ this."""
     out = np.zeros((n_ckpt, n), dtype=np.float64)
     for c0 in range(0, n, block):
@@ -190,7 +214,7 @@ class FactorSet:
         return self._cached(("trak", dim), lambda: TrakFeatures(self.train_view, self.train_labels, self.train_logits, dim,
                                                                block=self.block))
 
-    def scoring_views(self, method: Method, damping: float | None = None, trak_dim: int = 2048) -> tuple[dict, list, list]:
+    def scoring_views(self, method: Method, damping: float | None = None, trak_dim: int = TRAK_DIM) -> tuple[dict, list, list]:
         """({"test", "train"} views, layers, weights w_t) whose ghost product is `method`'s score."""
         if method.curvature == "ekfac":
             raise UserError(f"{method.name} is an evaluation reference with no streamed form; use dense()")
@@ -217,7 +241,7 @@ class FactorSet:
             layers, weights = ["fc"], [1.0 / len(self.members)] * len(weights)
         return out, layers, weights
 
-    def dense(self, method: Method, damping: float | None = None, trak_dim: int = 2048) -> np.ndarray:
+    def dense(self, method: Method, damping: float | None = None, trak_dim: int = TRAK_DIM) -> np.ndarray:
         """(n_test, n_train) float64 scores of `method`: the sum scoring_views streams, or EK-FAC's reference."""
         if method.curvature == "ekfac":
             return self._ekfac(method.last_only, damping)

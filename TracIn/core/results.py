@@ -37,6 +37,7 @@ import pandas as pd
 from lib.cli import UserError
 from lib.files import git_commit, identity_mismatch, load_npy, read_json, save_csv, save_json, save_npy
 from lib.ownership import claim_files, claimed, mark_owned, remove_claimed, remove_owned
+from TracIn.core.methods import SCORE_FNS, SEED_SCORE_FN, method_for
 from TracIn.core.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,11 @@ def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, d
 def check_scores(prop_v: np.ndarray, opp_v: np.ndarray, cfg) -> None:
     """Refuse to record lists whose scores are not finite or all zero (a damping too small to invert the curvature, a
     dead model), naming the flag to change."""
-    method = f"--score_fn {cfg.score_fn}" + (f" --damping {cfg.damping:g}" if cfg.score_fn not in ("tracin", "tracin_last") else "")
+    method = f"--score_fn {cfg.score_fn}" + (f" --damping {cfg.damping:g}" if method_for(cfg.score_fn).damped else "")
     if not (np.isfinite(prop_v).all() and np.isfinite(opp_v).all()):
         share = 1 - np.isfinite(prop_v).mean()
         raise UserError(f"{share:.0%} of the top-k scores are not finite with {method}; nothing was written: raise --damping "
-                        "(the curvature is not invertible at this one) or use --score_fn tracin")
+                        f"(the curvature is not invertible at this one) or use --score_fn {SEED_SCORE_FN}")
     if not (prop_v.any() or opp_v.any()):
         raise UserError(f"every score is 0 with {method} (the model's gradients vanish at these checkpoints); nothing was "
                         "written: check the checkpoints (--checkpoints) or --layers")
@@ -286,7 +287,6 @@ def check_record(record: dict, record_path: Path, fix: str) -> None:
     field otherwise, never a traceback further on), and the record says its method. args.score_fn and args.normalize
     are filled in from the identity where args lacks them (a run of plain TracIn has no score_fn in its identity, so
     its run id stays that of the runs before --score_fn existed); an args.score_fn the identity contradicts is refused."""
-    from TracIn.core.methods import SCORE_FNS
 
     def bad(field: str, value, want: str):
         raise UserError(f"{record_path}: {field} is {str(value)[:40]!r} ({type(value).__name__}), not {want}; {fix}")
@@ -336,7 +336,7 @@ def check_record(record: dict, record_path: Path, fix: str) -> None:
     if args.get("data_dir") is not None and not isinstance(args["data_dir"], str):
         bad("args.data_dir", args["data_dir"], "a path")
     # the method: what the identity (the run id) says; args must agree
-    method = identity.get("score_fn", "tracin")
+    method = identity.get("score_fn", SEED_SCORE_FN)
     score_fn = args.get("score_fn", method)
     if score_fn not in SCORE_FNS:
         raise UserError(f"{record_path}: args.score_fn {str(score_fn)[:40]!r} is not a method of this version "

@@ -31,7 +31,7 @@ from TracIn.core.factors import FactorView, choose_subset, curvature_store, fact
 from TracIn.core.methods import FactorSet, method_for
 from TracIn.core.results import load_results, recorded_data_dir
 from TracIn.core.scores import score_topk
-from TracIn.influence_utils import target_layers
+from TracIn.core.ghost import target_layers
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from TracIn.core.arguments import FactorArguments, ScoreArguments
 from TracIn.core.factors import curvature_store, factor_views
 from TracIn.core.methods import FactorSet, method_for
 from TracIn.core.topk import TopKInfluenceTracker
-from TracIn.influence_utils import ghost_influence_block
+from TracIn.core.ghost import ghost_influence_block
 
 
 def score_topk(test_view, train_view, n_test: int, n_train: int, layers, lrs,

@@ -1,15 +1,20 @@
 """The linear datamodeling score itself (Park et al., TRAK, ICML 2023, eq. 4): per test image, the Spearman correlation
 over subsets between a method's summed scores and the retrained margins; its bootstrap interval; the damping choice on
-held-apart subsets. Pure numpy on arrays; lds.py makes the subsets and the records.
+held-apart subsets. Pure numpy on arrays, and the store of the subsets' records (SubsetStore); lds.py makes the subsets.
 
     masks, margins = records_matrices(records, n_train, group)          # (n_subsets, n_train), (n_subsets, n_group)
     per_test = lds(scores, masks, margins)                              # scores: (n_group, n_train)
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from lib.cli import UserError
+from lib.files import atomic_path, identity_mismatch, load_npz, read_json, save_json
+
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)  # times the mean curvature (holds methods.DAMPING)
 
 
 def subset_size(n: int, fraction: float) -> int:
@@ -109,3 +114,43 @@ def choose_damping(by_damping: dict, masks: np.ndarray, margins: np.ndarray, sel
     return {"lds": nan_mean(per_test), "ci95": [lo, hi], "damping": chosen, "damping_chosen": was_chosen,
             "sweep": {str(lam): {"select": v["select"], "report": v["report"]} for lam, v in sweep.items()} if len(sweep) > 1 else None,
             "per_test": per_test.tolist()}
+
+
+# ---------------------------------------------------------------- the subset records (one .npz per retrained subset)
+def subset_indices(candidates: np.ndarray, fraction: float, seed: int, j: int) -> np.ndarray:
+    """Subset j: a seeded draw of round(fraction * len(candidates)) training images, sorted."""
+    m = subset_size(len(candidates), fraction)
+    return np.sort(np.random.default_rng([seed, j]).choice(candidates, size=m, replace=False))
+
+
+class SubsetStore:
+    """One .npz per subset in out/subsets/ (train indices, test margins and losses), under an identity saved in
+    out/store.json: records of another TracIn run, data or subset setting are never mixed in."""
+
+    def __init__(self, out: Path, identity: dict):
+        self.dir = out / "subsets"
+        saved = out / "store.json"
+        records = list(self.dir.glob("subset_*.npz")) if self.dir.is_dir() else []
+        if saved.exists() and records:
+            differs = identity_mismatch(read_json(saved, "pass another --out_dir"), identity)
+            if differs:
+                raise UserError(f"{out} holds LDS records of another setting ({differs}); pass another --out_dir")
+        else:  # no record yet (a first run, or one that failed before its first subset): nothing to keep apart
+            save_json(saved, identity)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, j: int) -> Path:
+        return self.dir / f"subset_{j:05d}.npz"
+
+    def has(self, j: int) -> bool:
+        return self.path(j).exists()
+
+    def save(self, j: int, train_idx: np.ndarray, margin: np.ndarray, loss: np.ndarray, accuracy: float) -> None:
+        with atomic_path(self.path(j)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, train_idx=train_idx.astype(np.int32), margin=margin.astype(np.float32), loss=loss.astype(np.float32),
+                         accuracy=np.float64(accuracy))
+
+    def load(self, j: int) -> dict:
+        return load_npz(self.path(j), ("train_idx", "margin", "loss", "accuracy"),
+                        "delete it and rerun to retrain that subset")

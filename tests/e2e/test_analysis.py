@@ -14,7 +14,7 @@ import prepare_data
 import train
 from helpers import make_raw_tree
 from TracIn import analyze_misprediction_influences, analyze_topk_results, efficient_tracin, mislabel_detection
-from TracIn.mislabel_detection import recall_at, roc_auc
+from TracIn.detectors import recall_at, roc_auc
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

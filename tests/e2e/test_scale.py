@@ -173,7 +173,7 @@ def test_bench_tracin_phase_timers_fire_once_each_and_are_removed(prepared, trai
     import TracIn.core.job as job
     from bench.bench_tracin import timed_phases
     from TracIn.core.arguments import TracInConfig
-    from TracIn.influence_utils import InfluenceHook
+    from TracIn.core.ghost import InfluenceHook
 
     before = (job.InfluenceRun, job.check_images, job.write_run, InfluenceHook.factors, factors.model_from_checkpoint)
     timers = {}

@@ -209,7 +209,7 @@ def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path
 
 @pytest.mark.parametrize("normalize", ["train", "both"])
 def test_normalized_scores_equal_torch_func_gradients_divided_by_their_norms(prepared, ckpts, tmp_path, normalize):
-    from TracIn.influence_utils import per_example_grads
+    from reference import per_example_grads
 
     run(prepared, ckpts, tmp_path / "out", normalize=normalize, top_k=18)
     ours = load_outputs(tmp_path / "out")

@@ -160,13 +160,13 @@ def test_a_fork_continues_the_originals_checkpoint_with_its_own_seed_and_keeps_i
         all_checkpoints=True)  # the original's every checkpoint (it selected epoch 1)
     assert load_results(tmp_path / "ens").record["args"]["member_sizes"] == [2, 1]
     # the mislabel detectors over the two: AUM is the mean of each member's own (from its own dynamics file)
-    from TracIn import mislabel_detection
+    from TracIn import detectors, mislabel_detection
 
     assert mislabel_detection.main(["--results_dir", str(tmp_path / "ens"), "--data_dir", saved["data_dir"]]) == 0
     table = pd.read_csv(tmp_path / "ens" / "mislabel" / "mislabel_candidates.csv").sort_values("train_idx")
-    want = (mislabel_detection.aum(first["margin"]) + mislabel_detection.aum(mine["margin"])) / 2
+    want = (detectors.aum(first["margin"]) + detectors.aum(mine["margin"])) / 2
     np.testing.assert_allclose(table["aum"].to_numpy(), want, rtol=1e-6)
-    assert not np.allclose(want, mislabel_detection.aum(first["margin"]))
+    assert not np.allclose(want, detectors.aum(first["margin"]))
 
 
 @pytest.mark.parametrize("score_fn", ["influence_last", "tracin"])

@@ -12,7 +12,8 @@ from TracIn import efficient_tracin as et
 from TracIn.core.arguments import TracInConfig
 from TracIn.core.curvature import KroneckerCurvature
 from TracIn.core.job import tracin_job
-from TracIn.influence_utils import InfluenceHook, ghost_influence_block, per_example_grads
+from reference import per_example_grads
+from TracIn.core.ghost import InfluenceHook, ghost_influence_block
 
 
 @pytest.fixture(scope="module")

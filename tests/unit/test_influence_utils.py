@@ -7,8 +7,8 @@ import torch
 
 from helpers import make_tiny_models
 from TracIn.core.topk import TopKInfluenceTracker
-from TracIn.influence_utils import (InfluenceHook, ghost_influence_block, per_example_grads, reference_influence,
-                                    self_influence)
+from reference import per_example_grads, reference_influence
+from TracIn.influence_utils import InfluenceHook, ghost_influence_block, self_influence  # the seed's import path
 
 
 def ghost_scores(models, lrs, layers, x_tr, y_tr, x_te, y_te, batch=4):

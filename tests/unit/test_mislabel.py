@@ -16,7 +16,7 @@ from lib.training_dynamics import load_dynamics
 from helpers import make_random_checkpoints, make_raw_tree
 from TracIn import clean_and_retrain, efficient_tracin as et
 from TracIn.core.results import load_results
-from TracIn.mislabel_detection import average_precision, detector_scores, forgetting_events
+from TracIn.detectors import average_precision, detector_scores, forgetting_events
 
 
 class FakeResults(dict):

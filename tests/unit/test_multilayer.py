@@ -11,7 +11,8 @@ from lib.data_utils import list_split
 from helpers import TinyResNet, make_random_checkpoints, tiny_resnet_batch as batch, tiny_resnets as tiny
 from TracIn.core.arguments import TracInConfig
 from TracIn.core.job import tracin_job
-from TracIn.influence_utils import InfluenceHook, ghost_influence_block, reference_influence, target_layers
+from reference import reference_influence
+from TracIn.core.ghost import InfluenceHook, ghost_influence_block, target_layers
 
 
 PARAMS = ["layer1.0.weight", "layer1.3.weight", "layer1.3.bias", "fc.weight", "fc.bias"]
