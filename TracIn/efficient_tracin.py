@@ -7,9 +7,8 @@ This file is the flags; the work is in the library, TracIn/core/: arguments.py (
 records them, checked, and the two stages' argument objects), job.py (one run, shard or merge), factors.py (stage 1: per-example factors (a, d) cached per checkpoint, resumable,
 keyed by the image list, the checkpoint's bytes and FactorArguments.key), scores.py + curvature.py (stage 2: blocks of
 scores summed over checkpoints before a streamed top-k; the full n_test x n_train matrix never exists), shards.py
-(--num_shards N --shard_index i, then --merge: bit-identical to one run; TracIn scores only) and results.py (the files:
-top_k_influences_{values,indices}.npy, top_k_opponents_{values,indices}.npy, test/train_indices.npy, test_pred.npy,
-self_influence.npy, train_*_per_ckpt.npy, top_k_influences.csv, run.json last). Every index is a row of
+(--num_shards N --shard_index i, then --merge: bit-identical to one run; TracIn scores only) and results.py (the files,
+run.json last; what each holds: README.md, "Where outputs land"). Every index is a row of
 data/processed/manifest.csv's split. docs/method.md explains the method, docs/lds.md the choice of the default.
 """
 from __future__ import annotations

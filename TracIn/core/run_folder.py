@@ -1,14 +1,5 @@
 """The run folder: one TracIn run at its root (results.py writes it), and one subfolder per tool that works from it.
-
-    TracIn/results/                      efficient_tracin.py: run.json, top_k_*.npy, self_influence.npy, ...
-        factors/                         efficient_tracin.py's factor cache
-        mislabel/                        mislabel_detection.py      (mislabel_candidates.csv is linked at the root)
-        misprediction/                   analyze_misprediction_influences.py (both its CSVs are linked at the root)
-        analysis/                        analyze_topk_results.py
-        gradcam/                         gradCAM_evaluation.py's proponent panels
-        report/                          report.py's results browser
-        explain/                         explain.py: new images' proponents (explain.csv, explain_<i>.png)
-        counterfactual/, clean_and_retrain/, lds/   filled arm by arm (resumable): the run id is in their JSON
+Which folder and file hold what is told once, in README.md's "Where outputs land".
 
 Each tool subfolder is built beside its place and swapped in whole (lib.ownership.building), marked as the tool's own, and
 carries `inputs.json`: the TracIn run it was computed from (results.run_id) and the tool's other inputs. A new TracIn
