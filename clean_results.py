@@ -2,7 +2,7 @@
 
     $ python clean_results.py      # TracIn/results, false_predictions, models/checkpoints, models/evaluation
 
-A file goes only while its content is what its tool recorded writing (lib.ownership.remove_recorded: size and sha256
+A file goes only while its content is what its tool recorded writing (lib.ownership.OwnedFolder.remove: size and sha256
 recorded at write time; a link, its target); a folder goes only once nothing else is left in it. A marker alone removes
 nothing. Under --results_dir, --false_predictions and --eval_dir only the result tools' folders (the factor cache,
 the run folder's tool subfolders, Grad-CAM maps) and the files and links claimed in those folders are cleaned; a folder
@@ -16,14 +16,15 @@ import logging
 from pathlib import Path
 
 from lib.cli import cli
-from lib.ownership import owner_of, read_claims, remove_claimed, remove_owned
-from TracIn.core.factors import TOOL as TRACIN
+from lib.ownership import OwnedFolder, owner_of, read_claims, remove_claimed
+from TracIn.core.factors import OWNER as TRACIN
+from train import OWNER as TRAIN
 from TracIn.core.run_folder import TOOL_FOLDERS, remove_dangling_links
 
 log = logging.getLogger(__name__)
 # the tools whose marked folders are results (rebuilt by rerunning them); train.py, prepare_data.py and the ensemble's
 # members are models and data, cleaned only by their own flag (--checkpoint_dir) or not at all
-RESULT_TOOLS = {TRACIN, "gradCAM_evaluation", *TOOL_FOLDERS.values()}
+RESULT_TOOLS = {TRACIN.name, "gradCAM_evaluation", *TOOL_FOLDERS.values()}
 
 
 def parse_args(argv=None):
@@ -42,7 +43,7 @@ def files_in(folder: Path) -> int:
 def clean_owned(folder: Path, tool: str) -> int:
     """A folder `tool` marked: its recorded files that are unchanged (the rest stays, said). Returns how many went."""
     before = files_in(folder)
-    remove_owned(folder, tool)
+    OwnedFolder(folder, tool).remove()
     return before - files_in(folder)
 
 
@@ -73,10 +74,10 @@ def clean_folder(folder: Path) -> int:
 def clean(args) -> int:
     n = sum(clean_folder(Path(d)) for d in (args.results_dir, args.false_predictions, args.eval_dir))
     ckpt = Path(args.checkpoint_dir)
-    if ckpt.is_dir() and not ckpt.is_symlink() and owner_of(ckpt) == "train.py":
-        n += clean_owned(ckpt, "train.py")
+    if ckpt.is_dir() and not ckpt.is_symlink() and owner_of(ckpt) == TRAIN.name:
+        n += clean_owned(ckpt, TRAIN.name)
     elif ckpt.is_dir() and owner_of(ckpt) is not None:
-        log.info(f"clean-results: --checkpoint_dir {ckpt} is {owner_of(ckpt)}'s folder, not train.py's; left as it is")
+        log.info(f"clean-results: --checkpoint_dir {ckpt} is {owner_of(ckpt)}'s folder, not {TRAIN.name}'s; left as it is")
     return n
 
 

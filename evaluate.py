@@ -23,10 +23,11 @@ from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity
 from lib.devices import resolve_device
 from lib.files import ensure_output_dir, file_sha256, save_csv, save_figure, save_json
-from lib.ownership import claim_files
+from lib.ownership import Owner
 from lib.prediction import evaluate_model, predictions_frame
 
 log = logging.getLogger(__name__)
+OWNER = Owner("evaluate.py")
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], title: str):
@@ -81,8 +82,8 @@ def main(argv=None):
         "selected_on": ckpt.get("selection_split", "test" if "val_acc" in (ckpt.get("metrics") or {}) else None),
         "selection_accuracy": (ckpt.get("metrics") or {}).get("val_acc"),
     })
-    claim_files(out, [f"predictions_{args.split}.csv", f"confusion_matrix_{args.split}.csv", f"confusion_matrix_{args.split}.png",
-                      f"metrics_{args.split}.json"], "evaluate.py")
+    OWNER.claim(out, [f"predictions_{args.split}.csv", f"confusion_matrix_{args.split}.csv", f"confusion_matrix_{args.split}.png",
+                      f"metrics_{args.split}.json"])
     worst = sorted(zip(m["per_class_accuracy"], names))[:3]
     chosen = ckpt.get("selection_split")
     if args.split == "test" and chosen == "test":

@@ -21,10 +21,11 @@ from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity, load_rgb
 from lib.devices import resolve_device
 from lib.files import file_sha256, save_csv, save_figure, save_json
-from lib.ownership import claim_files
+from lib.ownership import Owner
 from lib.prediction import evaluate_model, predictions_frame
 
 log = logging.getLogger(__name__)
+OWNER = Owner("false_prediction")
 COLUMNS = ["split", "index", "path", "true_label", "pred_label", "confidence", "true_class_prob"]
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
     shown = picks.sort_values(["split", "confidence"], ascending=[True, False])
     save_figure(out / "combined_mispredictions.png",
                 plot_grid(shown, f"Mispredictions of {Path(model_path).name} (true -> predicted, confidence); {len(shown)} of {len(table)}"))
-    claim_files(out, ["false_predictions.csv", "false_predictions.json", "combined_mispredictions.png"], "false_prediction")
+    OWNER.claim(out, ["false_predictions.csv", "false_predictions.json", "combined_mispredictions.png"])
     log.info(f"model: {model_path} (epoch {ckpt['epoch']})")
     for line in lines:
         log.info(line)

@@ -26,12 +26,13 @@ from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from lib.devices import resolve_device
 from lib.files import file_sha256, save_figure, save_json
-from lib.ownership import building, check_replaceable, claim_files
+from lib.ownership import Owner
 from TracIn.core.results import RECORD, load_results, run_id
 from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "gradCAM_evaluation"
+OWNER = Owner(TOOL)
 
 
 class GradCAM:
@@ -181,7 +182,7 @@ def main(argv=None):
                         f"{args.data_dir}; rerun false_prediction.py")
     outputs = []
     gradcam_dir = Path(args.out_dir) / "gradcam"
-    check_replaceable(gradcam_dir, TOOL, "--out_dir")
+    gradcam = OWNER.folder(gradcam_dir, "--out_dir")  # refused before any work
     if len(wrong):
         cams = cams_for(model, layer, list(wrong.path), [names.index(c) for c in wrong.pred_label], tf, device)
         cols = min(8, len(wrong))
@@ -192,7 +193,7 @@ def main(argv=None):
         for ax, (_, r), c in zip(axes.ravel(), wrong.iterrows(), cams):
             overlay(ax, r.path, c, f"#{r['index']} {r.true_label} -> {r.pred_label}")
         # the per-image maps as one folder, swapped in whole, with what they were computed from
-        with building(gradcam_dir, TOOL, "--out_dir") as build:
+        with gradcam as build:
             for (_, r), c in zip(wrong.iterrows(), cams):
                 save_overlay(build / f"test_{r['index']}.png", r.path, c)
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
@@ -202,16 +203,16 @@ def main(argv=None):
         fig.tight_layout()
         outputs.append(Path(args.out_dir) / "gradcam_mispredictions.png")
         save_figure(outputs[-1], fig)
-        claim_files(args.out_dir, [outputs[-1].name], TOOL)
+        OWNER.claim(args.out_dir, [outputs[-1].name])
 
     else:  # no mispredicted test image: an empty maps folder, so no earlier model's maps stay behind
-        with building(gradcam_dir, TOOL, "--out_dir") as build:
+        with gradcam as build:
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
                                                 **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
 
     res = Path(args.results_dir)
     if (res / RECORD).exists():
-        check_replaceable(res / "gradcam", TOOL, "--results_dir")
+        OWNER.folder(res / "gradcam", "--results_dir")  # refused before any work
         r = load_results(res, data_dir=args.data_dir)
         check_same_model(r.record.get("model"), model_record(model_path, ckpt), f"the TracIn run in {res} and --model {model_path}",
                          "run efficient_tracin.py and gradCAM_evaluation.py on the selected model (their defaults)")

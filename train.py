@@ -25,6 +25,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,14 @@ from lib.data_utils import (ImageListDataset, IMAGENET_MEAN, IMAGENET_STD, build
                             make_loader, read_exclusions, split_key)
 from lib.devices import autocast, batch_to_device, model_to_device, set_seed
 from lib.files import atomic_path, ensure_output_dir, file_sha256, git_commit, read_json, save_json
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by, remove_inside_owned
+from lib.ownership import Owner
 from lib.prediction import metrics_from_logits, predict
 from lib.training import SAME_SETTINGS, Dist, fit, scheduled_lr
 from lib.training_dynamics import DynamicsRecorder, load_dynamics
 from lib.models import ARCHS, PRETRAINED_DIR, PRETRAINED_FILES, build_model
 
 log = logging.getLogger(__name__)
+OWNER = Owner("train.py")  # its checkpoint folders' marker
 
 
 def parse_args(argv=None):
@@ -183,6 +185,30 @@ def load_fork(args, ckpt_dir: Path, class_names: list[str], train_list) -> dict:
             "record": {"path": str(path), "sha256": file_sha256(path), "epoch": epoch, "train_run": run}}
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """How a training run starts. kind: "fresh" (new weights), "resume" (--resume: last.pth of this folder) or "fork"
+    (--fork_from: another run's checkpoint); overwrite: the folder's earlier checkpoints go first (--overwrite)."""
+    kind: str
+    overwrite: bool = False
+
+
+def decide_start(resume: bool, fork_from: str | None, overwrite: bool, ckpt_dir: Path) -> RunStart:
+    """How a run starts, from the flags and what the checkpoint folder holds; a folder of checkpoints is resumed or,
+    with --overwrite, started over, never trained into silently."""
+    ckpt_dir = Path(ckpt_dir)
+    if resume:
+        if not (ckpt_dir / "last.pth").exists():
+            raise UserError(f"--resume: no {ckpt_dir / 'last.pth'} to resume from")
+        return RunStart("resume")
+    kind = "fork" if fork_from else "fresh"
+    if find_checkpoints(ckpt_dir) or (ckpt_dir / "last.pth").exists():
+        if not overwrite:
+            raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
+        return RunStart(kind, overwrite=True)
+    return RunStart(kind)
+
+
 def written_by_train(path: Path) -> bool:
     """Whether a file is a checkpoint train.py wrote (a best model of an earlier run of these settings may be replaced)."""
     try:
@@ -194,9 +220,11 @@ def written_by_train(path: Path) -> bool:
 def train(args) -> dict:
     d = Dist(args.device)
     device = d.device
-    if d.main:  # checked before any work: a folder we cannot write fails now, not after an epoch
-        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir", "train.py")
+    ckpt = None
+    if d.main:  # checked before any work: a folder we cannot write, or not train.py's, fails now, not after an epoch
+        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir", OWNER.name)
         ensure_output_dir(args.models_dir, "--models_dir")
+        ckpt = OWNER.folder(args.checkpoint_dir, "--checkpoint_dir")
     ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
     train_run = uuid.uuid4().hex[:16]  # this training run's identity: in train_args.json, every checkpoint, the dynamics
     if args.resume:
@@ -224,15 +252,13 @@ def train(args) -> dict:
         prep = Path(args.data_dir) / "prepare_args.json"
         args.image_size = int(read_json(prep, f"re-prepare {args.data_dir}").get("image_size", 224)) if prep.exists() else 224
 
+    start = decide_start(args.resume, args.fork_from, args.overwrite, ckpt_dir)
     # A fork (--fork_from) continues another run's checkpoint of epoch N; checked before anything here is replaced.
-    fork = load_fork(args, ckpt_dir, class_names, train_list) if args.fork_from and not args.resume else None
+    fork = load_fork(args, ckpt_dir, class_names, train_list) if start.kind == "fork" else None
     start_epoch, lr_history, best = 1, [], {"acc": -1.0, "loss": float("inf"), "path": None}
     resume = None
-    if args.resume:
-        last = ckpt_dir / "last.pth"
-        if not last.exists():
-            raise UserError(f"--resume: no {last} to resume from")
-        resume = load_checkpoint(last, class_names=class_names, arch=args.arch)
+    if start.kind == "resume":
+        resume = load_checkpoint(ckpt_dir / "last.pth", class_names=class_names, arch=args.arch)
         saved_key = read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("data_train_key")
         if saved_key and saved_key != listing_key(train_list):
             raise UserError(f"--resume: the training split of {args.data_dir} changed since this run started (re-prepared or "
@@ -245,15 +271,9 @@ def train(args) -> dict:
         best = dict(resume["best"])
         if best.get("path") in ("", None):
             best["path"] = None
-    elif find_checkpoints(ckpt_dir) or (ckpt_dir / "last.pth").exists():
-        if not owned_by(ckpt_dir, "train.py"):
-            raise UserError(f"{ckpt_dir} holds checkpoints that train.py did not write there (no {OWNER_MARKER} marker); "
-                            "they are left untouched: pass another --checkpoint_dir")
-        if not args.overwrite:
-            raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or --overwrite to start over")
-        if d.main:  # only the files train.py writes; anything else in the folder stays
-            for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth", ckpt_dir / SELECTED]:
-                remove_inside_owned(p, ckpt_dir, "train.py")
+    elif start.overwrite and d.main:  # only the files train.py recorded writing; anything else in the folder stays
+        for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth", ckpt_dir / SELECTED]:
+            ckpt.remove(p)
 
     if fork:  # its own checkpoints start at epoch N + 1
         start_epoch = fork["epoch"] + 1
@@ -288,7 +308,7 @@ def train(args) -> dict:
     select_loader = make_loader(select_ds, max(64, args.batch_size), False, args.num_workers, str(device))
 
     if d.main:
-        mark_owned(ckpt_dir, "train.py")
+        ckpt.fill()
         # The exclusions themselves (index and file), so that every retrain of this run leaves out the same images.
         save_json(ckpt_dir / "train_args.json", {**{k: v for k, v in vars(args).items() if k != "given"}, "git_commit": git_commit(), "world_size": d.world,
                                                  "n_train": len(train_list.paths), "n_test": len(test_list.paths),

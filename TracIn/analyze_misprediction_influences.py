@@ -28,7 +28,7 @@ from lib.checkpoints import check_same_model
 from lib.cli import UserError, cli, nonneg_int
 from lib.data_utils import list_split, read_false_predictions
 from lib.files import save_csv, save_json
-from lib.ownership import check_replaceable
+from lib.ownership import Owner
 from TracIn.core.results import appearances, load_results, other_training_run, run_id
 from TracIn.core.run_folder import tool_folder
 
@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 
 def analyze(args) -> dict:
-    out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "misprediction"), TOOL, "--out_dir")
+    out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "misprediction"), "--out_dir").path
     r = load_results(args.results_dir, data_dir=args.data_dir)
     fp, fp_record = read_false_predictions(args.false_predictions, args.data_dir)
     other = other_training_run(fp_record.get("train_run"), r.record)

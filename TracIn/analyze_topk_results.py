@@ -20,7 +20,7 @@ import pandas as pd
 from lib.cli import cli, positive_int
 from lib.data_utils import list_split, load_rgb
 from lib.files import save_csv, save_figure, save_json
-from lib.ownership import check_replaceable
+from lib.ownership import Owner
 from TracIn.core.results import appearances, explained_model, load_results, run_id
 from TracIn.core.run_folder import tool_folder
 from TracIn.panels import pyplot, influence_panel
@@ -177,7 +177,7 @@ def panel(row: int, r, train_list, test_list, k: int, pred_name: str | None):
 
 def analyze(args) -> dict:
     plt = pyplot()
-    check_replaceable(args.out_dir, TOOL, "--out_dir")
+    Owner(TOOL).folder(args.out_dir, "--out_dir")  # refused before any work
     r = load_results(args.results_dir, data_dir=args.data_dir)
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     # built beside and swapped in whole: no panel of an earlier run stays next to the new ones

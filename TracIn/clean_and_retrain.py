@@ -27,11 +27,12 @@ from lib.cli import UserError, cli, fraction, nonneg_int, positive_int
 from lib.data_utils import list_split
 from lib.devices import resolve_device
 from lib.files import read_table, save_json
+from lib.ownership import Owner
 from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
-from TracIn.experiments.retraining import (Arm, Retrainer, claim_arms_folder, full_test_logits, original_exclusions,
-                                           original_settings, run_arms)
 from TracIn.detectors import DEFAULT_SCORE, DETECTORS, detector_scores
+from TracIn.experiments.retraining import (Arm, Retrainer, full_test_logits, original_exclusions, original_settings,
+                                           run_arms)
 
 log = logging.getLogger(__name__)
 TOOL = "clean_and_retrain"
@@ -77,7 +78,7 @@ def clean_and_retrain(args) -> dict:
         arms.append(Arm("self_influence", top(scores["self_influence"]), seed))
     arms += [Arm(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids[open_ids], size=m, replace=False), seed)
              for s in range(args.random_seeds)]
-    out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain"), TOOL, "--out_dir")
+    out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain"), "--out_dir").fill().path
     retrainer = Retrainer("full", settings, args.data_dir, train_list, already, out, out, TOOL, args.num_workers, args.device)
     gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
     bad = set(read_table(gt_path, {"train_index": "int"}, f"re-prepare {args.data_dir}").train_index) if gt_path.exists() else None

@@ -42,16 +42,17 @@ import torch
 from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.devices import resolve_device
 from lib.files import save_json
+from lib.ownership import Owner
 from lib.prediction import logit_figures
 from TracIn.core.factors import choose_subset
 from TracIn.core.methods import METHODS as REGISTRY
 from TracIn.core.results import run_id
 from TracIn.core.run import InfluenceRun
-from TracIn.experiments.retraining import (Arm, Retrainer, claim_arms_folder, original_exclusions, original_settings,
-                                           run_arms)
+from TracIn.experiments.retraining import Arm, Retrainer, original_exclusions, original_settings, run_arms
 
 log = logging.getLogger(__name__)
 TOOL = "counterfactual_check"
+OWNER = Owner(TOOL)  # its arms folder: new, empty or already its own; marked before any arm
 METHODS = ("tracin", "tracin_normalized", "influence_last", "knn", "random")  # the registry's (TracIn/core/methods.py), then two controls
 
 
@@ -136,8 +137,8 @@ def check(args) -> dict:
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
     if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
-        claim_arms_folder(Path(args.results_dir) / "counterfactual", TOOL, "--results_dir")
-    out = claim_arms_folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), TOOL, "--out_dir")
+        OWNER.folder(Path(args.results_dir) / "counterfactual", "--results_dir").fill()
+    out = OWNER.folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), "--out_dir").fill().path
     already = original_exclusions(ckpt_dir, run_factors.train_list)  # left out of the original run: out of every arm too
 
     train_labels, test_labels = run_factors.train_list.labels, run_factors.test_list.labels

@@ -31,7 +31,7 @@ from lib.checkpoints import find_checkpoints
 from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.data_utils import list_split
 from lib.files import read_json, save_csv
-from lib.ownership import check_replaceable, mark_owned
+from lib.ownership import Owner
 from lib.processes import child_process, end_children
 from TracIn.experiments.retraining import original_exclusions, original_settings, settings_argv
 
@@ -108,8 +108,7 @@ def train_members(args) -> list[Path]:
                         f"(checkpoints of epochs: {have}); pass one of those epochs before the last")
     if args.fork_epoch >= epochs:
         raise UserError(f"--fork_epoch {args.fork_epoch}: the original run trains {epochs} epochs; a fork starts before the last")
-    out = check_replaceable(Path(args.out_dir), TOOL, "--out_dir")
-    mark_owned(out, TOOL)
+    out = Owner(TOOL).folder(Path(args.out_dir), "--out_dir").fill().path
     todo = [args.only] if args.only else list(range(1, args.members))
     jobs = []
     for k in todo:

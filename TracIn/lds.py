@@ -47,7 +47,7 @@ import numpy as np
 from lib.cli import UserError, cli, fraction, nonneg_int, positive_int
 from lib.devices import resolve_device
 from lib.files import save_json
-from lib.ownership import check_replaceable, mark_owned
+from lib.ownership import Owner
 from lib.prediction import logit_figures
 from lib.processes import child_process, end_children
 from TracIn.core.arguments import DAMPING
@@ -196,8 +196,7 @@ def evaluate(args) -> dict:
     excluded = original_exclusions(ckpt_dir, run.train_list)
     candidates = np.setdiff1d(np.arange(run.n_train), excluded)
     check_subset_size(len(candidates), args.fraction, min_size=2 if args.retrain == "full" else 1)  # before any retrain
-    out = check_replaceable(Path(args.out_dir or Path(args.results_dir) / "lds"), TOOL, "--out_dir")
-    mark_owned(out, TOOL)  # a new TracIn run in results_dir clears it with the other derived folders
+    out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "lds"), "--out_dir").fill().path  # a new TracIn run in results_dir clears it with the other derived folders
     # The retrains depend on the data, the original run's settings and the subsets, not on how the run was scored: an
     # ensemble of the same original run (efficient_tracin --members) or another --score_fn reuses them (--out_dir).
     data = run.record["data"]

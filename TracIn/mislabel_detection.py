@@ -29,7 +29,7 @@ import pandas as pd
 from lib.cli import UserError, cli
 from lib.data_utils import list_split
 from lib.files import read_table, save_csv, save_figure, save_json
-from lib.ownership import check_replaceable
+from lib.ownership import Owner
 from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
 from TracIn.core.run_folder import tool_folder
@@ -45,7 +45,7 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
     training_dynamics.npz (None: models/checkpoints; on an ensemble's results each member's own folder, and a given one
     must be a member's)."""
     results_dir = Path(results_dir)
-    out = check_replaceable(Path(out_dir) if out_dir else results_dir / "mislabel", TOOL, "--out_dir")
+    out = Owner(TOOL).folder(Path(out_dir) if out_dir else results_dir / "mislabel", "--out_dir").path
     r = load_results(results_dir, data_dir=data_dir, need=("train_loss_last", "train_pred_last"))
     listing = list_split(data_dir, "train")
     dynamics = dynamics_of_run(r.record, checkpoint_dir, len(listing.paths), listing.class_names)

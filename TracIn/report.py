@@ -43,7 +43,7 @@ from lib.checkpoints import model_difference
 from lib.cli import UserError, cli, first_line, nonneg_int, positive_int
 from lib.data_utils import SplitListing, data_identity, list_split, read_false_predictions
 from lib.files import identity_mismatch, read_table
-from lib.ownership import check_replaceable, owned_by
+from lib.ownership import Owner, owner_of
 from lib.processes import quiet_worker
 from TracIn.core.results import RECORD, appearances, explained_model, index_of, load_results, run_id
 from TracIn.core.run_folder import current, tool_folder
@@ -275,7 +275,7 @@ def build(args) -> dict:
     if differs:
         raise UserError(f"{args.data_dir} was prepared again since TracIn ran on it ({differs}); rerun "
                         f"TracIn/efficient_tracin.py --output_dir {res_dir}")
-    out = check_replaceable(args.out_dir or res_dir / "report", TOOL, "--out_dir")  # only a folder the report wrote
+    out = Owner(TOOL).folder(args.out_dir or res_dir / "report", "--out_dir").path  # only a folder the report wrote
     this_run = run_id(r.record)
     train_list, test_list = (split_listing(args.data_dir, split, r.record, notes) for split in ("train", "test"))
     names = list(train_list.class_names)
@@ -455,7 +455,7 @@ def build(args) -> dict:
     # thumbnails of the old one are carried over (hard links) and reused only when made from the very same file
     with tool_folder(out, TOOL, {"tracin_run": this_run, "data_dir": str(Path(args.data_dir).resolve())}) as build:
         index = {}
-        if (out / "thumbs").is_dir() and owned_by(out, TOOL):
+        if (out / "thumbs").is_dir() and owner_of(out) == TOOL:
             shutil.copytree(out / "thumbs", build / "thumbs", copy_function=link_or_copy)
             try:
                 index = {str(build / k): v for k, v in json.loads((out / "thumbs" / "index.json").read_text()).items()}

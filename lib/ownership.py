@@ -1,25 +1,35 @@
-"""A tool deletes only what it can prove it wrote: a file goes while its content is what its writer recorded.
+"""A tool deletes only what it can prove it wrote: two verbs, one record.
 
-    from lib.ownership import mark_owned, remove_owned
-    mark_owned("models/checkpoints", "train.py", "--checkpoint_dir")  # refuses another tool's folder
-    remove_owned("models/checkpoints", "train.py")                    # its recorded files only; a photo of yours stays
+    from lib.ownership import Owner
+    OWNER = Owner("train.py")                                  # once per module: the name in its folders' markers
+
+    # 1. a folder the tool owns whole: refused now when it is not this owner's (a symlink, a file, another tool's
+    #    folder, a non-empty folder without this owner's marker), then either built beside and swapped in on success
+    out = OWNER.folder("TracIn/results/report", "--out_dir")
+    with out as build:
+        save_json(build / "index.json", ...)                   # on success `build` replaces the folder whole
+    #    or filled in place (a checkpoint folder, a factor cache: resumable), and removed only through its record
+    ckpt = OWNER.folder("models/checkpoints", "--checkpoint_dir").fill()
+    ckpt.remove(ckpt.path / "last.pth")                        # re-checks the marker; the file goes while unchanged
+
+    # 2. files written into a folder shared with the user (results/, false_predictions/): claimed there
+    OWNER.claim("false_predictions", ["false_predictions.csv"])
+    remove_claimed("false_predictions", ["false_predictions.csv"])  # only while the content is what was claimed
 
 Two records, one rule:
 - a folder a tool owns whole carries its marker (`OWNER_MARKER`, the tool's name). The marker says whose folder it is
-  (`owner_of`, `owned_by`; `mark_owned`, `check_replaceable` and `check_not_foreign` refuse a folder marked by another
-  tool) but is never a licence to delete: what the tool wrote there is recorded in the folder's `CLAIMS` file;
+  (`owner_of`) and lets only that owner replace or fill it, but is never a licence to delete: what the tool wrote there
+  is recorded in the folder's `CLAIMS` file;
 - every file written through lib.files.atomic_path (save_json, save_npy, save_csv, save_figure, checkpoints) inside a
   marked folder is recorded there at write time by `record_written` (relative path, size, sha256); a folder built
-  whole (`building`) records its listing when it is finished (`claim_tree`); a file filled in place (a factor-cache
-  memmap) is recorded as allocated (its size) by `claim_allocated` and its sha256 is sealed when the tool is done
-  (`seal_claims`);
-- files and links a tool writes into a folder it shares with the user (results/, false_predictions/) are claimed in
-  that folder's `CLAIMS` file the same way (`claim_files`; a link with its target).
+  whole records its listing when it is finished; a file filled in place (a factor-cache memmap) is claimed as
+  allocated (its size) and its sha256 is sealed when the tool is done (`OwnedFolder.seal`);
+- files and links a tool writes into a folder it shares with the user are claimed in that folder's `CLAIMS` file the
+  same way (`Owner.claim`; a link with its target).
 
-`remove_recorded` is the one removal: a file goes only while it matches its record (a link: the same target; an
+`_remove_recorded` is the one removal: a file goes only while it matches its record (a link: the same target; an
 allocated file: the same size; else the same size and sha256); a folder goes only when nothing else is left in it.
-Files of the user, files changed since, and anything unrecorded stay and are returned (`remove_owned` and
-`remove_inside_owned` say them in a warning).
+Files of the user, files changed since, and anything unrecorded stay and are said in a warning.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +52,120 @@ CLAIMS = ".written_files.json"
 BOOKKEEPING = (OWNER_MARKER, CLAIMS)
 
 
+class Owner:
+    """A tool that writes files, named once in its module; its two verbs are `folder` and `claim`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Owner({self.name!r})"
+
+    def folder(self, target: str | os.PathLike, flag: str = "the output folder") -> "OwnedFolder":
+        """Verb 1: `target` as a folder this owner replaces whole or fills in place; refused now (one line naming
+        `flag`) when it is a symlink, a file, another tool's folder, or a non-empty folder without this owner's marker."""
+        folder = OwnedFolder(target, self.name, flag)
+        folder.check()
+        return folder
+
+    def claim(self, folder: str | os.PathLike, names: list[str], allocated: bool = False) -> None:
+        """Verb 2: record in `folder`'s CLAIMS that this owner wrote these entries of it (names relative to it): a file
+        with its size and sha256 (allocated=True: a file still being filled in place, with its size only), a symlink
+        with its target. `remove_claimed` later removes only what is still exactly as claimed."""
+        _claim(Path(folder), list(names), self.name, allocated)
+
+
+class OwnedFolder:
+    """A folder one owner replaces whole (`with folder as build:`) or fills in place (`fill`); writers get it from
+    Owner.folder (checked), a cleaner names a folder by its marker (`OwnedFolder(path, owner_of(path)).remove()`)."""
+
+    def __init__(self, target: str | os.PathLike, owner: str, flag: str = "the output folder"):
+        self.path, self.owner, self.flag = Path(target), owner, flag
+
+    def check(self) -> None:
+        """Refuse a target this owner may not replace (see Owner.folder)."""
+        target = self.path
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise UserError(f"{self.flag} {target} is a {'symlink' if target.is_symlink() else 'file'}; pass a plain folder path")
+        if target.is_dir():
+            check_not_foreign(target, self.owner, self.flag)
+            if any(p.name != OWNER_MARKER for p in target.iterdir()) and owner_of(target) != self.owner:
+                raise UserError(f"{self.flag} {target} holds files that {self.owner} did not write (no {OWNER_MARKER} "
+                                "marker); they are left untouched: pass another folder")
+
+    def __enter__(self) -> Path:
+        """An empty folder beside the target; on a clean exit its listing is recorded, it replaces the target whole
+        (marked as the owner's), and the old folder is removed through its record: files the owner cannot prove it
+        wrote (yours, or changed since) are moved to `<target>.kept-<id>` beside it, said. On failure the target stays."""
+        self.check()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._build = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.build-", dir=self.path.parent))
+        os.chmod(self._build, usual_mode(folder=True))
+        return self._build
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        build, target = self._build, self.path
+        try:
+            if exc_type is not None:
+                return
+            _claim_tree(build, self.owner)
+            _mark(build, self.owner)
+            self.check()  # again: the target may have changed while we worked
+            old = None
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "x")
+            os.replace(build, target)
+            if old is not None:
+                kept = _remove_recorded(old / "x")[1]
+                if kept:  # yours, or changed since: kept beside the new folder, said
+                    aside = target.with_name(f"{target.name}.kept-{Path(old).name.rsplit('-', 1)[-1]}")
+                    os.replace(old / "x", aside)
+                    _say_kept(aside, self.owner, [aside / p.relative_to(old / "x") for p in kept])
+                old.rmdir()
+        finally:
+            if build.exists():
+                shutil.rmtree(build)
+
+    def fill(self, start_over: bool = False) -> "OwnedFolder":
+        """Make and mark the folder to be written in place (resumable writers); start_over: first remove what the owner
+        recorded writing there (its files of before; anything else stays, said)."""
+        self.check()
+        if start_over:
+            self.remove()
+        _mark(self.path, self.owner)
+        return self
+
+    def remove(self, part: str | os.PathLike | None = None) -> bool:
+        """Remove `part` (a file or folder inside; default: the whole folder) as far as the folder's records prove the
+        owner wrote it, re-checking that the folder is still the owner's; what stays is said in a warning. Returns
+        whether `part` is gone."""
+        folder = self.path
+        where = folder if part is None else Path(part)
+        if not (where.exists() or where.is_symlink()):
+            return True
+        if owner_of(folder) != self.owner:
+            raise UserError(f"{folder} was not written by {self.owner} (no {OWNER_MARKER} marker); "
+                            "it is left untouched: move it away yourself or pick another folder")
+        if part is not None and (where.is_symlink() or not is_relative_to(where, folder) or
+                                 where.resolve() == folder.resolve()):
+            raise UserError(f"{where} is not inside a folder {self.owner} marked as its own; it is left untouched")
+        _say_kept(where, self.owner, _remove_recorded(where)[1])
+        return not (where.exists() or where.is_symlink())
+
+    def seal(self) -> None:
+        """The owner is done filling its allocated files here: record their sha256."""
+        folder = self.path
+        if not folder.is_dir():
+            return
+        with _locked(folder):
+            claims = read_claims(folder)
+            for name, entry in claims.items():
+                if isinstance(entry, dict) and entry.get("allocated") and (folder / name).is_file():
+                    claims[name] = _entry(folder / name, entry.get("tool", ""))
+            save_json(folder / CLAIMS, claims)
+
+
 def owner_of(folder: str | os.PathLike) -> str | None:
     """The tool named by `folder`'s marker, or None for an unmarked folder."""
     marker = Path(folder) / OWNER_MARKER
@@ -48,10 +173,6 @@ def owner_of(folder: str | os.PathLike) -> str | None:
         return marker.read_text().strip() if marker.is_file() else None
     except OSError:
         return None
-
-
-def owned_by(folder: str | os.PathLike, tool: str) -> bool:
-    return owner_of(folder) == tool
 
 
 def check_not_foreign(folder: str | os.PathLike, tool: str | None, flag: str) -> None:
@@ -74,39 +195,12 @@ def recorded_by_others(folder: str | os.PathLike, tool: str) -> list[str]:
                    if isinstance(e, dict) and e.get("tool") not in (None, "", tool)})
 
 
-def mark_owned(folder: str | os.PathLike, tool: str, flag: str = "the output folder") -> None:
-    """Mark `folder` as written by `tool`; a folder marked by another tool is refused (check_not_foreign)."""
-    check_not_foreign(folder, tool, flag)
+def _mark(folder: Path, tool: str) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / OWNER_MARKER).write_text(tool + "\n")
 
 
-def remove_owned(folder: str | os.PathLike, tool: str) -> bool:
-    """Remove what `tool` recorded writing in its marked `folder` (remove_recorded), and the folder once nothing else
-    is left; files it cannot prove are its own stay, said. Returns whether the folder is gone."""
-    folder = Path(folder)
-    if not folder.exists():
-        return False
-    if not owned_by(folder, tool):
-        raise UserError(f"{folder} was not written by {tool} (no {OWNER_MARKER} marker); "
-                        "it is left untouched: move it away yourself or pick another folder")
-    say_kept(folder, tool, remove_recorded(folder)[1])
-    return not folder.exists()
-
-
-def remove_inside_owned(path: str | os.PathLike, owner_root: str | os.PathLike, tool: str) -> list[Path]:
-    """Remove `path` (a file or folder) inside `owner_root`, a folder `tool` marked as its own, as far as its records
-    prove it was written there (remove_recorded). Returns the files kept (said in a warning)."""
-    path, owner_root = Path(path), Path(owner_root)
-    if not owned_by(owner_root, tool) or path.is_symlink() or not is_relative_to(path, owner_root) or \
-            path.resolve() == owner_root.resolve():
-        raise UserError(f"{path} is not inside a folder {tool} marked as its own; it is left untouched")
-    kept = remove_recorded(path)[1]
-    say_kept(path, tool, kept)
-    return kept
-
-
-def say_kept(where: Path, tool: str, kept: list[Path]) -> None:
+def _say_kept(where: Path, tool: str, kept: list[Path]) -> None:
     if kept:
         names = ", ".join(str(p) for p in kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         log.warning(f"warning: kept {len(kept)} file(s) in {where} that {tool} did not write or that changed since it "
@@ -127,7 +221,7 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def record_holder(start: Path) -> Path | None:
+def _record_holder(start: Path) -> Path | None:
     """The nearest marked folder at or above `start`: the one whose record lists what is written under it."""
     start = Path(start).absolute()
     for folder in (start, *start.parents):
@@ -144,7 +238,7 @@ def _entry(path: Path, tool: str, allocated: bool = False) -> dict:
         {"tool": tool, "size": size, "sha256": file_sha256(path)}
 
 
-def claim_files(folder: str | os.PathLike, names: list[str], tool: str, allocated: bool = False) -> None:
+def _claim(folder: str | os.PathLike, names: list[str], tool: str, allocated: bool = False) -> None:
     """Record that `tool` wrote these entries of `folder` (names relative to it): a file with its size and sha256
     (allocated=True: a file still being filled in place, with its size only), a symlink with its target."""
     folder = Path(folder)
@@ -157,35 +251,14 @@ def claim_files(folder: str | os.PathLike, names: list[str], tool: str, allocate
 
 def record_written(path: str | os.PathLike) -> None:
     """Record a file just written (lib.files.atomic_path calls this) in the nearest marked folder above it, as written
-    by that folder's tool; a file outside any marked folder is recorded by its writer (claim_files) or not at all."""
+    by that folder's tool; a file outside any marked folder is claimed by its writer (Owner.claim) or not at all."""
     path = Path(path).absolute()
-    holder = None if path.name in BOOKKEEPING else record_holder(path.parent)
+    holder = None if path.name in BOOKKEEPING else _record_holder(path.parent)
     if holder is not None:
-        claim_files(holder, [path.relative_to(holder).as_posix()], owner_of(holder))
+        _claim(holder, [path.relative_to(holder).as_posix()], owner_of(holder))
 
 
-def claim_allocated(paths: list[Path]) -> None:
-    """Record files a tool allocated and fills in place (memmaps) in their marked folder, by size until seal_claims."""
-    for path in paths:
-        holder = record_holder(Path(path).parent)
-        if holder is not None:
-            claim_files(holder, [Path(path).absolute().relative_to(holder).as_posix()], owner_of(holder), allocated=True)
-
-
-def seal_claims(folder: str | os.PathLike) -> None:
-    """The tool is done filling its allocated files in `folder`: record their sha256."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return
-    with _locked(folder):
-        claims = read_claims(folder)
-        for name, entry in claims.items():
-            if isinstance(entry, dict) and entry.get("allocated") and (folder / name).is_file():
-                claims[name] = _entry(folder / name, entry.get("tool", ""))
-        save_json(folder / CLAIMS, claims)
-
-
-def claim_tree(folder: str | os.PathLike, tool: str) -> None:
+def _claim_tree(folder: str | os.PathLike, tool: str) -> None:
     """Record every file and link under `folder` as `tool`'s (a folder it has just built, before anyone else can write
     there); subfolders with a marker of their own keep their own records."""
     folder = Path(folder)
@@ -195,7 +268,7 @@ def claim_tree(folder: str | os.PathLike, tool: str) -> None:
         links = [s for s in subdirs if (d / s).is_symlink()]
         subdirs[:] = [s for s in subdirs if s not in links and not (d / s / OWNER_MARKER).is_file()]
         names += [(d / f).relative_to(folder).as_posix() for f in files + links if not (d == folder and f in BOOKKEEPING)]
-    claim_files(folder, sorted(names), tool)
+    _claim(folder, sorted(names), tool)
 
 
 def matches(path: Path, entry) -> bool:
@@ -235,16 +308,16 @@ def _save_claims(folder: Path, claims: dict) -> None:
         (folder / CLAIMS).unlink(missing_ok=True)
 
 
-def remove_recorded(path: str | os.PathLike, dry_run: bool = False) -> tuple[int, list[Path]]:
+def _remove_recorded(path: str | os.PathLike) -> tuple[int, list[Path]]:
     """The one removal. A file goes while it matches the record of the marked folder above it; a folder: every file
     under it that its records (its own, the marked folder above it, and those of marked folders inside it) list and
     that matches, then each folder left empty (a marked one once its record is empty). Returns (how many files went,
-    the files kept: unrecorded, changed, or links of yours). dry_run: remove nothing, only say what would be kept."""
+    the files kept: unrecorded, changed, or links of yours)."""
     path = Path(path).absolute()
     if not (path.exists() or path.is_symlink()):
         return 0, []
     is_dir = path.is_dir() and not path.is_symlink()
-    holders = [h for h in [record_holder(path if is_dir else path.parent)] if h is not None]
+    holders = [h for h in [_record_holder(path if is_dir else path.parent)] if h is not None]
     if is_dir:
         for d, subdirs, _ in os.walk(path):
             subdirs[:] = [s for s in subdirs if not (Path(d) / s).is_symlink()]
@@ -261,12 +334,10 @@ def remove_recorded(path: str | os.PathLike, dry_run: bool = False) -> tuple[int
                     claims.pop(name)
                 elif matches(target, entry):
                     gone.add(target)
-                    if not dry_run:
-                        target.unlink()
-                        claims.pop(name)
-                        n += 1
-            if not dry_run:
-                _save_claims(holder, claims)
+                    target.unlink()
+                    claims.pop(name)
+                    n += 1
+            _save_claims(holder, claims)
     if not is_dir:
         return n, [] if path in gone else [path]
     kept = []
@@ -274,61 +345,12 @@ def remove_recorded(path: str | os.PathLike, dry_run: bool = False) -> tuple[int
         d = Path(d)
         kept += [d / f for f in files + [s for s in subdirs if (d / s).is_symlink()]
                  if f not in BOOKKEEPING and d / f not in gone]
-        if dry_run:
-            continue
         left = set(os.listdir(d))
         if not left - {OWNER_MARKER} or (left == {OWNER_MARKER, CLAIMS} and not read_claims(d)):
             for f in left:
                 (d / f).unlink()
             d.rmdir()
     return n, kept
-
-
-def check_replaceable(target: str | os.PathLike, tool: str, flag: str) -> Path:
-    """Refuse, before any work, a `target` folder that `tool` may not replace: a symlink, a file, a folder another tool
-    marked, or a non-empty folder without `tool`'s marker. Returns the path."""
-    target = Path(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise UserError(f"{flag} {target} is a {'symlink' if target.is_symlink() else 'file'}; pass a plain folder path")
-    if target.is_dir():
-        check_not_foreign(target, tool, flag)
-        if any(p.name != OWNER_MARKER for p in target.iterdir()) and not owned_by(target, tool):
-            raise UserError(f"{flag} {target} holds files that {tool} did not write (no {OWNER_MARKER} marker); "
-                            "they are left untouched: pass another folder")
-    return target
-
-
-@contextlib.contextmanager
-def building(target: str | os.PathLike, tool: str, flag: str) -> Iterator[Path]:
-    """Yield an empty folder beside `target`; on success its listing is recorded (claim_tree), it replaces `target`
-    whole (marked as `tool`'s), and the old folder is removed through its record: files `tool` cannot prove it wrote
-    (yours, or changed since) are moved to `<target>.kept-<id>` beside it, said. On failure `target` stays as it was."""
-    import shutil
-
-    target = check_replaceable(target, tool, flag)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
-    try:
-        os.chmod(build, usual_mode(folder=True))
-        yield build
-        claim_tree(build, tool)
-        mark_owned(build, tool, flag)
-        check_replaceable(target, tool, flag)  # again: it may have changed while we worked
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-        os.replace(build, target)
-        if old is not None:
-            kept = remove_recorded(old / "x")[1]
-            if kept:  # yours, or changed since: kept beside the new folder, said
-                aside = target.with_name(f"{target.name}.kept-{Path(old).name.rsplit('-', 1)[-1]}")
-                os.replace(old / "x", aside)
-                say_kept(aside, tool, [aside / p.relative_to(old / "x") for p in kept])
-            old.rmdir()
-    finally:
-        if build.exists():
-            shutil.rmtree(build)
 
 
 def remove_claimed(folder: str | os.PathLike, names: list[str]) -> list[str]:

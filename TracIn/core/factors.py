@@ -39,11 +39,11 @@ from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
 from lib.devices import autocast, batch_to_device, model_to_device
 from lib.files import file_sha256, load_npy, npy_damage, read_json, save_json, save_npy
-from lib.ownership import claim_allocated, remove_inside_owned
+from lib.ownership import Owner
 from TracIn.core.arguments import FactorArguments
 from TracIn.core.ghost import InfluenceHook
 
-TOOL = "efficient_tracin"  # the owner of every factor cache folder
+OWNER = Owner("efficient_tracin")  # efficient_tracin.py: the owner of every factor cache folder and run it writes
 log = logging.getLogger(__name__)
 
 
@@ -238,7 +238,7 @@ class CheckpointFactors:
     digest of the rows a run reads, stays the same when other rows are added, and run.json records it."""
 
     def __init__(self, root: Path, n: int, dims: dict[str, tuple[int, int]], n_classes: int, meta: dict, cache_root: Path):
-        self.root, self.n = root, n
+        self.root, self.n, self.cache_root = root, n, cache_root
         meta_path = root / "meta.json"
         try:
             saved = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -258,7 +258,7 @@ class CheckpointFactors:
             if saved is not None:
                 log.warning(f"warning: factor cache {damage}; its rows are computed again")
             self.arrays = self.logits = None  # unmap before removing
-            remove_inside_owned(root, cache_root, TOOL)
+            OWNER.folder(cache_root, "--cache_dir").remove(root)
         if damage is not None:
             root.mkdir(parents=True, exist_ok=True)
             self.fresh = True  # arrays the removal kept (changed since recorded) are written anew
@@ -277,7 +277,8 @@ class CheckpointFactors:
             if damage is not None:
                 return damage
         arrays = [self._map(name, shape) for name, shape in zip(self.names, self.shapes.values())]
-        claim_allocated([self.root / name for name in self.names])  # filled in place: recorded by size until sealed
+        OWNER.claim(self.cache_root, [(self.root / name).relative_to(self.cache_root).as_posix() for name in self.names],
+                    allocated=True)  # filled in place: recorded by size until sealed
         self.arrays = dict(zip(list(self.shapes)[:-1], arrays[:-1]))
         self.logits = arrays[-1]
         if not self.done_path.exists():

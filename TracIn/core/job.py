@@ -20,8 +20,8 @@ import numpy as np
 from lib.cli import UserError
 from lib.devices import resolve_device
 from lib.files import ensure_output_dir, is_relative_to
-from lib.ownership import OWNER_MARKER, mark_owned, owned_by, recorded_by_others, remove_inside_owned, remove_owned, seal_claims
-from TracIn.core.factors import TOOL, check_images
+from lib.ownership import recorded_by_others
+from TracIn.core.factors import OWNER, check_images
 from TracIn.core.results import ARRAYS, RECORD, TABLES, check_writable_names, previous_method, tracin_outputs, write_run
 from TracIn.core.run import InfluenceRun
 from TracIn.core.scores import factors_and_scores
@@ -38,7 +38,7 @@ def tracin_job(cfg) -> dict:
         raise UserError(f"--cache_dir {cfg.cache_dir} is (or holds) the --output_dir {cfg.output_dir}; a folder is a cache or an "
                         "output, not both: pass a cache folder of its own (default output_dir/factors)")
     out = ensure_output_dir(cfg.output_dir, "--output_dir")
-    others = recorded_by_others(out, TOOL)
+    others = recorded_by_others(out, OWNER.name)
     if others and not (out / RECORD).exists():  # another tool's output folder (false_predictions/, an evaluation)
         raise UserError(f"--output_dir {out} holds files {', '.join(others)} wrote and no TracIn run; pass another --output_dir")
     run = InfluenceRun(cfg)
@@ -60,23 +60,19 @@ def tracin_job(cfg) -> dict:
     if not cfg.merge:
         check_images(run.train_list, run.train_ids)
         check_images(run.test_list, run.test_ids)
-        if cfg.overwrite:
-            remove_owned(cache_root, TOOL)  # only a cache this script marked as its own
+        if cfg.num_shards > 1:  # this shard is not finished until written again
+            OWNER.folder(work_dir, "--output_dir").fill().remove(work_dir / "complete.json")
+        # only a cache this script marked as its own; --overwrite: what it recorded there goes first
+        cache = OWNER.folder(cache_root, "--cache_dir" if cfg.cache_dir else "--output_dir").fill(start_over=cfg.overwrite)
 
     if cfg.merge:
         scored = merge_shards(out, cfg.num_shards, identity, run.device)
     else:
         units = np.array_split(np.arange(n_units), cfg.num_shards)[cfg.shard_index]
         shard_ids = run.train_ids[units[0] * unit: (units[-1] + 1) * unit] if cfg.num_shards > 1 else run.train_ids
-        if cache_root.exists() and any(cache_root.iterdir()) and not owned_by(cache_root, TOOL):
-            raise UserError(f"{cache_root} was not written by {TOOL} (no {OWNER_MARKER} marker); pass another --output_dir")
-        mark_owned(cache_root, TOOL)
-        if cfg.num_shards > 1:
-            mark_owned(work_dir, TOOL)
-            remove_inside_owned(work_dir / "complete.json", work_dir, TOOL)  # this shard is not finished until written again
         scored = factors_and_scores(run.factor_args, cfg.score_args(), run.device, run.ckpts, run.shas, run.lrs, run.train_list,
                                     run.test_list, shard_ids, run.test_ids, cache_root, cfg.num_workers, members=run.members)
-        seal_claims(cache_root)  # the factor files are filled: their sha256 from now on proves them (make clean-results)
+        cache.seal()  # the factor files are filled: their sha256 from now on proves them (make clean-results)
         if cfg.num_shards > 1:
             write_shard(work_dir, scored, {"shard_index": cfg.shard_index, "n_train": len(shard_ids),
                                            "seconds": time.time() - t_start, "identity": identity})

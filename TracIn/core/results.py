@@ -36,14 +36,14 @@ import pandas as pd
 
 from lib.cli import UserError
 from lib.files import git_commit, identity_mismatch, load_npy, read_json, save_csv, save_json, save_npy
-from lib.ownership import claim_files, claimed, mark_owned, remove_claimed, remove_owned
+from lib.ownership import claimed, remove_claimed
+from TracIn.core.factors import OWNER
 from TracIn.core.methods import SCORE_FNS, SEED_SCORE_FN, method_for
 from TracIn.core.run_folder import remove_derived
 
 log = logging.getLogger(__name__)
 
 RECORD = "run.json"
-TOOL = "efficient_tracin"  # the writer's staging folders carry its marker (as the factor cache does)
 # Arrays of one run: [n_test, k] top-k lists, row/column index maps, per-image figures.
 ARRAYS = (
     "top_k_influences_values", "top_k_influences_indices",   # proponents, descending
@@ -60,7 +60,7 @@ REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)
 # Outputs of the analysis tools computed from a run are removed when a new run lands, but only what each tool marked as
 # its own: its subfolder of the run folder (TracIn/core/run_folder.py) and the links into it, and the flat files an older
-# version claimed (lib.ownership.claim_files; removed only while byte-identical). A user's file or folder of the same name is
+# version claimed (lib.ownership.Owner.claim; removed only while byte-identical). A user's file or folder of the same name is
 # never touched; raw/ and normalized/ are runs of their own (the report checks that they match) and stay.
 OLD_DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
                      "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
@@ -90,7 +90,7 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
     own_files = [f"{a}.npy" for a in ARRAYS] + list(TABLES) + [RECORD]
     check_writable_names(out, own_files)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    mark_owned(staging, TOOL)  # this writer's own folder: removed below through the owner-checked helper
+    stage = OWNER.folder(staging).fill()  # this writer's own folder: removed below through its record
     try:
         written = []
         for name, array in arrays.items():
@@ -112,9 +112,9 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
         remove_claimed(out, list(OLD_DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
         remove_derived(out)
         os.replace(staging / RECORD, out / RECORD)
-        claim_files(out, written + [RECORD], TOOL)
+        OWNER.claim(out, written + [RECORD])
     finally:
-        remove_owned(staging, TOOL)
+        stage.remove()
 
 
 def tracin_outputs(run, identity: dict, scored, t_start: float) -> tuple[dict, dict, dict, dict]:

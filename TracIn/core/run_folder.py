@@ -1,7 +1,7 @@
 """The run folder: one TracIn run at its root (results.py writes it), and one subfolder per tool that works from it.
 Which folder and file hold what is told once, in README.md's "Where outputs land".
 
-Each tool subfolder is built beside its place and swapped in whole (lib.ownership.building), marked as the tool's own, and
+Each tool subfolder is built beside its place and swapped in whole (lib.ownership.Owner.folder), marked as the tool's own, and
 carries `inputs.json`: the TracIn run it was computed from (results.run_id) and the tool's other inputs. A new TracIn
 run removes every subfolder its tool marked (never a folder of yours of the same name) and the links into them, so
 nothing derived from the previous run survives it; a reader calls `current()` and skips (or refuses) a subfolder of
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lib.files import save_json
-from lib.ownership import building, claim_files, claimed, owned_by, remove_claimed, remove_owned
+from lib.ownership import OwnedFolder, Owner, claimed, owner_of, remove_claimed
 
 INPUTS = "inputs.json"
 # subfolder -> the tool that writes it (its owner marker)
@@ -38,7 +38,7 @@ def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir") -> 
     """Yield an empty staging folder; on success it replaces `out` whole, with inputs.json ({"tool", **inputs}; inputs
     holds "tracin_run"), and the root's notebook links into `out` are refreshed. On failure `out` stays as it was."""
     out = Path(out)
-    with building(out, tool, flag) as build:
+    with Owner(tool).folder(out, flag) as build:
         yield build
         save_json(build / INPUTS, {"tool": tool, **inputs})
     link_notebook_paths(out, tool)
@@ -63,7 +63,7 @@ def link_notebook_paths(out: Path, tool: str) -> list[str]:
         tmp = root / f".{name}.{uuid.uuid4().hex[:12]}.link"  # a fresh name: nothing to delete first
         os.symlink(f"{sub}/{name}", tmp)
         os.replace(tmp, link)
-        claim_files(root, [name], tool)
+        Owner(tool).claim(root, [name])
         made.append(name)
     return made
 
@@ -83,7 +83,7 @@ def current(root: Path, name: str, run: str, notes: list[str] | None = None) -> 
     if not folder.is_dir():
         return None
     inputs = read_inputs(folder)
-    if inputs is None or not owned_by(folder, TOOL_FOLDERS.get(name, inputs.get("tool", ""))):
+    if inputs is None or owner_of(folder) != TOOL_FOLDERS.get(name, inputs.get("tool", "")):
         why = f"{folder} skipped: not written by {TOOL_FOLDERS.get(name, 'its tool')} (no readable {INPUTS} or owner marker)"
     elif inputs.get("tracin_run") != run:
         why = (f"{folder} skipped: it was computed from another TracIn run ({inputs.get('tracin_run') or 'unknown'}, this one "
@@ -99,8 +99,8 @@ def remove_derived(root: Path) -> None:
     """A new TracIn run in `root`: every tool subfolder its tool marked goes, and the root's links into them."""
     root = Path(root)
     for name, tool in TOOL_FOLDERS.items():
-        if (root / name).is_dir() and not (root / name).is_symlink() and owned_by(root / name, tool):
-            remove_owned(root / name, tool)
+        if (root / name).is_dir() and not (root / name).is_symlink() and owner_of(root / name) == tool:
+            OwnedFolder(root / name, tool).remove()
     remove_dangling_links(root)
 
 

@@ -30,7 +30,7 @@ from lib.cli import UserError
 from lib.data_utils import ImageListDataset, eval_transform, list_split, listing_key, make_loader
 from lib.devices import model_to_device, resolve_device
 from lib.files import read_json, save_csv, save_npy
-from lib.ownership import check_replaceable, mark_owned, remove_inside_owned
+from lib.ownership import OwnedFolder
 from lib.prediction import predict
 from lib.processes import run_child
 from lib.training import fit, scheduled_lr
@@ -82,20 +82,13 @@ def settings_argv(settings: dict) -> list[str]:
     return argv
 
 
-def claim_arms_folder(out: Path, tool: str, flag: str) -> Path:
-    """The folder of a removal experiment's arms: new, empty or already `tool`'s; marked as `tool`'s before any arm."""
-    check_replaceable(out, tool, flag)
-    mark_owned(out, tool)
-    return out
-
-
 def train_without(arm_dir: Path, settings: dict, data_dir: str, drop: np.ndarray, train_list, num_workers: int, device: str,
                   tag: str, owner: Path, tool: str) -> Path:
     """train.py with `settings` (see original_settings) on the training split less `drop` (split indices),
     in its own process as a user runs it; returns the last checkpoint.
     A previous arm folder is deleted only inside `owner`, a folder `tool` marked as its own."""
     if arm_dir.exists():
-        remove_inside_owned(arm_dir, owner, tool)
+        OwnedFolder(owner, tool).remove(arm_dir)
     arm_dir.mkdir(parents=True)
     exclude = arm_dir / "exclude.csv"
     save_csv(exclude, pd.DataFrame({"train_idx": np.sort(drop), "path": np.asarray(train_list.paths)[np.sort(drop)]}))
@@ -186,9 +179,9 @@ class Retrainer:
         if keep_folder:
             save_npy(arm_dir / "test_logits.npy", logits)
             for sub in ("checkpoints", "models"):
-                remove_inside_owned(arm_dir / sub, self.owner, self.tool)
+                OwnedFolder(self.owner, self.tool).remove(arm_dir / sub)
         else:
-            remove_inside_owned(arm_dir, self.owner, self.tool)
+            OwnedFolder(self.owner, self.tool).remove(arm_dir)
         return logits
 
 

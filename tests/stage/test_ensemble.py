@@ -114,7 +114,7 @@ def test_a_member_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted
     killed = sh("tests/kill_after.py", "train", "6", *argv)
     assert killed.returncode != 0
     assert ensemble.state(tmp_path / "killed" / "member_1", saved["epochs"]) == "partial"
-    ensemble.mark_owned(tmp_path / "killed", ensemble.TOOL)
+    ensemble.Owner(ensemble.TOOL).folder(tmp_path / "killed").fill()
     assert ensemble.main(args + ["--out_dir", str(tmp_path / "killed")]) == 0
     for epoch in (1, 2):
         w = torch.load(tmp_path / "whole" / "member_1" / "checkpoints" / f"finetune_epoch_{epoch}.pth", weights_only=True)
