@@ -14,7 +14,7 @@ also named (with its weights' identity) in checkpoint_dir/selected_model.json, w
 trajectory up to that model. evaluate.py reports the test split.
 One greppable line per epoch: `epoch 3/80 | lr ... | train_loss ... | val_acc ...`.
 
-Why one script over 300 lines: a training run stays one readable file (arguments, exact resume, what each batch and
+Why one script of about 450 lines: a training run stays one readable file (arguments, exact resume, what each batch and
 epoch records, checkpoints), as nanoGPT keeps its scripts flat; the loop itself is training.fit, shared with every
 retrain, and retraining tools run this script as a process (`python -m train`).
 """
@@ -217,19 +217,23 @@ def written_by_train(path: Path) -> bool:
         return False
 
 
-def train(args) -> dict:
-    d = Dist(args.device)
-    device = d.device
-    ckpt = None
-    if d.main:  # checked before any work: a folder we cannot write, or not train.py's, fails now, not after an epoch
-        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir", OWNER.name)
-        ensure_output_dir(args.models_dir, "--models_dir")
-        ckpt = OWNER.folder(args.checkpoint_dir, "--checkpoint_dir")
-    ckpt_dir, models_dir = Path(args.checkpoint_dir), Path(args.models_dir)
-    train_run = uuid.uuid4().hex[:16]  # this training run's identity: in train_args.json, every checkpoint, the dynamics
-    if args.resume:
-        train_run = resume_settings(args, ckpt_dir)
-    set_seed(args.seed + d.rank)
+@dataclass
+class TrainingData:
+    """The splits a run trains on and selects its model on (val, else test), and the training images it leaves out."""
+    train_list: object
+    test_list: object
+    select_list: object
+    selection: str
+    excluded: np.ndarray
+    kept: np.ndarray
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_list.class_names
+
+
+def training_data(args, main: bool) -> TrainingData:
+    """The prepared splits, checked to share their classes, and --exclude; --image_size defaults to the prepared size."""
     train_list, test_list = list_split(args.data_dir, "train"), list_split(args.data_dir, "test")
     if train_list.class_names != test_list.class_names:
         raise UserError(f"train and test class folders differ in {args.data_dir}")
@@ -238,10 +242,9 @@ def train(args) -> dict:
     select_list = list_split(args.data_dir, "val") if selection == "val" else test_list
     if select_list.class_names != train_list.class_names:
         raise UserError(f"train and val class folders differ in {args.data_dir}; re-prepare it")
-    if selection == "test" and d.main:
+    if selection == "test" and main:
         log.warning(f"{args.data_dir} has no val split: the best model is selected on the test split (optimistic test "
                     "accuracy); prepare with --val_fraction > 0 for an untouched test split")
-    class_names = train_list.class_names
     # checked before anything is replaced: a bad exclusion list changes nothing
     excluded = read_exclusions(args.exclude, train_list) if args.exclude else np.zeros(0, dtype=np.int64)
     kept = np.setdiff1d(np.arange(len(train_list.paths)), excluded)
@@ -251,16 +254,32 @@ def train(args) -> dict:
     if args.image_size is None:
         prep = Path(args.data_dir) / "prepare_args.json"
         args.image_size = int(read_json(prep, f"re-prepare {args.data_dir}").get("image_size", 224)) if prep.exists() else 224
+    return TrainingData(train_list, test_list, select_list, selection, excluded, kept)
 
-    start = decide_start(args.resume, args.fork_from, args.overwrite, ckpt_dir)
+
+@dataclass
+class StartingPoint:
+    """Where the epochs start: the epoch, the rates so far, the best model so far, and the state continued (last.pth
+    of --resume, the checkpoint of --fork_from; None for a fresh run) with the fork's record."""
+    start_epoch: int
+    lr_history: list
+    best: dict
+    resume: dict | None
+    fork: dict | None
+    forked: dict | None
+
+
+def starting_point(args, start: RunStart, ckpt_dir: Path, data: TrainingData, ckpt, main: bool) -> StartingPoint:
+    """The state a run starts from (decide_start chose how), checked before anything in the folder is replaced; with
+    --overwrite, only the files train.py recorded writing go (anything else in the folder stays)."""
     # A fork (--fork_from) continues another run's checkpoint of epoch N; checked before anything here is replaced.
-    fork = load_fork(args, ckpt_dir, class_names, train_list) if start.kind == "fork" else None
+    fork = load_fork(args, ckpt_dir, data.class_names, data.train_list) if start.kind == "fork" else None
     start_epoch, lr_history, best = 1, [], {"acc": -1.0, "loss": float("inf"), "path": None}
     resume = None
     if start.kind == "resume":
-        resume = load_checkpoint(ckpt_dir / "last.pth", class_names=class_names, arch=args.arch)
+        resume = load_checkpoint(ckpt_dir / "last.pth", class_names=data.class_names, arch=args.arch)
         saved_key = read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("data_train_key")
-        if saved_key and saved_key != listing_key(train_list):
+        if saved_key and saved_key != listing_key(data.train_list):
             raise UserError(f"--resume: the training split of {args.data_dir} changed since this run started (re-prepared or "
                             "edited); continuing would mix two data sets under one run: start a new run with --overwrite")
         if args.epochs < resume["epoch"]:
@@ -271,15 +290,67 @@ def train(args) -> dict:
         best = dict(resume["best"])
         if best.get("path") in ("", None):
             best["path"] = None
-    elif start.overwrite and d.main:  # only the files train.py recorded writing; anything else in the folder stays
+    elif start.overwrite and main:
         for p in find_checkpoints(ckpt_dir) + [ckpt_dir / "last.pth", ckpt_dir / SELECTED]:
             ckpt.remove(p)
-
     if fork:  # its own checkpoints start at epoch N + 1
         start_epoch = fork["epoch"] + 1
         lr_history = [lr_at(e, args) for e in range(1, start_epoch)]
     forked = fork["record"] if fork else (read_json(ckpt_dir / "train_args.json", "start over with --overwrite").get("forked")
                                           if resume else None)
+    return StartingPoint(start_epoch, lr_history, best, resume, fork, forked)
+
+
+def save_selected(args, module, ckpt_dir: Path, selection: str, epoch: int, lr_t: float, m: dict, common: dict,
+                  run_tag: dict) -> dict:
+    """The selected model: the best-model file is a checkpoint of this run at its epoch (weighted like one, by the
+    mean rate since the previous checkpoint), and checkpoint_dir/selected_model.json names it, so that TracIn
+    explains the trajectory up to the model evaluate.py reports."""
+    models_dir = Path(args.models_dir)
+    path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
+    ckpt = make_checkpoint(module, lr=lr_t, **common, metadata=run_tag)
+    previous = read_json(ckpt_dir / SELECTED, "start over with --overwrite") if (ckpt_dir / SELECTED).exists() else {}
+    if path.exists() and not written_by_train(path):
+        raise UserError(f"{path} exists and is not a model train.py wrote; it is left untouched: move it away or pass "
+                        "another --models_dir, then continue with --resume")
+    save_checkpoint(ckpt, path)
+    old = Path(str(previous.get("path", "")))
+    # the previous best model goes only while it is provably this run's: recorded by this checkpoint folder (not a
+    # copy of another's), in this --models_dir, with the bytes recorded
+    if previous.get("path") and previous.get("checkpoint_dir") == str(ckpt_dir.resolve()) and old.is_file() and \
+            old.resolve() != path.resolve() and old.resolve().parent == models_dir.resolve() and \
+            file_sha256(old) == previous.get("sha256"):
+        old.unlink()
+    save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
+                                    "accuracy": m["accuracy"], "loss": m["loss"],
+                                    "checkpoint_dir": str(ckpt_dir.resolve())})
+    with atomic_path(models_dir / "best_model.txt") as tmp:
+        tmp.write_text(str(path) + "\n")
+    return {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
+
+
+def train(args) -> dict:
+    """The run in steps: its folder claimed, the data, how it starts, the model, the loaders, its settings recorded,
+    then the epochs (each saving its checkpoint, dynamics, last.pth and, when it is the best so far, the selected model)."""
+    d = Dist(args.device)
+    device = d.device
+    ckpt = None
+    if d.main:  # checked before any work: a folder we cannot write, or not train.py's, fails now, not after an epoch
+        ensure_output_dir(args.checkpoint_dir, "--checkpoint_dir", OWNER.name)
+        ensure_output_dir(args.models_dir, "--models_dir")
+        ckpt = OWNER.folder(args.checkpoint_dir, "--checkpoint_dir")
+    ckpt_dir = Path(args.checkpoint_dir)
+    train_run = uuid.uuid4().hex[:16]  # this training run's identity: in train_args.json, every checkpoint, the dynamics
+    if args.resume:
+        train_run = resume_settings(args, ckpt_dir)
+    set_seed(args.seed + d.rank)
+    data = training_data(args, d.main)
+    train_list, test_list, select_list, selection = data.train_list, data.test_list, data.select_list, data.selection
+    class_names, excluded, kept = data.class_names, data.excluded, data.kept
+    state = starting_point(args, decide_start(args.resume, args.fork_from, args.overwrite, ckpt_dir), ckpt_dir, data, ckpt,
+                           d.main)
+    start_epoch, lr_history, best, resume, fork, forked = (state.start_epoch, state.lr_history, state.best, state.resume,
+                                                           state.fork, state.forked)
     model = build_model(args.arch, len(class_names), None if resume or fork else resolve_weights(args.arch, args.weights))
     if resume or fork:
         model.load_state_dict((resume or fork)["model_state"])
@@ -373,36 +444,11 @@ def train(args) -> dict:
         if is_ckpt:
             save_checkpoint(make_checkpoint(module, lr=lr_t, **common, metadata=run_tag), ckpt_dir / f"finetune_epoch_{epoch}.pth")
         if (m["accuracy"], -m["loss"]) > (best["acc"], -best["loss"]):
-            best = save_selected(epoch, lr_t, m, common, run_tag, best)
+            best = save_selected(args, module, ckpt_dir, selection, epoch, lr_t, m, common, run_tag)
         dynamics.save(ckpt_dir, epoch)  # before last.pth: a resume never lacks an epoch's dynamics
         save_checkpoint(make_checkpoint(module, lr=lr, optimizer=optimizer, **common,
                                         metadata={"lr_history": lr_history, "best": best, **run_tag}), ckpt_dir / "last.pth")
         return best
-
-    def save_selected(epoch, lr_t, m, common, run_tag, best):
-        """The selected model: the best-model file is a checkpoint of this run at its epoch (weighted like one, by the
-        mean rate since the previous checkpoint), and checkpoint_dir/selected_model.json names it, so that TracIn
-        explains the trajectory up to the model evaluate.py reports."""
-        path = models_dir / best_model_name(args.arch, args.dataset_tag, m["accuracy"], m["loss"])
-        ckpt = make_checkpoint(module, lr=lr_t, **common, metadata=run_tag)
-        previous = read_json(ckpt_dir / SELECTED, "start over with --overwrite") if (ckpt_dir / SELECTED).exists() else {}
-        if path.exists() and not written_by_train(path):
-            raise UserError(f"{path} exists and is not a model train.py wrote; it is left untouched: move it away or pass "
-                            "another --models_dir, then continue with --resume")
-        save_checkpoint(ckpt, path)
-        old = Path(str(previous.get("path", "")))
-        # the previous best model goes only while it is provably this run's: recorded by this checkpoint folder (not a
-        # copy of another's), in this --models_dir, with the bytes recorded
-        if previous.get("path") and previous.get("checkpoint_dir") == str(ckpt_dir.resolve()) and old.is_file() and \
-                old.resolve() != path.resolve() and old.resolve().parent == models_dir.resolve() and \
-                file_sha256(old) == previous.get("sha256"):
-            old.unlink()
-        save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
-                                        "accuracy": m["accuracy"], "loss": m["loss"],
-                                        "checkpoint_dir": str(ckpt_dir.resolve())})
-        with atomic_path(models_dir / "best_model.txt") as tmp:
-            tmp.write_text(str(path) + "\n")
-        return {"acc": m["accuracy"], "loss": m["loss"], "path": str(path)}
 
     epoch_start = time.time()
     fit(step, optimizer, batches, args.epochs, lambda epoch: lr_at(epoch, args), start_epoch=start_epoch,
