@@ -13,20 +13,51 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lib.checkpoints import find_best_model, model_record
+from lib.checkpoints import find_best_model, model_difference, model_record
 from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity
 from lib.devices import resolve_device
-from lib.files import ensure_output_dir, file_sha256, save_csv, save_figure, save_json
+from lib.files import ensure_output_dir, file_sha256, identity_mismatch, read_json, save_csv, save_figure, save_json
 from lib.ownership import claim_files
 from lib.prediction import evaluate_model, predictions_frame
+from TracIn.core.run_folder import guarded, skip
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """This tool's output for one split: metrics_<split>.json (accuracy, loss, n, model, model_record, selected_on,
+    selection_accuracy, per_class_accuracy) and the confusion-matrix figure (None when absent)."""
+
+    metrics: dict
+    figure: Path | None
+
+
+def load(eval_dir, data_dir, results=None, split: str = "test", notes: list[str] | None = None) -> Evaluation | None:
+    """The evaluation in `eval_dir`, checked against `data_dir` as prepared now and, with `results` (a TracInResults),
+    the model that run explains. Missing, unreadable, of other data or of another model: one UserError line, or with
+    `notes` a line there and None."""
+    path = Path(eval_dir) / f"metrics_{split}.json"
+    if not path.exists():
+        return skip(f"no {path}: run python evaluate.py --split {split}", notes)
+    metrics = guarded(lambda: read_json(path, "rerun python evaluate.py"), notes)
+    if metrics is None:
+        return None
+    if identity_mismatch(metrics, data_identity(data_dir, images=False)):
+        return skip(f"{path} skipped: computed on other data (rerun evaluate.py)", notes)
+    other = model_difference(results.record.get("model"), metrics.get("model_record")) if results is not None else None
+    if other:
+        return skip(f"{path} skipped: the TracIn lists and the evaluation: {other}; rerun evaluate.py and "
+                    "efficient_tracin.py on the selected model (their defaults)", notes)
+    figure = Path(eval_dir) / f"confusion_matrix_{split}.png"
+    return Evaluation(metrics, figure if figure.is_file() else None)
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], title: str):

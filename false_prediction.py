@@ -12,20 +12,53 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from lib.checkpoints import find_best_model, model_record
-from lib.cli import cli, nonneg_int, positive_int
-from lib.data_utils import data_identity, load_rgb
+from lib.checkpoints import find_best_model, model_difference, model_record
+from lib.cli import UserError, cli, nonneg_int, positive_int
+from lib.data_utils import data_identity, load_rgb, read_false_predictions
 from lib.devices import resolve_device
 from lib.files import file_sha256, save_csv, save_figure, save_json
 from lib.ownership import claim_files
 from lib.prediction import evaluate_model, predictions_frame
+from TracIn.core.run_folder import skip
 
 log = logging.getLogger(__name__)
 COLUMNS = ["split", "index", "path", "true_label", "pred_label", "confidence", "true_class_prob"]
+
+
+@dataclass
+class FalsePredictions:
+    """This tool's output: the mispredictions table (read_false_predictions' columns), its record (model, data) and
+    the grid figure (None when absent)."""
+
+    folder: Path
+    table: pd.DataFrame
+    record: dict
+    figure: Path | None
+
+
+def load(where, data_dir, results=None, notes: list[str] | None = None) -> FalsePredictions | None:
+    """The mispredictions table in `where` (the folder or its false_predictions.csv), checked against `data_dir` as
+    prepared now and, with `results` (a TracInResults), the model that run explains. Missing, of other data or of
+    another model: one UserError line, or with `notes` a line there and None."""
+    folder = Path(where).parent if Path(where).suffix == ".csv" else Path(where)
+    csv = folder / "false_predictions.csv"
+    if not csv.exists():
+        return skip(f"no mispredictions table ({csv}; python false_prediction.py)", notes)
+    try:
+        table, record = read_false_predictions(csv, data_dir, images=False)
+    except UserError as e:
+        return skip(f"mispredictions skipped: {e}", notes)
+    other = model_difference(results.record.get("model"), record.get("model")) if results is not None else None
+    if other:
+        return skip(f"mispredictions skipped: the TracIn lists and {csv}: {other}; rerun false_prediction.py and "
+                    "efficient_tracin.py on the selected model (their defaults)", notes)
+    figure = folder / "combined_mispredictions.png"
+    return FalsePredictions(folder, table, record, figure if figure.is_file() else None)
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,10 @@ from lib.checkpoints import check_same_model, find_best_model, load_checkpoint, 
 from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from lib.devices import resolve_device
-from lib.files import file_sha256, save_figure, save_json
+from lib.files import file_sha256, read_json, save_figure, save_json
 from lib.ownership import building, check_replaceable, claim_files
 from TracIn.core.results import RECORD, load_results, run_id
-from TracIn.core.run_folder import tool_folder
+from TracIn.core.run_folder import guarded, skip, tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "gradCAM_evaluation"
@@ -139,6 +140,38 @@ def cams_for(model, layer, paths, targets, tf, device) -> np.ndarray:
         return cam(x, torch.as_tensor(targets, device=device)).cpu().numpy()
 
 
+IDENTITY_KEYS = ("data_dir", "manifest_key", "train_key", "test_key")  # of the data, as in the false predictions' record
+
+
+@dataclass
+class GradcamMaps:
+    """This tool's maps of mispredicted test images (gradcam/test_<idx>.png) and their grid."""
+
+    folder: Path
+    figure: Path | None
+
+    def map(self, test_idx: int) -> Path | None:
+        """Test image #test_idx's map, None when it has none."""
+        path = self.folder / f"test_{int(test_idx)}.png"
+        return path if path.is_file() else None
+
+
+def load(false_predictions, notes: list[str] | None = None) -> GradcamMaps | None:
+    """The maps beside a loaded mispredictions table (false_prediction.load), when made with its model and data.
+    Missing, unreadable or of another model or data: one UserError line, or with `notes` a line there and None."""
+    folder = false_predictions.folder / "gradcam"
+    if not (folder / "identity.json").is_file():
+        return skip(f"no Grad-CAM maps (python gradCAM_evaluation.py writes {folder}/)", notes)
+    ident = guarded(lambda: read_json(folder / "identity.json", "rerun python gradCAM_evaluation.py"), notes)
+    if ident is None:
+        return None
+    if any(ident.get(k) != false_predictions.record.get(k) for k in ("model_sha256", "data_dir", "manifest_key")):
+        return skip(f"Grad-CAM maps in {folder} skipped: made with another model or data than the mispredictions table "
+                    "(rerun python gradCAM_evaluation.py)", notes)
+    figure = false_predictions.folder / "gradcam_mispredictions.png"
+    return GradcamMaps(folder, figure if figure.is_file() else None)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the best model in --models_dir)")
@@ -196,7 +229,7 @@ def main(argv=None):
             for (_, r), c in zip(wrong.iterrows(), cams):
                 save_overlay(build / f"test_{r['index']}.png", r.path, c)
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
-                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
+                                                **{k: fp_record.get(k) for k in IDENTITY_KEYS}})
         fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images, model of epoch "
                      f"{ckpt['epoch']} ({Path(model_path).name})", fontsize=9)
         fig.tight_layout()
@@ -207,7 +240,7 @@ def main(argv=None):
     else:  # no mispredicted test image: an empty maps folder, so no earlier model's maps stay behind
         with building(gradcam_dir, TOOL, "--out_dir") as build:
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
-                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
+                                                **{k: fp_record.get(k) for k in IDENTITY_KEYS}})
 
     res = Path(args.results_dir)
     if (res / RECORD).exists():
