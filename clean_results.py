@@ -19,12 +19,13 @@ from lib.cli import cli
 from lib.ownership import OwnedFolder, owner_of, read_claims, remove_claimed
 from TracIn.core.factors import OWNER as TRACIN
 from train import OWNER as TRAIN
-from TracIn.core.run_folder import TOOL_FOLDERS, remove_dangling_links
+from TracIn.core.run_folder import derived_tool, remove_dangling_links
 
 log = logging.getLogger(__name__)
-# the tools whose marked folders are results (rebuilt by rerunning them); train.py, prepare_data.py and the ensemble's
-# members are models and data, cleaned only by their own flag (--checkpoint_dir) or not at all
-RESULT_TOOLS = {TRACIN.name, "gradCAM_evaluation", *TOOL_FOLDERS.values()}
+# the tools whose marked folders are results (rebuilt by rerunning them): these, and every tool folder derived from a
+# TracIn run (run_folder.derived_tool: its inputs.json says so); train.py, prepare_data.py and the ensemble's members are
+# models and data, cleaned only by their own flag (--checkpoint_dir) or not at all
+RESULT_TOOLS = {TRACIN.name, "gradCAM_evaluation"}
 
 
 def parse_args(argv=None):
@@ -55,7 +56,7 @@ def clean_folder(folder: Path) -> int:
     n = 0
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
         tool = owner_of(sub)
-        if tool in RESULT_TOOLS:
+        if tool in RESULT_TOOLS or tool == derived_tool(sub):
             n += clean_owned(sub, tool)
         elif tool is not None:
             log.info(f"clean-results: {sub} is {tool}'s folder, not a result; left as it is")

@@ -1,4 +1,5 @@
-"""Print the closing report of `make demo` from the files the earlier steps wrote.
+"""Print the closing report of `make demo` from the files the earlier steps wrote, each read through its tool's
+reader (which refuses one of another TracIn run, data or model with one line).
 
     $ python demo_report.py --seconds 412
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib.cli import UserError, cli
-from lib.files import read_json as read_checked_json
-from TracIn.core.results import explained_model, load_results, run_id
-from TracIn.core.run_folder import current
+from lib.cli import cli
+from lib.outputs import load_evaluation
+from TracIn import analyze_misprediction_influences, analyze_topk_results, clean_and_retrain, counterfactual_check, lds
+from TracIn import mislabel_detection
+from TracIn.core.results import explained_model, load_results, recorded_data_dir
 
 
 def parse_args(argv=None):
@@ -22,33 +24,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(f"{path} is missing; run the demo steps first (make demo)")
-    return read_checked_json(path, "run the demo steps again (make demo)")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    ev = read_json(Path(args.eval_dir) / "metrics_test.json")
-    record = load_results(args.results_dir).record  # the typed reader of run.json
+    results = load_results(args.results_dir)
+    record = results.record
     run = record["summary"]
-
-    def derived(name: str, file: str) -> dict:  # a tool folder of this TracIn run, or one line saying why not
-        notes = []
-        folder = current(Path(args.results_dir), name, run_id(record), notes)
-        if folder is None:
-            raise UserError(notes[0] if notes else f"{Path(args.results_dir) / name} is missing; run the demo steps first (make demo)")
-        return read_json(folder / file)
-
-    det = derived("mislabel", "mislabel_detection.json")
+    # the demo's steps: each refused with one line when missing or of another TracIn run; the optional ones are notes
+    det = mislabel_detection.load(results).record
     metrics, default = det.get("metrics") or {}, det.get("score")  # no metrics: the data have no injected label noise
-    cr_path = Path(args.results_dir) / "clean_and_retrain" / "clean_and_retrain.json"
-    cr = read_json(cr_path) if cr_path.exists() else None
-    cf_path = Path(args.results_dir) / "counterfactual" / "head" / "counterfactual.json"
-    cf = read_json(cf_path) if cf_path.exists() else None
-    mis = derived("misprediction", "misprediction_summary.json")
-    top = derived("analysis", "summary.json")
+    mis = analyze_misprediction_influences.load(results).summary
+    top = analyze_topk_results.load(results).summary
+    ev = load_evaluation(args.eval_dir, recorded_data_dir(record)).metrics
+    notes: list[str] = []
+    cr = clean_and_retrain.load(results, notes)
+    cf = counterfactual_check.load(results, notes).get("head")
+    ld = lds.load(results, notes)
     n_bad = det.get("n_mislabeled", 0)
     score_fn = record["args"]["score_fn"]
     lines = [
@@ -95,12 +85,11 @@ def main(argv=None):
                          f"{cf['seeds']} seeds): group loss change "
                          + ", ".join(f"{m} {cell(m)}" + (" (beats random)" if sm[f'{m}@{k}'].get("beats_random") else "")
                                      for m in cf["methods"]))
-    lds_path = Path(args.results_dir) / "lds" / "lds.json"
-    if lds_path.exists():
-        ld = read_json(lds_path)
+    if ld is not None:
         lines.insert(-2, f"  LDS ({ld['retrain']} retrain, {ld['reported_subsets']} subsets of {ld['fraction']:.0%}, {ld['n_test']} test images; "
                          "Spearman of predicted vs retrained margins, 95% interval): "
                          + ", ".join(f"{m} {r['lds']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for m, r in ld["methods"].items()))
+    lines[-2:-2] = [f"  not shown: {note}" for note in notes]
     if args.seconds is not None:
         lines.append(f"  total time: {args.seconds / 60:.1f} min")
     lines.append("=" * 72)

@@ -23,6 +23,7 @@ from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity
 from lib.devices import resolve_device
 from lib.files import ensure_output_dir, file_sha256, save_csv, save_figure, save_json
+from lib.outputs import Evaluation, load_evaluation as load  # noqa: F401  (this tool's reader)
 from lib.ownership import Owner
 from lib.prediction import evaluate_model, predictions_frame
 

@@ -21,6 +21,7 @@ from lib.cli import cli, nonneg_int, positive_int
 from lib.data_utils import data_identity, load_rgb
 from lib.devices import resolve_device
 from lib.files import file_sha256, save_csv, save_figure, save_json
+from lib.outputs import FalsePredictions, load_false_predictions as load  # noqa: F401  (this tool's reader)
 from lib.ownership import Owner
 from lib.prediction import evaluate_model, predictions_frame
 

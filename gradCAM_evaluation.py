@@ -26,6 +26,7 @@ from lib.cli import UserError, cli, nonneg_int, positive_int
 from lib.data_utils import build_transform, list_split, load_rgb, read_false_predictions
 from lib.devices import resolve_device
 from lib.files import file_sha256, save_figure, save_json
+from lib.outputs import GradcamMaps, load_gradcam as load  # noqa: F401  (this tool's reader)
 from lib.ownership import Owner
 from TracIn.core.results import RECORD, load_results, run_id
 from TracIn.core.run_folder import tool_folder
@@ -140,6 +141,9 @@ def cams_for(model, layer, paths, targets, tf, device) -> np.ndarray:
         return cam(x, torch.as_tensor(targets, device=device)).cpu().numpy()
 
 
+IDENTITY_KEYS = ("data_dir", "manifest_key", "train_key", "test_key")  # of the data, as in the false predictions' record
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the best model in --models_dir)")
@@ -197,7 +201,7 @@ def main(argv=None):
             for (_, r), c in zip(wrong.iterrows(), cams):
                 save_overlay(build / f"test_{r['index']}.png", r.path, c)
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
-                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
+                                                **{k: fp_record.get(k) for k in IDENTITY_KEYS}})
         fig.suptitle(f"Grad-CAM ({layer_name}) of the predicted class on mispredicted test images, model of epoch "
                      f"{ckpt['epoch']} ({Path(model_path).name})", fontsize=9)
         fig.tight_layout()
@@ -208,7 +212,7 @@ def main(argv=None):
     else:  # no mispredicted test image: an empty maps folder, so no earlier model's maps stay behind
         with gradcam as build:
             save_json(build / "identity.json", {"model": str(model_path), "model_sha256": model_sha,
-                                                **{k: fp_record.get(k) for k in ("data_dir", "manifest_key", "train_key", "test_key")}})
+                                                **{k: fp_record.get(k) for k in IDENTITY_KEYS}})
 
     res = Path(args.results_dir)
     if (res / RECORD).exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ import pandas as pd
 from lib.checkpoints import check_same_model
 from lib.cli import UserError, cli, nonneg_int
 from lib.data_utils import list_split, read_false_predictions
-from lib.files import save_csv, save_json
+from lib.files import read_json, read_table, save_csv, save_json
 from lib.ownership import Owner
 from TracIn.core.results import appearances, load_results, other_training_run, run_id
-from TracIn.core.run_folder import tool_folder
+from TracIn.core.run_folder import guarded, tool_folder, tool_output
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_misprediction_influences"
+INFLUENCE, CROSS = "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv"  # linked at the root too
 
 
 def parse_args(argv=None):
@@ -124,11 +126,35 @@ def analyze(args) -> dict:
     summary["tracin_run"] = run_id(r.record)  # what these tables were computed from
     inputs = {"tracin_run": summary["tracin_run"], "false_predictions": str(args.false_predictions),
               "model_sha256": fp_record.get("model_sha256")}
-    with tool_folder(out, TOOL, inputs) as build:
-        save_csv(build / "misprediction_influence_analysis.csv", per)
-        save_csv(build / "misprediction_cross_analysis.csv", cross)
+    with tool_folder(out, TOOL, inputs, links=[INFLUENCE, CROSS]) as build:
+        save_csv(build / INFLUENCE, per)
+        save_csv(build / CROSS, cross)
         save_json(build / "misprediction_summary.json", summary)
     return summary
+
+
+@dataclass
+class Mispredictions:
+    """This tool's output for a run: its summary (the printed figures), the per-training-image table and the
+    (test, proponent) pairs table."""
+
+    folder: Path
+    summary: dict
+    influence: pd.DataFrame
+    cross: pd.DataFrame
+
+
+def load(results, notes: list[str] | None = None, folder=None) -> Mispredictions | None:
+    """The misprediction tables of a run (a TracInResults or its folder; `folder`: another --out_dir than
+    run/misprediction). Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    found = tool_output(results, "misprediction", TOOL, "no misprediction tables: run python -m "
+                                                        "TracIn.analyze_misprediction_influences", notes, folder)
+    if found is None:
+        return None
+    fix = "rerun python -m TracIn.analyze_misprediction_influences"
+    return guarded(lambda: Mispredictions(found, read_json(found / "misprediction_summary.json", fix),
+                                          read_table(found / INFLUENCE, {"train_idx": "int"}, fix),
+                                          read_table(found / CROSS, {"test_idx": "int", "train_idx": "int"}, fix)), notes)
 
 
 def main(argv=None):

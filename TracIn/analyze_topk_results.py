@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ import pandas as pd
 
 from lib.cli import cli, positive_int
 from lib.data_utils import list_split, load_rgb
-from lib.files import save_csv, save_figure, save_json
+from lib.files import read_json, save_csv, save_figure, save_json
 from lib.ownership import Owner
 from TracIn.core.results import appearances, explained_model, load_results, run_id
-from TracIn.core.run_folder import tool_folder
-from TracIn.panels import pyplot, influence_panel
+from TracIn.core.run_folder import guarded, tool_folder, tool_output
+from TracIn.panels import influence_panel, pyplot
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_topk_results"
@@ -220,6 +221,29 @@ def analyze(args) -> dict:
         summary["tracin_run"] = run_id(r.record)  # what this folder was computed from
         save_json(out / "summary.json", summary)
     return summary
+
+
+@dataclass
+class Analysis:
+    """This tool's output for a run: summary.json's figures, and its charts by name (those that exist)."""
+
+    folder: Path
+    summary: dict
+    figures: dict  # "dashboard", "concentration", ... -> Path
+
+    def figure(self, name: str) -> Path | None:
+        return self.figures.get(name)
+
+
+def load(results, notes: list[str] | None = None, folder=None) -> Analysis | None:
+    """The dashboards of a run (a TracInResults or its folder; `folder`: another --out_dir than run/analysis).
+    Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    found = tool_output(results, "analysis", TOOL, "no dashboards: run python -m TracIn.analyze_topk_results", notes, folder)
+    if found is None:
+        return None
+    figures = {p.stem: p for p in sorted(found.glob("*.png"))}
+    return guarded(lambda: Analysis(found, read_json(found / "summary.json", "rerun python -m TracIn.analyze_topk_results"),
+                                    figures), notes)
 
 
 def main(argv=None):

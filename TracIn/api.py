@@ -32,11 +32,10 @@ import torch
 
 from lib.cli import UserError, checked_int, int_text
 from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
-from lib.files import read_json, read_table
+from lib.files import read_json
 from lib.prediction import logit_figures
 from TracIn.core.methods import method_for
 from TracIn.core.results import explained_model, load_results, recorded_data_dir, run_id
-from TracIn.core.run_folder import current
 
 QUERY_BATCH = 64  # query images per forward pass and score block
 
@@ -160,30 +159,18 @@ class Results:
     # ------------------------------------------------------------------ the tools' outputs
     def mislabel_candidates(self) -> pd.DataFrame:
         """python -m TracIn.mislabel_detection's ranking of likely label errors (best first); refused if it was computed
-        from another TracIn run."""
-        notes: list[str] = []
-        folder = current(self.path, "mislabel", self.run_id, notes)
-        if folder is None:
-            raise UserError(notes[0] if notes else f"no {self.path}/mislabel: run python -m TracIn.mislabel_detection first")
-        return read_table(folder / "mislabel_candidates.csv", {"rank": "int", "train_idx": "int", "path": "str"},
-                          "rerun python -m TracIn.mislabel_detection")
+        from another TracIn run (mislabel_detection.load)."""
+        from TracIn import mislabel_detection
+
+        return mislabel_detection.load(self.results).candidates
 
     def lds(self) -> pd.DataFrame:
-        """python -m TracIn.lds's table: per method the linear datamodeling score, its 95% interval and damping."""
-        path = self.path / "lds" / "lds.json"
-        if not path.exists():
-            raise UserError(f"no {path}: run python -m TracIn.lds --results_dir {self.path} first")
-        result = read_json(path, "rerun python -m TracIn.lds")
-        if result.get("tracin_run") != self.run_id:
-            raise UserError(f"{path} was computed from another TracIn run ({result.get('tracin_run')}, this one is "
-                            f"{self.run_id}); rerun python -m TracIn.lds")
-        methods = result.get("methods")
-        if not isinstance(methods, dict) or not all(isinstance(m, dict) and isinstance(m.get("ci95"), list)
-                                                    and len(m["ci95"]) == 2 and isinstance(m.get("lds"), (int, float))
-                                                    for m in methods.values()):
-            raise UserError(f"{path} is not an LDS table of python -m TracIn.lds (methods with lds and ci95); rerun it")
+        """python -m TracIn.lds's table: per method the linear datamodeling score, its 95% interval and damping
+        (lds.load: refused if computed from another TracIn run)."""
+        from TracIn import lds
+
         rows = [{"method": name, "lds": m["lds"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1], "damping": m.get("damping")}
-                for name, m in methods.items()]
+                for name, m in lds.load(self.results)["methods"].items()]
         return pd.DataFrame(rows).sort_values("lds", ascending=False, ignore_index=True)
 
     # ------------------------------------------------------------------ new images

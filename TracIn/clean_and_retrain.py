@@ -30,6 +30,7 @@ from lib.files import read_table, save_json
 from lib.ownership import Owner
 from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
+from TracIn.core.run_folder import record_inputs, tool_record
 from TracIn.detectors import DEFAULT_SCORE, DETECTORS, detector_scores
 from TracIn.experiments.retraining import (Arm, Retrainer, full_test_logits, original_exclusions, original_settings,
                                            run_arms)
@@ -79,6 +80,7 @@ def clean_and_retrain(args) -> dict:
     arms += [Arm(f"random_{s}", np.random.default_rng(1000 + s).choice(train_ids[open_ids], size=m, replace=False), seed)
              for s in range(args.random_seeds)]
     out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "clean_and_retrain"), "--out_dir").fill().path
+    record_inputs(out, TOOL, {"tracin_run": run_id(r.record)})
     retrainer = Retrainer("full", settings, args.data_dir, train_list, already, out, out, TOOL, args.num_workers, args.device)
     gt_path = Path(args.data_dir) / "mislabeled_ground_truth.csv"
     bad = set(read_table(gt_path, {"train_index": "int"}, f"re-prepare {args.data_dir}").train_index) if gt_path.exists() else None
@@ -111,6 +113,13 @@ def clean_and_retrain(args) -> dict:
     }
     save_json(out / "clean_and_retrain.json", summary)
     return summary
+
+
+def load(results, notes: list[str] | None = None, path=None) -> dict | None:
+    """clean_and_retrain.json of a run (a TracInResults or its folder; `path`: another --out_dir's), of this TracIn run.
+    Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    return tool_record(results, "clean_and_retrain/clean_and_retrain.json", "no clean-and-retrain result: run python -m "
+                       "TracIn.clean_and_retrain", notes, path, "rerun python -m TracIn.clean_and_retrain")
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ from lib.prediction import logit_figures
 from TracIn.core.factors import choose_subset
 from TracIn.core.methods import METHODS as REGISTRY
 from TracIn.core.results import run_id
+from TracIn.core.run_folder import record_inputs, run_folder_path, skip, tool_record
 from TracIn.core.run import InfluenceRun
 from TracIn.experiments.retraining import Arm, Retrainer, original_exclusions, original_settings, run_arms
 
@@ -136,9 +137,11 @@ def check(args) -> dict:
     run_factors.require_full("the check")
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(run_factors.paths[0]).parent
     settings = original_settings(ckpt_dir, args.arch, args.epochs)
+    inputs = {"tracin_run": run_id(run_factors.record)}
     if not args.out_dir:  # the default folder sits in the results folder, which a new TracIn run clears of it
-        OWNER.folder(Path(args.results_dir) / "counterfactual", "--results_dir").fill()
+        record_inputs(OWNER.folder(Path(args.results_dir) / "counterfactual", "--results_dir").fill().path, TOOL, inputs)
     out = OWNER.folder(Path(args.out_dir or Path(args.results_dir) / "counterfactual" / args.retrain), "--out_dir").fill().path
+    record_inputs(out, TOOL, inputs)
     already = original_exclusions(ckpt_dir, run_factors.train_list)  # left out of the original run: out of every arm too
 
     train_labels, test_labels = run_factors.train_list.labels, run_factors.test_list.labels
@@ -200,6 +203,18 @@ def check(args) -> dict:
     }
     save_json(out / "counterfactual.json", result)
     return result
+
+
+def load(results, notes: list[str] | None = None, folder=None) -> dict[str, dict] | None:
+    """The counterfactual checks of a run (a TracInResults or its folder; `folder`: another than run/counterfactual),
+    by --retrain: each counterfactual.json of this TracIn run. None at all, or a stale or unreadable one: one UserError
+    line, or with `notes` a line there and the others returned."""
+    folder = Path(folder) if folder is not None else run_folder_path(results) / "counterfactual"
+    paths = sorted(folder.glob("*/counterfactual.json"))
+    if not paths:
+        skip(f"no counterfactual check in {folder}: run python -m TracIn.counterfactual_check", notes)
+    found = {p.parent.name: tool_record(results, "", "", notes, p, "rerun python -m TracIn.counterfactual_check") for p in paths}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def table(result: dict) -> list[str]:

@@ -54,6 +54,7 @@ from TracIn.core.arguments import DAMPING
 from TracIn.core.factors import choose_subset
 from TracIn.core.methods import METHODS as REGISTRY, TRAK_DIM
 from TracIn.core.results import run_id
+from TracIn.core.run_folder import guarded, record_inputs, run_folder_path, tool_record
 from TracIn.core.run import InfluenceRun
 from TracIn.experiments.lds_score import (DAMPINGS, SubsetStore, check_subset_size, choose_damping, records_matrices,
                                           subset_indices)
@@ -196,7 +197,8 @@ def evaluate(args) -> dict:
     excluded = original_exclusions(ckpt_dir, run.train_list)
     candidates = np.setdiff1d(np.arange(run.n_train), excluded)
     check_subset_size(len(candidates), args.fraction, min_size=2 if args.retrain == "full" else 1)  # before any retrain
-    out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "lds"), "--out_dir").fill().path  # a new TracIn run in results_dir clears it with the other derived folders
+    out = Owner(TOOL).folder(Path(args.out_dir or Path(args.results_dir) / "lds"), "--out_dir").fill().path
+    record_inputs(out, TOOL, {"tracin_run": run_id(run.record)})  # a derived folder: a new TracIn run clears it
     # The retrains depend on the data, the original run's settings and the subsets, not on how the run was scored: an
     # ensemble of the same original run (efficient_tracin --members) or another --score_fn reuses them (--out_dir).
     data = run.record["data"]
@@ -256,6 +258,25 @@ def evaluate(args) -> dict:
               "seconds": time.time() - t0}
     save_json(out / "lds.json", result)
     return result
+
+
+def load(results, notes: list[str] | None = None, path=None) -> dict | None:
+    """lds.json of a run (a TracInResults or its folder; `path`: another --out_dir's lds.json), checked: of this TracIn
+    run, and a table (methods, each with a number lds and a two-number ci95). Otherwise one UserError line, or with
+    `notes` a line there and None."""
+    where = Path(path) if path is not None else run_folder_path(results) / "lds" / "lds.json"
+    result = tool_record(results, "lds/lds.json", f"no {where}: run python -m TracIn.lds --results_dir {where.parent.parent} "
+                                                  "first", notes, path, "rerun python -m TracIn.lds")
+
+    def checked():
+        methods = result.get("methods")
+        if not isinstance(methods, dict) or not all(isinstance(m, dict) and isinstance(m.get("ci95"), list)
+                                                    and len(m["ci95"]) == 2 and isinstance(m.get("lds"), (int, float))
+                                                    for m in methods.values()):
+            raise UserError(f"{where} is not an LDS table of python -m TracIn.lds (methods with lds and ci95); rerun it")
+        return result
+
+    return None if result is None else guarded(checked, notes)
 
 
 def table(result: dict) -> list[str]:

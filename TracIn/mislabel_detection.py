@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,17 @@ import pandas as pd
 
 from lib.cli import UserError, cli
 from lib.data_utils import list_split
-from lib.files import read_table, save_csv, save_figure, save_json
+from lib.files import read_json, read_table, save_csv, save_figure, save_json
 from lib.ownership import Owner
 from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
-from TracIn.core.run_folder import tool_folder
+from TracIn.core.run_folder import guarded, tool_folder, tool_output
 from TracIn.detectors import DEFAULT_SCORE, DETECTORS, FRACTIONS, average_precision, detector_scores, recall_at, roc_auc
 
 log = logging.getLogger(__name__)
 TOOL = "mislabel_detection"
+CANDIDATES = "mislabel_candidates.csv"  # also linked at the run folder's root
+TABLE_COLUMNS = ("rank", "train_idx", "path", "given_class", "predicted_class", "truly_mislabeled")  # the rest: detectors
 
 
 def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoint_dir: str | None = None,
@@ -80,12 +83,47 @@ def detect(results_dir: str, data_dir: str, out_dir: str | None = None, checkpoi
         shown = {name: v for name, v in scores.items() if name in (score, "self_influence", "self_influence_rank", "loss_last", "aum")}
         figure = plot_curves(shown, is_bad)
     with tool_folder(out, TOOL, {"tracin_run": report["tracin_run"], "train_run": report["train_run"],
-                                 "data_train_key": r.record["data"].get("train_key")}) as build:
+                                 "data_train_key": r.record["data"].get("train_key")}, links=[CANDIDATES]) as build:
         if figure is not None:
             save_figure(build / "mislabel_detection.png", figure)
-        save_csv(build / "mislabel_candidates.csv", table)
+        save_csv(build / CANDIDATES, table)
         save_json(build / "mislabel_detection.json", report)
     return report
+
+
+@dataclass
+class Mislabel:
+    """This tool's output for a run: the ranked table (rank, train_idx, path, given_class, predicted_class, one float
+    column per detector, truly_mislabeled where noise was injected), its record (score, detectors, metrics,
+    n_mislabeled) and the figure (None without injected noise)."""
+
+    folder: Path
+    candidates: pd.DataFrame
+    record: dict
+    detectors: list
+    figure: Path | None
+
+
+def load(results, notes: list[str] | None = None, folder=None) -> Mislabel | None:
+    """The mislabel table of a run (a TracInResults or its folder; `folder`: another --out_dir than run/mislabel).
+    Missing, stale (another TracIn run) or unreadable: one UserError line, or with `notes` a line there and None."""
+    found = tool_output(results, "mislabel", TOOL, "no mislabel table: run python -m TracIn.mislabel_detection (it writes "
+                                                   "mislabel/mislabel_candidates.csv)", notes, folder)
+    return None if found is None else guarded(lambda: read(found), notes)
+
+
+def read(folder: Path) -> Mislabel:
+    fix = "rerun python -m TracIn.mislabel_detection"
+    record = read_json(folder / "mislabel_detection.json", fix)
+    try:
+        header = pd.read_csv(folder / CANDIDATES, nrows=0).columns
+    except (OSError, ValueError):
+        header = []  # read_table below names the file
+    detectors = [str(c) for c in header if c not in TABLE_COLUMNS]
+    table = read_table(folder / CANDIDATES, {"rank": "int", "train_idx": "int", "path": "str", **{d: "float" for d in detectors}},
+                       fix)
+    figure = folder / "mislabel_detection.png"
+    return Mislabel(folder, table, record, detectors, figure if figure.is_file() else None)
 
 
 def evaluate(scores: np.ndarray, is_bad: np.ndarray) -> dict:

@@ -5,8 +5,8 @@
 
 Views: overview (the run's numbers, the figures, the mislabel and counterfactual tables); test images
 (filter by class and correct/mispredicted, jump to an index or file name, each image's top proponents and
-opponents, the main lists (efficient_tracin's default: influence_last) beside a second run of the same checkpoints in
-results_dir/normalized, raw or influence_last, e.g. normalised TracIn as the demo makes it); training images (the mislabel candidates ranked with every detector column, their
+opponents, the main lists (efficient_tracin's default: influence_last) beside a second run of the same checkpoints:
+--compare_dir, or the first subfolder of results_dir whose record says it is one, e.g. normalized/ as the demo makes it); training images (the mislabel candidates ranked with every detector column, their
 appearances in the lists, the test images each one influences most); mispredictions (false_predictions.csv,
 with Grad-CAM where gradCAM_evaluation.py made one).
 
@@ -20,9 +20,11 @@ fetch() from file://. Thumbnails (thumbs/, only of images the report shows) are 
 their source file is unchanged. Missing optional inputs are named on the overview page; an image file that
 has gone since the run shows a placeholder.
 
-Why one module over 300 lines: every part of the page's data (overview, test lists, training candidates,
-mispredictions, thumbnails) reads the same loaded run and its index maps, and is coerced by the same two helpers;
-the page itself (report_assets/) is apart.
+Every tool's output is read through that tool's reader (`mislabel_detection.load`, `false_prediction.load`,
+`gradCAM_evaluation.load`, `analyze_topk_results.load`, `evaluate.load`, `counterfactual_check.load`, `lds.load`),
+which skips a missing or stale output with a note; `build` joins small per-view functions over them. Why one module
+over 300 lines: every view reads the same loaded run and its index maps, and is coerced by the same two helpers; the
+page itself (report_assets/) is apart.
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from lib.checkpoints import model_difference
-from lib.cli import UserError, cli, first_line, nonneg_int, positive_int
-from lib.data_utils import SplitListing, data_identity, list_split, read_false_predictions
+from lib.cli import UserError, cli, nonneg_int, positive_int
+from lib.data_utils import SplitListing, data_identity, list_split
 from lib.files import identity_mismatch, read_table
 from lib.ownership import Owner, owner_of
+from lib.outputs import load_evaluation, load_false_predictions, load_gradcam
 from lib.processes import quiet_worker
+from TracIn import analyze_topk_results, counterfactual_check, lds, mislabel_detection
 from TracIn.core.results import RECORD, appearances, explained_model, index_of, load_results, run_id
-from TracIn.core.run_folder import current, tool_folder
+from TracIn.core.run_folder import tool_folder
 
 log = logging.getLogger(__name__)
 TOOL = "report"
@@ -61,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--results_dir", default="TracIn/results", help="efficient_tracin.py output (default TracIn/results)")
     p.add_argument("--data_dir", default="data/processed", help="prepared data (default data/processed)")
     p.add_argument("--compare_dir", default=None, help="a run of the same checkpoints with another --score_fn or --normalize, "
-                                                       "shown beside the main lists (default: the first of results_dir/normalized, "
-                                                       "raw, influence_last that holds a run)")
+                                                       "shown beside the main lists (default: the first subfolder of results_dir "
+                                                       "whose run.json records such a run)")
     p.add_argument("--false_predictions", default="false_predictions", help="false_prediction.py and Grad-CAM output: the folder or its false_predictions.csv (default false_predictions)")
     p.add_argument("--eval_dir", default="models/evaluation", help="evaluate.py output (default models/evaluation)")
     p.add_argument("--out_dir", default=None, help="report folder (default results_dir/report)")
@@ -142,41 +144,6 @@ def rounded(values, digits: int = 4) -> list:
     return out
 
 
-def read_optional_json(path: Path, notes: list[str]):
-    """An optional JSON input: None (with a note) when absent or unreadable; the report never fails on it."""
-    if not path.exists():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        notes.append(f"{path} skipped: cannot read it ({first_line(e)})")
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def derived_json(path: Path, this_run: str, notes: list[str]):
-    """A derived output's record, only when it was computed from this TracIn run (its tracin_run key)."""
-    value = read_optional_json(path, notes)
-    if value is not None and value.get("tracin_run") != this_run:
-        notes.append(f"{path.parent / path.name} skipped: it was computed from another TracIn run "
-                     f"({value.get('tracin_run') or 'unknown'}, this one is {this_run}); rerun the tool that wrote it")
-        return None
-    return value
-
-
-def gradcam_matches(cam_dir: Path, fp_record: dict, notes: list[str]) -> bool:
-    """Whether the Grad-CAM maps in cam_dir were made with the model and data of the mispredictions table."""
-    if not cam_dir.is_dir():
-        return False
-    ident = read_optional_json(cam_dir / "identity.json", notes) or {}
-    keys = ("model_sha256", "data_dir", "manifest_key")
-    if any(ident.get(k) != fp_record.get(k) for k in keys):
-        notes.append(f"Grad-CAM maps in {cam_dir} skipped: made with another model or data than the mispredictions table "
-                     "(rerun python gradCAM_evaluation.py)")
-        return False
-    return True
-
-
 def number(value):
     """A value from a result file as a finite number or None: never text that could reach the page as markup."""
     try:
@@ -235,19 +202,27 @@ def list_kind(run) -> str:
     return KINDS[args["normalize"]]
 
 
-def comparable_run(main, path: Path, notes: list[str]):
-    """The run beside the main one (another --score_fn or --normalize), if it is a complete run of the same checkpoints."""
-    if not (path / RECORD).exists():
-        flags = "--score_fn tracin --normalize train" if list_kind(main) != "normalized" else "--score_fn influence_last"
+def comparison(main, res_dir: Path, compare_dir, notes: list[str]) -> dict:
+    """The main lists and, beside them, a run of the same checkpoints with another --score_fn or --normalize: the
+    --compare_dir given, or the first of results_dir's subfolders holding a run (its record) that is comparable."""
+    lists = {list_kind(main): main}
+    candidates = [Path(compare_dir)] if compare_dir else [p for p in sorted(res_dir.iterdir()) if (p / RECORD).is_file()]
+    found = [p for p in candidates if (p / RECORD).exists()]
+    if not found:
+        kind, flags = (("normalized", "--score_fn tracin --normalize train") if list_kind(main) != "normalized" else
+                       ("influence_last", "--score_fn influence_last"))
+        path = Path(compare_dir) if compare_dir else res_dir / kind
         notes.append(f"only the {list_kind(main)} lists: no second run in {path} (python -m TracIn.efficient_tracin "
                      f"{flags} --output_dir {path} --cache_dir {main.path / 'factors'})")
-        return None
-    other = load_results(path)
-    if (other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]
-            or other.record["data"] != main.record["data"]):
-        notes.append(f"second lists skipped: {path} was computed from other checkpoints or data than {main.path}")
-        return None
-    return other
+    for path in found:
+        other = load_results(path)
+        if (other.record["identity"]["checkpoint_sha256"] != main.record["identity"]["checkpoint_sha256"]
+                or other.record["data"] != main.record["data"]):
+            notes.append(f"second lists skipped: {path} was computed from other checkpoints or data than {main.path}")
+        elif list_kind(other) not in lists:
+            lists[list_kind(other)] = other
+            break
+    return lists
 
 
 def influenced(indices: np.ndarray, values: np.ndarray, test_ids: np.ndarray, descending: bool):
@@ -262,112 +237,68 @@ def influenced(indices: np.ndarray, values: np.ndarray, test_ids: np.ndarray, de
     return {int(tr[s]): (te[s:min(e, s + INFLUENCED)].tolist(), rounded(v[s:min(e, s + INFLUENCED)])) for s, e in zip(starts, ends)}
 
 
-def build(args) -> dict:
-    t0 = time.time()
+# ---------------------------------------------------------------- views: each reads the run and the tools' readers
+def open_run(args):
+    """The run, checked against --data_dir (a re-prepared folder is refused; an image gone or edited since only gets a
+    placeholder and a note), and the report folder it may replace."""
     res_dir = Path(args.results_dir)
     r = load_results(res_dir)
-    notes: list[str] = []
     if Path(args.data_dir).resolve() != Path(r.record["data"]["data_dir"]):
         raise UserError(f"{res_dir} was computed on --data_dir {r.record['data']['data_dir']}, not {args.data_dir}")
-    # The preparation must be the run's (a re-prepared folder is refused); an image file gone or edited since only
-    # gets a placeholder and a note.
     differs = identity_mismatch(r.record["data"], data_identity(args.data_dir, images=False))
     if differs:
         raise UserError(f"{args.data_dir} was prepared again since TracIn ran on it ({differs}); rerun "
                         f"TracIn/efficient_tracin.py --output_dir {res_dir}")
     out = Owner(TOOL).folder(args.out_dir or res_dir / "report", "--out_dir").path  # only a folder the report wrote
-    this_run = run_id(r.record)
-    train_list, test_list = (split_listing(args.data_dir, split, r.record, notes) for split in ("train", "test"))
-    names = list(train_list.class_names)
-    k_run = r["top_k_influences_indices"].shape[1]
-    show_k = min(args.show_k, k_run)
-    test_ids = np.asarray(r["test_indices"])
+    return r, out
 
-    lists = {list_kind(r): r}
-    candidates = [Path(args.compare_dir)] if args.compare_dir else [res_dir / "normalized", res_dir / "raw", res_dir / "influence_last"]
-    compare = next((p for p in candidates if (p / RECORD).exists()), candidates[0])
-    other = comparable_run(r, compare, notes)
-    if other is not None and list_kind(other) not in lists:
-        lists[list_kind(other)] = other
-    list_rows = {}
-    for kind, run in lists.items():
-        rows = index_of(run["test_indices"], test_ids)  # the same test image's row in each run (-1: not scored there)
-        list_rows[kind] = rows
-        if (rows < 0).any():
-            notes.append(f"{kind} lists: {(rows < 0).sum()} test images of the main run were not scored there")
 
-    # mislabel candidates (optional)
-    mislabel_dir = current(res_dir, "mislabel", this_run, notes)
-    cand_path = (mislabel_dir or res_dir / "mislabel") / "mislabel_candidates.csv"
-    detectors, cand = [], None
-    det_json = read_optional_json(mislabel_dir / "mislabel_detection.json", notes) if mislabel_dir else None
-    if cand_path.exists() and det_json is not None:
-        skip = {"rank", "train_idx", "path", "given_class", "predicted_class", "truly_mislabeled"}
-        try:
-            header = pd.read_csv(cand_path, nrows=0).columns
-        except (OSError, ValueError):
-            header = []  # read_table below names the file
-        detectors = [str(c) for c in header if c not in skip]
-        cand = read_table(cand_path, {"rank": "int", "train_idx": "int", **{d: "float" for d in detectors}},
-                          "rerun python -m TracIn.mislabel_detection")
-        cand = cand[(cand.train_idx >= 0) & (cand.train_idx < len(train_list.paths))].sort_values("rank").head(args.candidates)
-    elif not (res_dir / "mislabel").exists():
-        notes.append("no mislabel table (python -m TracIn.mislabel_detection writes mislabel/mislabel_candidates.csv)")
+def candidates_view(det, n_train: int, limit: int):
+    """The mislabel candidates shown (best first, `limit` of them) and their detector columns."""
+    if det is None:
+        return None, []
+    cand = det.candidates
+    cand = cand[(cand.train_idx >= 0) & (cand.train_idx < n_train)].sort_values("rank").head(limit)
+    return cand, det.detectors
 
-    # mispredictions (optional), with Grad-CAM where present
-    fp_dir = Path(args.false_predictions)
-    if fp_dir.suffix == ".csv":  # the CSV's own path, the form the other tools take: its folder holds the rest
-        fp_dir = fp_dir.parent
-    mis_rows, cams_ok = [], False
-    if (fp_dir / "false_predictions.csv").exists():
-        try:
-            fp, fp_record = read_false_predictions(fp_dir / "false_predictions.csv", args.data_dir, images=False)
-        except UserError as e:
-            fp, fp_record = None, None
-            notes.append(f"mispredictions skipped: {e}")
-        other = model_difference(r.record.get("model"), fp_record.get("model")) if fp is not None else None
-        if other:
-            notes.append(f"mispredictions skipped: the TracIn lists and {fp_dir / 'false_predictions.csv'}: {other}; rerun "
-                         "false_prediction.py and efficient_tracin.py on the selected model (their defaults)")
-            fp = None
-        if fp is not None:
-            cams_ok = gradcam_matches(fp_dir / "gradcam", fp_record, notes)
-            sizes = {"train": len(train_list.paths), "test": len(test_list.paths)}
-            for row in fp.to_dict("records"):
-                if not 0 <= row["index"] < sizes[row["split"]]:
-                    continue
-                cam = fp_dir / "gradcam" / f"test_{row['index']}.png"
-                mis_rows.append({"split": row["split"], "idx": int(row["index"]), "true": str(row["true_label"]),
-                                 "pred": str(row["pred_label"]), "confidence": rounded([row["confidence"]], 3)[0],
-                                 "cam": cam.name if cams_ok and row["split"] == "test" and cam.exists() else None})
-            if not any(m["cam"] for m in mis_rows) and cams_ok:
-                notes.append("no Grad-CAM maps (python gradCAM_evaluation.py writes false_predictions/gradcam/)")
-    else:
-        notes.append(f"no mispredictions table ({fp_dir / 'false_predictions.csv'}; python false_prediction.py)")
 
-    # which training images the report shows: candidates first, then those in shown lists or mispredictions
+def mispredictions_view(fp, cams, sizes: dict) -> list[dict]:
+    """One row per mispredicted image in the splits, with its Grad-CAM map's file name where there is one."""
+    rows = []
+    for row in ([] if fp is None else fp.table.to_dict("records")):
+        if not 0 <= row["index"] < sizes[row["split"]]:
+            continue
+        cam = cams.map(row["index"]) if cams is not None and row["split"] == "test" else None
+        rows.append({"split": row["split"], "idx": int(row["index"]), "true": str(row["true_label"]),
+                     "pred": str(row["pred_label"]), "confidence": rounded([row["confidence"]], 3)[0],
+                     "cam": None if cam is None else cam.name})
+    return rows
+
+
+def train_view(r, lists: dict, list_rows: dict, show_k: int, cand, detectors: list, mis_rows: list, train_list):
+    """Which training images the report shows (candidates first, then those in shown lists or mispredictions) and,
+    per image, its candidate scores, its appearances in the run's full top-k lists and the test images it
+    influences most."""
     order = [] if cand is None else [int(i) for i in cand.train_idx]
-    shown = set(order)
     listed = set()
     for kind, run in lists.items():
         rows = list_rows[kind][list_rows[kind] >= 0]
         for name in ("top_k_influences_indices", "top_k_opponents_indices"):
             listed.update(np.unique(np.asarray(run[name])[rows, :show_k]).tolist())
     listed.update(m["idx"] for m in mis_rows if m["split"] == "train")
-    order += sorted(listed - shown)
+    order += sorted(listed - set(order))
 
-    # per training image: appearances in the run's full top-k lists and the test images it influences most
-    prop_i, prop_v = np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"])
-    opp_i, opp_v = np.asarray(r["top_k_opponents_indices"]), np.asarray(r["top_k_opponents_values"])
+    test_ids = np.asarray(r["test_indices"])
     n_train = len(train_list.paths)
     n_prop, n_opp = appearances(r, "proponents", n_train), appearances(r, "opponents", n_train)
-    top_p, top_o = influenced(prop_i, prop_v, test_ids, True), influenced(opp_i, opp_v, test_ids, False)
+    top_p = influenced(np.asarray(r["top_k_influences_indices"]), np.asarray(r["top_k_influences_values"]), test_ids, True)
+    top_o = influenced(np.asarray(r["top_k_opponents_indices"]), np.asarray(r["top_k_opponents_values"]), test_ids, False)
     pred_last = r.train_values("train_pred_last", np.arange(n_train)) if "train_pred_last" in r else np.full(n_train, np.nan)
     cand_by_idx = {} if cand is None else {int(row["train_idx"]): row for row in cand.to_dict("records")}
-    train_records = []
+    records = []
     for i in order:
         c = cand_by_idx.get(i)
-        train_records.append({
+        records.append({
             "idx": i, "label": int(train_list.labels[i]), "pred": None if np.isnan(pred_last[i]) else int(pred_last[i]),
             "file": os.path.basename(train_list.paths[i]), "path": train_list.paths[i],
             "rank": None if c is None else int(c["rank"]), "scores": None if c is None else rounded([c[d] for d in detectors]),
@@ -375,9 +306,12 @@ def build(args) -> dict:
             "in_proponent_lists": int(n_prop[i]), "in_opponent_lists": int(n_opp[i]),
             "helps_most": top_p.get(i, ([], [])), "hurts_most": top_o.get(i, ([], [])),
         })
+    return order, records
 
-    # per test image: its lists (show_k) in every available kind
-    test_records = []
+
+def test_view(lists: dict, list_rows: dict, test_ids: np.ndarray, show_k: int) -> list[dict]:
+    """Per test image: its lists (show_k) in every available kind."""
+    records = []
     for row, t in enumerate(test_ids):
         rec = {"idx": int(t), "lists": {}}
         for kind, run in lists.items():
@@ -388,71 +322,119 @@ def build(args) -> dict:
                                   "proponent_scores": rounded(run["top_k_influences_values"][rr, :show_k]),
                                   "opponents": np.asarray(run["top_k_opponents_indices"][rr, :show_k]).tolist(),
                                   "opponent_scores": rounded(run["top_k_opponents_values"][rr, :show_k])}
-        test_records.append(rec)
+        records.append(rec)
+    return records
 
-    # figures that exist and belong to this run
-    analysis_ok = current(res_dir, "analysis", this_run, notes) is not None
-    fig_candidates = [(res_dir / "analysis" / "dashboard.png", "TracIn dashboard", analysis_ok),
-                      (res_dir / "analysis" / "concentration.png", "concentration of the top-10 lists", analysis_ok),
-                      (res_dir / "mislabel" / "mislabel_detection.png", "mislabel detectors against injected noise", det_json is not None),
-                      (Path(args.eval_dir) / "confusion_matrix_test.png", "confusion matrix (test)", True),
-                      (fp_dir / "gradcam_mispredictions.png", "Grad-CAM of mispredicted test images", cams_ok)]
-    figures = [(p, t) for p, t, ok in fig_candidates if ok and p.exists()]
 
-    evaluation = read_optional_json(Path(args.eval_dir) / "metrics_test.json", notes)
-    if evaluation is not None and identity_mismatch(evaluation, data_identity(args.data_dir, images=False)):
-        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: computed on other data (rerun evaluate.py)")
-        evaluation = None
-    other = model_difference(r.record.get("model"), evaluation.get("model_record")) if evaluation is not None else None
-    if other:
-        notes.append(f"{Path(args.eval_dir) / 'metrics_test.json'} skipped: the TracIn lists and the evaluation: {other}; "
-                     "rerun evaluate.py and efficient_tracin.py on the selected model (their defaults)")
-        evaluation = None
-    counterfactual = {}
-    for path in sorted(res_dir.glob("counterfactual/*/counterfactual.json")):
-        cf = derived_json(path, this_run, notes)
-        if cf is not None:
-            counterfactual[path.parent.name] = cf
-    lds_result = derived_json(res_dir / "lds" / "lds.json", this_run, notes)
+def figures_view(analysis, det, evaluation, cams) -> list[tuple[Path, str]]:
+    """The figures of this run's tools that exist (each reader returns only its own, current ones)."""
+    shown = [(analysis and analysis.figure("dashboard"), "TracIn dashboard"),
+             (analysis and analysis.figure("concentration"), "concentration of the top-10 lists"),
+             (det and det.figure, "mislabel detectors against injected noise"),
+             (evaluation and evaluation.figure, "confusion matrix (test)"),
+             (cams and cams.figure, "Grad-CAM of mispredicted test images")]
+    return [(p, t) for p, t in shown if p]
+
+
+def run_meta(r) -> dict:
     summary = r.record.get("summary", {})
+    return {"n_train": len(r["train_indices"]), "n_test": len(r["test_indices"]), "n_checkpoints": len(r.record.get("checkpoints", [])),
+            "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"]["normalize"]),
+            "score_fn": text(r.record["args"]["score_fn"]),
+            "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
+            "model": text(f"{explained_model(r.record)}: {r.record.get('checkpoints_chosen') or 'every checkpoint'}"),
+            "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
+                            for c in r.record.get("checkpoints", [])]}
+
+
+def evaluation_meta(evaluation) -> dict | None:
+    if evaluation is None:
+        return None
+    ev = evaluation.metrics
+    return {"accuracy": number(ev.get("accuracy")), "loss": number(ev.get("loss")), "n": number(ev.get("n")),
+            "model": text(ev.get("model")), "selected_on": ev.get("selected_on") if ev.get("selected_on") in ("val", "test") else None,
+            "selection_accuracy": number(ev.get("selection_accuracy"))}
+
+
+def mislabel_meta(det) -> dict | None:
+    if det is None or not isinstance(det.record.get("metrics"), dict):
+        return None
+    rec = det.record
+    return {"score": text(rec.get("score")), "n_mislabeled": number(rec.get("n_mislabeled")),
+            "metrics": {text(d): {text(k): number(v) for k, v in m.items()} for d, m in rec["metrics"].items() if isinstance(m, dict)}}
+
+
+def counterfactual_meta(checks: dict) -> dict:
+    return {text(k): {"retrain": text(v.get("retrain")), "seeds": number(v.get("seeds")), "n_group": len(v.get("group", [])),
+                      "summary": {text(m): {f: number(row.get(f)) for f in ("removed", "d_loss_mean", "d_loss_std", "d_flips_mean")}
+                                  | {"beats_random": bool(row.get("beats_random"))}
+                                  for m, row in v.get("summary", {}).items() if isinstance(row, dict)}}
+            for k, v in checks.items()}
+
+
+def lds_meta(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {"retrain": text(result.get("retrain")), "subsets": number(result.get("reported_subsets")),
+            "n_test": number(result.get("n_test")), "accuracy": number(result.get("subset_model_accuracy")),
+            "methods": {text(m): {"lds": number(v.get("lds")), "ci_low": number(v["ci95"][0]), "ci_high": number(v["ci95"][1]),
+                                  "damping": number(v.get("damping"))} for m, v in result["methods"].items()}}
+
+
+def build(args) -> dict:
+    t0 = time.time()
+    notes: list[str] = []
+    r, out = open_run(args)
+    this_run = run_id(r.record)
+    train_list, test_list = (split_listing(args.data_dir, split, r.record, notes) for split in ("train", "test"))
+    k_run = r["top_k_influences_indices"].shape[1]
+    show_k = min(args.show_k, k_run)
+    test_ids = np.asarray(r["test_indices"])
+
+    lists = comparison(r, Path(args.results_dir), args.compare_dir, notes)
+    list_rows = {}
+    for kind, run in lists.items():
+        rows = index_of(run["test_indices"], test_ids)  # the same test image's row in each run (-1: not scored there)
+        list_rows[kind] = rows
+        if (rows < 0).any():
+            notes.append(f"{kind} lists: {(rows < 0).sum()} test images of the main run were not scored there")
+
+    # the tools' outputs, each through its reader: a missing or stale one is a note
+    det = mislabel_detection.load(r, notes)
+    fp = load_false_predictions(args.false_predictions, args.data_dir, r, notes)
+    cams = None if fp is None else load_gradcam(fp, notes)
+    analysis = analyze_topk_results.load(r, notes)
+    evaluation = load_evaluation(args.eval_dir, args.data_dir, r, notes=notes)
+    checks = counterfactual_check.load(r, notes)
+    lds_result = lds.load(r, notes)
+
+    cand, detectors = candidates_view(det, len(train_list.paths), args.candidates)
+    mis_rows = mispredictions_view(fp, cams, {"train": len(train_list.paths), "test": len(test_list.paths)})
+    order, train_records = train_view(r, lists, list_rows, show_k, cand, detectors, mis_rows, train_list)
+    test_records = test_view(lists, list_rows, test_ids, show_k)
+    figures = figures_view(analysis, det, evaluation, cams)
     meta = {
-        "run_id": this_run, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": names, "show_k": show_k, "top_k": int(k_run),
-        "kinds": list(lists), "notes": notes, "detectors": detectors,
-        "default_detector": None if det_json is None else text(det_json.get("score")),
-        "run": {"n_train": len(r["train_indices"]), "n_test": len(test_ids), "n_checkpoints": len(r.record.get("checkpoints", [])),
-                "layers": [text(l) for l in r.record.get("layers") or []], "normalize": text(r.record["args"]["normalize"]),
-                "score_fn": text(r.record["args"]["score_fn"]),
-                "seconds": number(summary.get("seconds_total")), "data_dir": text(r.record["data"]["data_dir"]),
-                "model": text(f"{explained_model(r.record)}: {r.record.get('checkpoints_chosen') or 'every checkpoint'}"),
-                "checkpoints": [{"path": text(c.get("path")), "epoch": number(c.get("epoch")), "lr": number(c.get("lr"))}
-                                for c in r.record.get("checkpoints", [])]},
-        "evaluation": None if evaluation is None else {"accuracy": number(evaluation.get("accuracy")), "loss": number(evaluation.get("loss")),
-                                                       "n": number(evaluation.get("n")), "model": text(evaluation.get("model")),
-                                                       "selected_on": evaluation.get("selected_on") if evaluation.get("selected_on") in ("val", "test") else None,
-                                                       "selection_accuracy": number(evaluation.get("selection_accuracy"))},
-        "mislabel": None if det_json is None or not isinstance(det_json.get("metrics"), dict) else {
-            "score": text(det_json.get("score")), "n_mislabeled": number(det_json.get("n_mislabeled")),
-            "metrics": {text(d): {text(k): number(v) for k, v in m.items()} for d, m in det_json["metrics"].items() if isinstance(m, dict)}},
-        "counterfactual": {text(k): {"retrain": text(v.get("retrain")), "seeds": number(v.get("seeds")), "n_group": len(v.get("group", [])),
-                                     "summary": {text(m): {f: number(row.get(f)) for f in ("removed", "d_loss_mean", "d_loss_std", "d_flips_mean")}
-                                                 | {"beats_random": bool(row.get("beats_random"))}
-                                                 for m, row in v.get("summary", {}).items() if isinstance(row, dict)}}
-                           for k, v in counterfactual.items()},
-        "lds": None if lds_result is None else {
-            "retrain": text(lds_result.get("retrain")), "subsets": number(lds_result.get("reported_subsets")),
-            "n_test": number(lds_result.get("n_test")), "accuracy": number(lds_result.get("subset_model_accuracy")),
-            "methods": {text(m): {"lds": number(v.get("lds")), "ci_low": number((v.get("ci95") or [None, None])[0]),
-                                  "ci_high": number((v.get("ci95") or [None, None])[1]), "damping": number(v.get("damping"))}
-                        for m, v in (lds_result.get("methods") or {}).items() if isinstance(v, dict)}},
-        "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
+        "run_id": this_run, "built": time.strftime("%Y-%m-%d %H:%M"), "class_names": list(train_list.class_names),
+        "show_k": show_k, "top_k": int(k_run), "kinds": list(lists), "notes": notes, "detectors": detectors,
+        "default_detector": None if det is None else text(det.record.get("score")), "run": run_meta(r),
+        "evaluation": evaluation_meta(evaluation), "mislabel": mislabel_meta(det), "counterfactual": counterfactual_meta(checks),
+        "lds": lds_meta(lds_result), "figures": [{"file": f"figures/{p.name}", "title": t} for p, t in figures],
         "test": {"idx": test_ids.tolist(), "label": test_list.labels[test_ids].tolist(), "pred": np.asarray(r["test_pred"]).tolist(),
                  "file": [os.path.basename(test_list.paths[t]) for t in test_ids]},
         "test_chunk": TEST_CHUNK, "train_chunk": TRAIN_CHUNK, "train_order": order,
         "n_candidates": 0 if cand is None else len(cand), "mispredictions": len(mis_rows),
     }
+    stats = write(out, args, this_run, train_list, test_list, test_ids, order, test_records, train_records, mis_rows,
+                  meta, figures, cams, notes)
+    stats.update({"seconds": time.time() - t0, "test_images": len(test_records), "training_images": len(train_records),
+                  "kinds": list(lists), "notes": notes, "out": str(out)})
+    return stats
 
-    # write: the whole report folder built beside the old one and swapped in (report.js, data, index.html, ...);
-    # thumbnails of the old one are carried over (hard links) and reused only when made from the very same file
+
+def write(out: Path, args, this_run: str, train_list, test_list, test_ids, order, test_records, train_records, mis_rows,
+          meta, figures, cams, notes) -> dict:
+    """The whole report folder built beside the old one and swapped in (report.js, data, index.html, ...); thumbnails
+    of the old one are carried over (hard links) and reused only when made from the very same file."""
     with tool_folder(out, TOOL, {"tracin_run": this_run, "data_dir": str(Path(args.data_dir).resolve())}) as build:
         index = {}
         if (out / "thumbs").is_dir() and owner_of(out) == TOOL:
@@ -489,15 +471,12 @@ def build(args) -> dict:
             (build / "gradcam").mkdir()
             for m in mis_rows:
                 if m["cam"]:
-                    shutil.copy2(fp_dir / "gradcam" / m["cam"], build / "gradcam" / m["cam"])
+                    shutil.copy2(cams.folder / m["cam"], build / "gradcam" / m["cam"])
         for name in ("report.js", "report.css", "index.html"):
             shutil.copy2(ASSETS / name, build / name)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    stats = {"seconds": time.time() - t0, "seconds_thumbnails": t_thumbs, "thumbnails_made": made, "thumbnails_kept": kept,
-             "missing_images": len(missing), "bytes": size, "test_images": len(test_records), "training_images": len(train_records),
-             "kinds": list(lists), "notes": notes, "out": str(out)}
-    return stats
-
+    return {"seconds_thumbnails": t_thumbs, "thumbnails_made": made, "thumbnails_kept": kept, "missing_images": len(missing),
+            "bytes": size}
 
 def main(argv=None):
     args = parse_args(argv)

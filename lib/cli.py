@@ -171,3 +171,18 @@ def plain_name(text: str) -> str:
 
 def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False):
     return _ranged(float, lo=lo, hi=hi, lo_open=lo_open)
+
+
+def skip(why: str, notes: list[str] | None) -> None:
+    """A reader's answer for a missing or stale output: refuse with one line (notes=None), or note it (returns None)."""
+    if notes is None:
+        raise UserError(why)
+    notes.append(why)
+
+
+def guarded(read, notes: list[str] | None):
+    """read() of a tool's output; its UserError (unreadable, malformed) refused or noted as `skip` says."""
+    try:
+        return read()
+    except UserError as e:
+        return skip(str(e), notes)

@@ -58,12 +58,10 @@ ARRAYS = (
 )
 REQUIRED = ARRAYS[:7]
 TABLES = ("top_k_influences.csv",)
-# Outputs of the analysis tools computed from a run are removed when a new run lands, but only what each tool marked as
-# its own: its subfolder of the run folder (TracIn/core/run_folder.py) and the links into it, and the flat files an older
-# version claimed (lib.ownership.Owner.claim; removed only while byte-identical). A user's file or folder of the same name is
-# never touched; raw/ and normalized/ are runs of their own (the report checks that they match) and stay.
-OLD_DERIVED_FILES = ("mislabel_candidates.csv", "mislabel_detection.json", "mislabel_detection.png",
-                     "misprediction_influence_analysis.csv", "misprediction_cross_analysis.csv", "misprediction_summary.json")
+# Outputs of the tools computed from a run are removed when a new run lands (run_folder.remove_derived): the derived
+# folders (found by their inputs.json) and the files and links other tools claimed at the root (lib.ownership; removed
+# only while unchanged). A user's file or folder is never touched; raw/ and normalized/ are runs of their own (the report
+# checks that they match) and stay.
 
 
 def run_id(record: dict) -> str:
@@ -109,8 +107,7 @@ def write_run(out: Path, arrays: dict, tables: dict, record: dict) -> None:
             if name in written:
                 os.replace(staging / name, out / name)
         remove_claimed(out, [n for n in own_files[:-1] if n not in written])
-        remove_claimed(out, list(OLD_DERIVED_FILES) + [p.name for p in out.glob("gradcam_test_*_proponents.png")])
-        remove_derived(out)
+        remove_derived(out, OWNER.name)
         os.replace(staging / RECORD, out / RECORD)
         OWNER.claim(out, written + [RECORD])
     finally:

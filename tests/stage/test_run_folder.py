@@ -151,3 +151,39 @@ def test_mispredictions_of_another_training_run_are_not_mixed_with_this_tracin_r
         else:
             with pytest.raises(UserError, match="training run"):
                 analyze_misprediction_influences.main(args + out)
+
+
+def test_a_tool_defined_here_is_found_by_its_inputs_cleaned_by_a_new_run_and_refused_when_stale(prepared, trained, tmp_path):
+    """Adding a tool edits no core file: a folder this test's tool builds with tool_folder (declaring its own notebook
+    link) is read through the one staleness check, and a new TracIn run removes it and its link (found by its
+    inputs.json); put back by hand, its reader refuses it (or notes it)."""
+    from TracIn.core.run_folder import derived_folders, tool_output
+
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    rid = run_id(load_results(res).record)
+
+    def load(notes=None):  # the new tool's reader
+        return tool_output(res, "my_tool", "my_test_tool", "no my_tool output: run my_test_tool", notes)
+
+    with pytest.raises(UserError, match="no my_tool output"):
+        load()
+    with tool_folder(res / "my_tool", "my_test_tool", {"tracin_run": rid}, links=["my_table.csv"]) as build:
+        (build / "my_table.csv").write_text("a\n1\n")
+    assert os.readlink(res / "my_table.csv") == "my_tool/my_table.csv"
+    assert derived_folders(res)[res / "my_tool"] == "my_test_tool"
+    assert load() == res / "my_tool"
+    kept = tmp_path / "kept"
+    shutil.copytree(res / "my_tool", kept)
+    (res / "mine").mkdir()  # a folder of yours and a file of yours at the root stay
+    (res / "mine" / "notes.txt").write_text("mine")
+    (res / "mine.txt").write_text("mine")
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(trained / "ckpt"), output_dir=str(res), top_k=2,
+                            num_workers=0, score_fn="tracin", normalize="none"))
+    assert not (res / "my_tool").exists() and not os.path.lexists(res / "my_table.csv")
+    assert (res / "mine" / "notes.txt").read_text() == "mine" and (res / "mine.txt").read_text() == "mine"
+    shutil.copytree(kept, res / "my_tool")  # the previous run's folder, put back by hand
+    with pytest.raises(UserError, match="another TracIn run"):
+        load()
+    notes = []
+    assert load(notes) is None and len(notes) == 1 and "my_tool" in notes[0] and "another TracIn run" in notes[0]
