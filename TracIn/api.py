@@ -2,7 +2,7 @@
 
     import TracIn
     run = TracIn.open("TracIn/results")             # checks the data (and, for explain, the checkpoints) unchanged
-    run.proponents(100, k=10)                       # rank, train_idx, path, class, score
+    run.proponents(100, k=10)                       # the stored list: rank, train_idx, path, class, score
     run.opponents(100, k=10)
     run.self_influence()                            # train_idx, path, class, self_influence (TracIn's sum_t lr_t |g_t|^2)
     run.mislabel_candidates().head(50)              # mislabel_detection's ranking (refused when stale)
@@ -10,7 +10,9 @@
     run.lds()                                       # method, lds, ci_low, ci_high, damping (python -m TracIn.lds)
     run.explain(["photo.jpg", pil_image, array], k=10)  # new images (path, PIL image or HxWx3 uint8 array)
 
-`explain` scores images that need not be in the data set with the run's own method (--score_fn, --normalize,
+A Results holds the one loaded results folder and, opened on first use, the one run.InfluenceRun behind it (`run`);
+the lists, tables and self-influence are the stored ones, `explain` recomputes. `explain` scores images that need not
+be in the data set with the run's own method (--score_fn, --normalize,
 --damping) against the cached training factors: per checkpoint one forward/backward of the query images and a pass
 over the cached training rows, no forward pass of a training image. An image is explained under its label in the data
 set when its file is one of the prepared splits, under a label you give, or else under the model's prediction
@@ -24,18 +26,22 @@ from __future__ import annotations
 
 import io
 import os
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 from lib.cli import UserError, checked_int, int_text
 from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
 from lib.files import read_json
 from lib.prediction import logit_figures
-from TracIn.core.methods import method_for
-from TracIn.core.results import explained_model, load_results, recorded_data_dir, run_id
+from TracIn.core.results import explained_model, run_id
+from TracIn.core.run import InfluenceRun, open_results
 
 QUERY_BATCH = 64  # query images per forward pass and score block
 
@@ -84,10 +90,8 @@ class Results:
         data_dir = folder_arg(data_dir, "data_dir", optional=True)
         if not isinstance(device, str):
             raise UserError(f"device must be a string (auto, cpu or cuda[:N]), not {type(device).__name__}")
-        record = load_results(self.path).record
-        self.data_dir = str(data_dir or recorded_data_dir(record))
-        self.results = load_results(self.path, data_dir=self.data_dir)  # refuses data changed since the run
-        self.record, self.run_id, self.device = record, run_id(record), device
+        self.results, self.data_dir = open_results(self.path, data_dir)  # refuses data changed since the run
+        self.record, self.run_id, self.device = self.results.record, run_id(self.results.record), device
         self.train_list, self.test_list = list_split(self.data_dir, "train"), list_split(self.data_dir, "test")
         self.class_names = list(self.train_list.class_names)
         self._run = None
@@ -103,12 +107,12 @@ class Results:
         return explained_model(self.record)
 
     @property
-    def run(self):
-        """The run.InfluenceRun behind it (checkpoints checked unchanged), opened on first use."""
+    def run(self) -> InfluenceRun:
+        """The run.InfluenceRun behind it (checkpoints checked unchanged), opened on first use from the results and
+        splits already loaded."""
         if self._run is None:
-            from TracIn.core.run import InfluenceRun
-
-            self._run = InfluenceRun.from_results(self.path, self.data_dir, self.device)
+            self._run = InfluenceRun.from_results(self.path, self.data_dir, self.device, results=self.results,
+                                                  splits=(self.train_list, self.test_list))
         return self._run
 
     # ------------------------------------------------------------------ the stored lists
@@ -130,11 +134,12 @@ class Results:
         return frame
 
     def proponents(self, test_idx: int, k: int | None = 10) -> pd.DataFrame:
-        """The k training images that most supported test image #test_idx's label (rank, train_idx, path, class, score)."""
+        """The stored list: the k training images that most supported test image #test_idx's label (rank, train_idx,
+        path, class, score), as the run wrote it (InfluenceRun.recompute_proponents recomputes)."""
         return self._list("influences", test_idx, k)
 
     def opponents(self, test_idx: int, k: int | None = 10) -> pd.DataFrame:
-        """The k training images that most opposed it, most negative first."""
+        """The stored list of the k training images that most opposed it, most negative first."""
         return self._list("opponents", test_idx, k)
 
     def self_influence(self) -> pd.DataFrame:
@@ -236,11 +241,9 @@ class Results:
         images = images_arg(images)
         k = checked_int(k, "k", 1, len(self.results["train_indices"]))
         run = self.run
-        fs = run.factors()
+        run.factors()  # the training side (a sharded run refused) before any image is read
         transform = eval_transform(run.ckpts[0])
         given, sources = self._labels(images, labels)
-        sa = run.score_args()
-        steps = run.last_steps() if method_for(sa.score_fn, sa.normalize).last_only else None
         names, frames = np.asarray(self.class_names), []
         for b0 in range(0, len(images), QUERY_BATCH):
             batch = images[b0:b0 + QUERY_BATCH]
@@ -249,10 +252,9 @@ class Results:
             # an image without a label is explained under its prediction, which costs one more forward pass first
             pred = run.predict(x).argmax(1) if any(g is None for g in known) else None
             y = np.array([p if g is None else g for g, p in zip(known, pred if pred is not None else known)], dtype=np.int64)
-            view = run.query_factors(x, torch.from_numpy(y), steps)
+            tracker, view = run.query(x, y, k)
             if pred is None:  # the last checkpoint's logits came with the factors
                 pred = view.logits()[run.last_steps()].mean(0).argmax(1)
-            tracker = run.topk(fs.with_test(view, y, view.logits()), k)
             for kind, (values, indices) in (("proponent", tracker.proponents()), ("opponent", tracker.opponents())):
                 values, indices = values.cpu().numpy(), indices.cpu().numpy()
                 for i in range(len(batch)):

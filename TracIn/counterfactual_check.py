@@ -160,7 +160,7 @@ def check(args) -> dict:
     methods = [m for m in METHODS if m in args.methods]
     lists = {}
     for name in (m for m in methods if m in REGISTRY):  # ranked as efficient_tracin ships the method
-        lists[name] = run_factors.proponents(group, ks[-1], score_fn=REGISTRY[name].score_fn, normalize=REGISTRY[name].normalize)
+        lists[name] = run_factors.recompute_proponents(group, ks[-1], score_fn=REGISTRY[name].score_fn, normalize=REGISTRY[name].normalize)
     if "knn" in methods:
         lists["knn"] = knn_lists(run_factors, group, ks[-1])
     rest = np.setdiff1d(np.arange(run_factors.n_test), group)

@@ -3,12 +3,11 @@
     $ python -m bench.bench_explain                       # 21,000 cached training rows, ResNet50 at 224 px, 4 checkpoints
     $ python -m bench.bench_explain --n_train 2000 --image_size 64 --batches 1 4    # a quick look
 
-What TracIn.open(...).explain() does per batch of query images, through the same code (run.InfluenceRun's
-query_factors and topk path: InfluenceHook, methods.FactorSet.scoring_views, scores.score_topk): the query images'
-forward/backward at each checkpoint the method needs, then one streamed pass over the cached training factors. The
-training side is a synthetic factor set of the fc layer's real shape (n_train x 2049 inputs, 10 outputs, float32, in
-memory as a warm page cache holds the memory-mapped cache); the models are real ResNet50s (random weights: the cost
-does not depend on them). Loading (the K-FAC factors and their inverse, the squared norms) is timed once, apart.
+What TracIn.open(...).explain() does per batch of query images, through the same call (run.InfluenceRun.query: the
+query images' forward/backward at each checkpoint the method needs, then one streamed pass over the training factors),
+on a run built with InfluenceRun's constructor from ready objects: the training side is a synthetic factor set of the
+fc layer's real shape (n_train x 2049 inputs, 10 outputs, float32, in memory as a warm page cache holds the
+memory-mapped cache); the models are real ResNet50s (random weights: the cost does not depend on them). Loading (the K-FAC factors and their inverse, the squared norms) is timed once, apart.
 Prints a table: method, query batch size, seconds per batch, seconds per image, and the share spent in the model.
 """
 from __future__ import annotations
@@ -19,12 +18,11 @@ import time
 import numpy as np
 import torch
 
+from lib.timing import Phases
 from model_architecture import build_model
-from TracIn.core.arguments import FactorArguments
-from TracIn.core.factors import make_hook
+from TracIn.core.arguments import FactorArguments, TracInConfig
 from TracIn.core.methods import FactorSet, method_for
-from TracIn.core.run import MemoryView
-from TracIn.core.scores import score_topk
+from TracIn.core.run import InfluenceRun, MemoryView
 
 
 def main():
@@ -58,12 +56,14 @@ def main():
     lrs = [1e-3 * (args.n_ckpt - t) / args.n_ckpt for t in range(args.n_ckpt)]
     fs = FactorSet(MemoryView(train, train_logits), None, lrs, ["fc"], labels, np.zeros(0, dtype=np.int64), device,
                    train_logits, np.zeros((args.n_ckpt, 0, c), np.float32))
+    run = InfluenceRun(TracInConfig(), device=device, models=models, lrs=lrs, members=[list(range(args.n_ckpt))],
+                       factor_args=fa, train_ids=np.arange(n), factor_set=fs)
     print(f"explain cost: {n:,} cached training rows (fc, {f} x {c}), {args.n_ckpt} checkpoints, ResNet50 at "
           f"{args.image_size} px, {torch.get_num_threads()} threads")
     print(f"{'method':<16}{'batch':>6}{'load s':>9}{'s/batch':>9}{'s/image':>9}{'model share':>13}")
     for name in args.methods:
-        method = method_for(name, "train" if name.startswith("tracin") else "none")
-        steps = [args.n_ckpt - 1] if method.last_only else list(range(args.n_ckpt))
+        normalize = "train" if name.startswith("tracin") else "none"
+        method = method_for(name, normalize)
         t0 = time.perf_counter()  # loading: what the first query pays once (K-FAC moments and inverse, norms)
         if method.curvature == "kfac":
             fs.curvature(method.last_only).whiten(MemoryView(train, train_logits), 10.0)
@@ -74,23 +74,13 @@ def main():
             best, best_model = float("inf"), 0.0
             for _ in range(args.repeats):
                 x = torch.randn(b, 3, args.image_size, args.image_size)
-                y = torch.from_numpy(rng.integers(0, c, b))
-                t0 = time.perf_counter()
-                per_ckpt, logits = [None] * args.n_ckpt, np.full((args.n_ckpt, b, c), np.nan, np.float32)
-                for t in steps:
-                    with make_hook(models[t], fa) as hook:
-                        factors, lg, _ = hook.factors(x, y)
-                    per_ckpt[t] = {"fc": tuple(v.float() for v in factors["fc"])}
-                    logits[t] = lg.numpy()
-                t_model = time.perf_counter() - t0
-                view = MemoryView(per_ckpt, logits)
-                q = fs.with_test(view, y.numpy(), logits)
-                views, layers, weights = q.scoring_views(method, 10.0, 2048)
-                tracker = score_topk(views["test"], views["train"], b, n, layers, weights, 10, 1024, 8192, np.arange(n), device)
-                assert torch.isfinite(tracker.proponents()[0]).all()
-                total = time.perf_counter() - t0
-                if total < best:
-                    best, best_model = total, t_model
+                y = rng.integers(0, c, b)
+                phases = Phases()
+                with phases("total"):
+                    tracker, _ = run.query(x, y, 10, name, normalize, phases)
+                    assert torch.isfinite(tracker.proponents()[0]).all()
+                if phases["total"] < best:
+                    best, best_model = phases["total"], phases["seconds_model"]
             print(f"{name:<16}{b:>6}{load:>9.2f}{best:>9.3f}{best / b:>9.3f}{best_model / best:>12.0%}")
 
 

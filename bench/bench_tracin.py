@@ -16,7 +16,6 @@ n_train grows because scores only ever exist block by block.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -90,17 +89,15 @@ def part1(args):
                     for m in models:
                         m(x)
 
-    phases = []  # per run of (b): seconds per phase, from timers wrapped around the job's own functions
+    phases = []  # per run of (b): the job's own seconds per phase (its summary)
 
     def ours():
-        timers = {}
-        with tempfile.TemporaryDirectory() as out, timed_phases(timers):
+        with tempfile.TemporaryDirectory() as out:
             cfg = TracInConfig(data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, output_dir=out,
                                top_k=args.top_k, batch_size=args.batch_size, train_subset=args.n_train,
                                test_subset=args.n_test, num_workers=args.num_workers, score_fn="tracin")
-            summary = tracin_job(cfg)
+            phases.append(tracin_job(cfg))
             idx = np.asarray(load_results(out)["top_k_influences_indices"])
-        phases.append({**timers, "factors": summary["seconds_factors"], "scores": summary["seconds_scores"]})
         return idx
 
     with torch.no_grad():  # warm-up: kernels and caches, so neither side pays the cold start
@@ -156,60 +153,28 @@ def part1(args):
               f"{overlap:.3f} (Captum's fast variant omits the bias gradient)")
 
 
-@contextlib.contextmanager
-def timed_phases(timers: dict):
-    """Time the job's phases in this process by wrapping the functions it calls (restored on exit): the run's set-up
-    (listings, checkpoints loaded and hashed), the image check, the forward + backward batches and the cache writes of
-    the factor pass, and the output files."""
-    import TracIn.core.factors as factors
-    import TracIn.core.job as job
-    from TracIn.core.ghost import InfluenceHook
-
-    def wrap(owner, name, key):
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
-
-        saved.append((owner, name, fn))
-        setattr(owner, name, timed)
-
-    saved = []
-    wrap(job, "InfluenceRun", "setup")  # a class: timing its call times its __init__
-    wrap(job, "check_images", "image check")
-    wrap(InfluenceHook, "factors", "forward + backward")
-    wrap(factors.CheckpointFactors, "write", "cache writes")
-    wrap(factors.CheckpointFactors, "sync", "cache writes")
-    wrap(factors, "model_from_checkpoint", "models built")
-    wrap(job, "tracin_outputs", "outputs")
-    wrap(job, "write_run", "outputs")
-    try:
-        yield timers
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+def phase_rows(phases: list[dict], total: float) -> list[tuple[str, float]]:
+    """(phase, median seconds) of the job's summaries (tracin_job's seconds_* figures, none measured here), the rest
+    of `total` (the wall time of a run) last."""
+    med = lambda key: float(np.median([p.get(f"seconds_{key}", 0.0) for p in phases]))
+    inner = med("forward_backward") + med("cache_writes") + med("models")
+    top = ("setup", "image_check", "factors", "scores", "outputs")
+    return [("set-up: listings, checkpoints loaded and sha256-hashed, models built", med("setup")),
+            ("image check (headers, JPEG end markers)", med("image_check")),
+            ("factor pass", med("factors")),
+            ("  of which forward + backward batches", med("forward_backward")),
+            ("  of which models put on the device", med("models")),
+            ("  of which factor cache writes and flushes", med("cache_writes")),
+            ("  of which the loader's waits and the rest", med("factors") - inner),
+            ("scores: blocks, top-k, self-influence", med("scores")),
+            ("outputs: tables, arrays, run.json", med("outputs")),
+            ("rest (folders, ownership, identity)", total - sum(med(k) for k in top))]
 
 
 def print_phases(phases: list[dict], totals: list[float], t_floor: float) -> None:
     """Where (b)'s time goes (medians over the runs), beside the floor."""
-    med = lambda key: float(np.median([p.get(key, 0.0) for p in phases]))
     total = float(np.median(totals))
-    inner = med("forward + backward") + med("cache writes") + med("models built")
-    rows = [("set-up: listings, checkpoints loaded and sha256-hashed", med("setup")),
-            ("image check (headers, JPEG end markers)", med("image check")),
-            ("factor pass", med("factors")),
-            ("  of which forward + backward batches", med("forward + backward")),
-            ("  of which models built from the checkpoints", med("models built")),
-            ("  of which factor cache writes and flushes", med("cache writes")),
-            ("  of which the loader's waits and the rest", med("factors") - inner),
-            ("scores: blocks, top-k, self-influence", med("scores")),
-            ("outputs: tables, arrays, run.json", med("outputs")),
-            ("rest (folders, ownership, identity)", total - med("setup") - med("image check") - med("factors")
-             - med("scores") - med("outputs"))]
+    rows = phase_rows(phases, total)
     print(f"\nWhere (b)'s time goes (median of {len(phases)} runs; (a) floor {t_floor:.1f} s)")
     print(f"| {'phase':<56} | {'seconds':>8} | {'share':>6} |")
     print(f"|{'-' * 58}|{'-' * 10}|{'-' * 8}|")

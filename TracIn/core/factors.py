@@ -1,8 +1,8 @@
 """Stage 1 of TracIn: per-example factors (a, d) of the target layers and the logits, cached on disk.
 
     from TracIn.core.factors import factor_views
-    views, computed, dims = factor_views(factor_args, device, ckpts, shas, train_list, test_list, train_ids, test_ids,
-                                         cache_root, num_workers)
+    views, computed = factor_views(factor_args, models, dims, setting, device, ckpts, shas, train_list, test_list,
+                                   train_ids, test_ids, cache_root, num_workers)   # run.InfluenceRun.score calls it
     a, d = views["train"].load(t, "fc", slice(0, 100), device)     # checkpoint t, layer fc, rows 0..99
     views["train"].sha256()                                         # the digest of the cached rows it reads
 
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from lib.checkpoints import (CHECKPOINT_RE, SELECTED, find_checkpoints, load_checkpoint, model_from_checkpoint,
-                             weights_sha256)
+from lib.checkpoints import CHECKPOINT_RE, SELECTED, find_checkpoints, load_checkpoint, weights_sha256
 from lib.cli import UserError, first_line
 from lib.data_utils import ImageListDataset, check_same_split, eval_transform, listing_key
-from lib.devices import autocast, batch_to_device, model_to_device
+from lib.devices import autocast, batch_to_device
 from lib.files import file_sha256, load_npy, npy_damage, read_json, save_json, save_npy
 from lib.ownership import Owner
+from lib.timing import Phases
 from TracIn.core.arguments import FactorArguments
 from TracIn.core.ghost import InfluenceHook
 
@@ -361,11 +361,6 @@ def make_hook(model, factor_args: FactorArguments) -> InfluenceHook:
                          project_linear=factor_args.project_linear)
 
 
-def factor_setting(factor_args: FactorArguments, model) -> dict:
-    """The factor cache's key for this model: FactorArguments.key, with projection settings when a layer is projected."""
-    return factor_args.key(projected=any(make_hook(model, factor_args).projected.values()))
-
-
 def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, setting: dict) -> list[CheckpointFactors]:
     """One CheckpointFactors per checkpoint; checks free disk space for the new ones first."""
     setting_key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
@@ -383,17 +378,24 @@ def open_caches(cache_root: Path, split: str, listing, shas, dims, n_classes, se
 
 
 def extract_factors(caches: list[CheckpointFactors], models, factor_args: FactorArguments, listing, ids: np.ndarray, transform,
-                    num_workers, device, desc) -> int:
+                    num_workers, device, desc, phases: Phases | None = None) -> int:
     """Stage 1 for the rows `ids` of one split: computes only rows some checkpoint lacks.
 
     Rows are batched in the order of `ids`, so the same ids give the same batches (and the same
-    bits) in every run. Returns the number of forward batches run now.
+    bits) in every run. Returns the number of forward batches run now; phases gets the seconds of the forward +
+    backward passes (seconds_forward_backward) and of the cache writes and flushes (seconds_cache_writes).
     """
     from tqdm import tqdm
 
     need = ids[~np.all([c.done[ids] for c in caches], axis=0)]
     if len(need) == 0:
         return 0
+    phases = Phases() if phases is None else phases
+
+    def flush(cache):  # persist progress on any exit, Ctrl-C included
+        with phases("seconds_cache_writes"):
+            cache.sync()
+
     dataset = ImageListDataset(listing, transform, need)
     amp = factor_args.amp and device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=factor_args.batch_size, shuffle=False, num_workers=num_workers,
@@ -402,18 +404,19 @@ def extract_factors(caches: list[CheckpointFactors], models, factor_args: Factor
     with contextlib.ExitStack() as stack:
         hooks = [stack.enter_context(make_hook(m, factor_args)) for m in models]
         for c in caches:
-            stack.callback(c.sync)  # persist progress on any exit, Ctrl-C included
+            stack.callback(flush, c)
         for x, y, idx in tqdm(loader, desc=desc, total=len(loader), disable=None):
             x, y, rows = batch_to_device(x, device), y.to(device, non_blocking=True), idx.numpy()
             for cache, hook in zip(caches, hooks):  # the batch visits every checkpoint before the next is read
                 todo = ~cache.done[rows]
                 if not todo.any():
                     continue
-                with autocast(device) if amp else contextlib.nullcontext():
+                with phases("seconds_forward_backward"), autocast(device) if amp else contextlib.nullcontext():
                     factors, logits, _ = hook.factors(x, y)
                 keep = torch.from_numpy(todo).to(device)
-                cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
-                cache.sync(force=False)
+                with phases("seconds_cache_writes"):
+                    cache.write(rows[todo], {l: (a[keep], d[keep]) for l, (a, d) in factors.items()}, logits[keep])
+                    cache.sync(force=False)
             done_now += 1
     return done_now
 
@@ -466,13 +469,11 @@ class ResidentFactors:
 
 
 
-def factor_views(factor_args: FactorArguments, device, ckpts, shas, train_list, test_list, train_ids, test_ids, cache_root: Path,
-                 num_workers: int):
-    """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks.
-    Returns ({"train": FactorView, "test": FactorView}, forward batches run per split, layer dims)."""
-    models = [model_to_device(model_from_checkpoint(c), device) for c in ckpts]  # every checkpoint resident at once
-    dims = make_hook(models[0], factor_args).dims
-    setting = factor_setting(factor_args, models[0])
+def factor_views(factor_args: FactorArguments, models, dims: dict, setting: dict, device, ckpts, shas, train_list, test_list,
+                 train_ids, test_ids, cache_root: Path, num_workers: int, phases: Phases | None = None):
+    """Stage 1: the cached factors of the given rows of both splits, computing only rows the cache lacks. models: every
+    checkpoint's model on `device` (all resident at once); dims: the hook's (A, D) widths per layer; setting: the
+    factor key (FactorArguments.key). Returns ({"train": FactorView, "test": FactorView}, forward batches run per split)."""
     tf = eval_transform(ckpts[0])
     n_classes = int(ckpts[0]["num_classes"])
     caches, computed, views = {}, {}, {}
@@ -480,8 +481,6 @@ def factor_views(factor_args: FactorArguments, device, ckpts, shas, train_list, 
         caches[split] = open_caches(cache_root, split, listing, shas, dims, n_classes, setting)
     for split, listing, ids in (("train", train_list, train_ids), ("test", test_list, test_ids)):
         computed[split] = extract_factors(caches[split], models, factor_args, listing, ids, tf, num_workers, device,
-                                          f"factors {split}")
+                                          f"factors {split}", phases)
         views[split] = FactorView(caches[split], ids)
-    return views, computed, dims
-
-
+    return views, computed

@@ -305,3 +305,44 @@ def test_the_apis_readers_of_tool_outputs_check_their_types(trained, prepared, t
     (res / "lds" / "lds.json").write_text(json.dumps({"tracin_run": run.run_id, "methods": {
         "tracin": {"lds": 0.5, "ci95": [0.1, 0.9], "damping": None}}}))
     assert run.lds().lds.tolist() == [0.5]
+
+
+def test_explain_loads_the_results_once_and_builds_one_hook_for_the_sizes(runs, prepared, monkeypatch):
+    """The notebook object wraps one loaded results folder and one run: TracIn.open + explain reads run.json once, and
+    the run builds one InfluenceHook to read the layers' sizes and factor key (besides the query's own, one per
+    checkpoint it runs)."""
+    from TracIn.core import results
+    from TracIn.influence_utils import InfluenceHook
+
+    res = runs[("influence_last", "none")]
+    image = TracIn.open(res, data_dir=str(prepared)).test_list.paths[0]
+    TracIn.open(res, data_dir=str(prepared)).explain(image, k=2)  # the factor cache complete before counting
+    loads, hooks = [], []
+    check_record, hook_init = results.check_record, InfluenceHook.__init__
+    monkeypatch.setattr(results, "check_record", lambda *a: loads.append(1) or check_record(*a))
+    monkeypatch.setattr(InfluenceHook, "__init__", lambda self, *a, **k: hooks.append(1) or hook_init(self, *a, **k))
+    TracIn.open(res, data_dir=str(prepared)).explain(image, k=2)
+    assert len(loads) == 1
+    assert len(hooks) == 1 + 1  # the sizes, and the query at the last checkpoint (influence_last)
+
+
+def test_a_run_from_results_takes_its_defaults_from_the_config_and_recomputes_the_stored_lists(runs, prepared):
+    """from_results fills what the record does not fix from TracInConfig (device, loader workers), recompute_proponents
+    defaults to the run's own method and gives the stored lists, and a run built from ready objects (no files: a data
+    folder that does not exist) answers a query as the opened one does."""
+    from TracIn.core.arguments import TracInConfig
+
+    res = runs[("influence_last", "none")]
+    run = InfluenceRun.from_results(res, str(prepared))
+    assert (run.cfg.device, run.cfg.num_workers) == (TracInConfig().device, TracInConfig().num_workers)
+    group = np.array([0, 3, 5])
+    stored = np.load(res / "top_k_influences_indices.npy")[group, :4]
+    np.testing.assert_array_equal(run.recompute_proponents(group, 4), stored)
+    ready = InfluenceRun(TracInConfig(data_dir=str(prepared / "nowhere"), score_fn="influence_last"), device=run.device,
+                         models=run.models(), lrs=run.lrs, members=run.members, factor_args=run.factor_args,
+                         train_ids=run.train_ids, factor_set=run.factors())
+    x = torch.randn(2, 3, 32, 32)
+    y = np.array([0, 1])
+    (want, _), (got, _) = run.query(x, y, 3), ready.query(x, y, 3)
+    for a, b in zip(want.proponents() + want.opponents(), got.proponents() + got.opponents()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

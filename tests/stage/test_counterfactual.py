@@ -100,5 +100,5 @@ def test_lists_from_a_record_of_an_older_version(prepared, trained, tmp_path):
     run_factors = InfluenceRun.from_results(str(res), str(prepared), resolve_device("cpu"), 0)
     group = np.arange(3)
     for score_fn, normalize in (("tracin", "none"), ("tracin", "train"), ("influence_last", "none")):
-        lists = run_factors.proponents(group, 2, score_fn=score_fn, normalize=normalize)
+        lists = run_factors.recompute_proponents(group, 2, score_fn=score_fn, normalize=normalize)
         assert lists.shape == (3, 2) and (lists >= 0).all()

@@ -13,7 +13,8 @@ from lib.checkpoints import load_checkpoint, model_from_checkpoint
 from lib.cli import UserError
 from lib.data_utils import ImageListDataset, build_transform, list_split
 from helpers import damage_npy, make_random_checkpoints
-from TracIn.core import factors, scores
+from TracIn.core import factors
+from TracIn.core import run as core_run
 from TracIn.core.arguments import TracInConfig
 from TracIn.core.job import tracin_job
 
@@ -199,7 +200,7 @@ def test_device_resident_factors_give_the_same_outputs(prepared, ckpts, tmp_path
     """The GPU path (all factors copied to the device once) is exercised here on the CPU."""
     run(prepared, ckpts, tmp_path / "memmap")
     calls = []
-    monkeypatch.setattr(scores, "fits_on_device", lambda stores, device: calls.append(device) or True)
+    monkeypatch.setattr(core_run, "fits_on_device", lambda stores, device: calls.append(device) or True)
     run(prepared, ckpts, tmp_path / "resident")
     assert calls, "the resident path was not taken"
     a, b = load_outputs(tmp_path / "memmap"), load_outputs(tmp_path / "resident")
