@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 from lib.cli import UserError, checked_int, int_text
 from lib.data_utils import eval_transform, list_split, load_rgb, to_rgb
@@ -42,6 +39,9 @@ from lib.files import read_json
 from lib.prediction import logit_figures
 from TracIn.core.results import explained_model, run_id
 from TracIn.core.run import InfluenceRun, open_results
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 QUERY_BATCH = 64  # query images per forward pass and score block
 

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--models_per_subset", type=positive_int, default=1, help="retrains per subset (seeds), margins averaged (default 1)")
     p.add_argument("--n_test", type=positive_int, default=200, help="seeded test images the LDS is measured on (default 200)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets and the test images (default 0)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if not m.startswith("ekfac")],
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if REGISTRY[m].curvature != "ekfac"],
                    help="methods scored (default all but ekfac/ekfac_last, the EK-FAC reference that costs C times more)")
     p.add_argument("--trak_dim", type=positive_int, default=TRAK_DIM, help=f"TRAK-style features per checkpoint (default {TRAK_DIM})")
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test images (default 1000)")

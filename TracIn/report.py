@@ -47,6 +47,7 @@ from lib.ownership import Owner, owner_of
 from lib.outputs import load_evaluation, load_false_predictions, load_gradcam
 from lib.processes import quiet_worker
 from TracIn import analyze_topk_results, counterfactual_check, lds, mislabel_detection
+from TracIn.core.methods import DEFAULT_SCORE_FN, SEED_SCORE_FN
 from TracIn.core.results import RECORD, appearances, explained_model, index_of, load_results, run_id
 from TracIn.core.run_folder import tool_folder
 
@@ -197,7 +198,7 @@ KINDS = {"none": "raw", "train": "normalized", "both": "cosine"}
 def list_kind(run) -> str:
     """The lists' name: TracIn's by its normalisation (raw, normalized, cosine), any other score by its --score_fn."""
     args = run.record["args"]  # its method: checked and filled in by results.check_record
-    if args["score_fn"] != "tracin":
+    if args["score_fn"] != SEED_SCORE_FN:
         return args["score_fn"]
     return KINDS[args["normalize"]]
 
@@ -210,7 +211,7 @@ def comparison(main, res_dir: Path, compare_dir, notes: list[str]) -> dict:
     found = [p for p in candidates if (p / RECORD).exists()]
     if not found:
         kind, flags = (("normalized", "--score_fn tracin --normalize train") if list_kind(main) != "normalized" else
-                       ("influence_last", "--score_fn influence_last"))
+                       (DEFAULT_SCORE_FN, f"--score_fn {DEFAULT_SCORE_FN}"))
         path = Path(compare_dir) if compare_dir else res_dir / kind
         notes.append(f"only the {list_kind(main)} lists: no second run in {path} (python -m TracIn.efficient_tracin "
                      f"{flags} --output_dir {path} --cache_dir {main.path / 'factors'})")
