@@ -21,7 +21,7 @@ import torch
 from lib.timing import Phases
 from model_architecture import build_model
 from TracIn.core.arguments import FactorArguments, TracInConfig
-from TracIn.core.methods import FactorSet, method_for
+from TracIn.core.methods import DAMPING, FactorSet, method_for
 from TracIn.core.run import InfluenceRun, MemoryView
 
 
@@ -62,11 +62,10 @@ def main():
           f"{args.image_size} px, {torch.get_num_threads()} threads")
     print(f"{'method':<16}{'batch':>6}{'load s':>9}{'s/batch':>9}{'s/image':>9}{'model share':>13}")
     for name in args.methods:
-        normalize = "train" if name.startswith("tracin") else "none"
-        method = method_for(name, normalize)
+        method = method_for(name, method_for(name).default_normalize)
         t0 = time.perf_counter()  # loading: what the first query pays once (K-FAC moments and inverse, norms)
         if method.curvature == "kfac":
-            fs.curvature(method.last_only).whiten(MemoryView(train, train_logits), 10.0)
+            fs.curvature(method.last_only).whiten(MemoryView(train, train_logits), DAMPING)
         if method.normalize != "none":
             fs.train_sq_norms()
         load = time.perf_counter() - t0
@@ -77,7 +76,7 @@ def main():
                 y = rng.integers(0, c, b)
                 phases = Phases()
                 with phases("total"):
-                    tracker, _ = run.query(x, y, 10, name, normalize, phases)
+                    tracker, _ = run.query(x, y, 10, name, method.normalize, phases)
                     assert torch.isfinite(tracker.proponents()[0]).all()
                 if phases["total"] < best:
                     best, best_model = phases["total"], phases["seconds_model"]
