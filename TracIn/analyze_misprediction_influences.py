@@ -31,7 +31,7 @@ from lib.data_utils import list_split, read_false_predictions
 from lib.files import read_json, read_table, save_csv, save_json
 from lib.ownership import Owner
 from TracIn.core.results import appearances, load_results, other_training_run, run_id
-from TracIn.core.run_folder import guarded, tool_folder, tool_output
+from TracIn.core.run_folder import tool_folder, tool_output
 
 log = logging.getLogger(__name__)
 TOOL = "analyze_misprediction_influences"
@@ -146,15 +146,15 @@ class Mispredictions:
 
 def load(results, notes: list[str] | None = None, folder=None) -> Mispredictions | None:
     """The misprediction tables of a run (a TracInResults or its folder; `folder`: another --out_dir than
-    run/misprediction). Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    run/misprediction). Missing or stale: one UserError line, or with `notes` a line there and None; unreadable: refused."""
     found = tool_output(results, "misprediction", TOOL, "no misprediction tables: run python -m "
                                                         "TracIn.analyze_misprediction_influences", notes, folder)
     if found is None:
         return None
     fix = "rerun python -m TracIn.analyze_misprediction_influences"
-    return guarded(lambda: Mispredictions(found, read_json(found / "misprediction_summary.json", fix),
-                                          read_table(found / INFLUENCE, {"train_idx": "int"}, fix),
-                                          read_table(found / CROSS, {"test_idx": "int", "train_idx": "int"}, fix)), notes)
+    return Mispredictions(found, read_json(found / "misprediction_summary.json", fix),
+                          read_table(found / INFLUENCE, {"train_idx": "int"}, fix),
+                          read_table(found / CROSS, {"test_idx": "int", "train_idx": "int"}, fix))
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ from lib.data_utils import list_split, load_rgb
 from lib.files import read_json, save_csv, save_figure, save_json
 from lib.ownership import Owner
 from TracIn.core.results import appearances, explained_model, load_results, run_id
-from TracIn.core.run_folder import guarded, tool_folder, tool_output
+from TracIn.core.run_folder import tool_folder, tool_output
 from TracIn.panels import influence_panel, pyplot
 
 log = logging.getLogger(__name__)
@@ -237,13 +237,12 @@ class Analysis:
 
 def load(results, notes: list[str] | None = None, folder=None) -> Analysis | None:
     """The dashboards of a run (a TracInResults or its folder; `folder`: another --out_dir than run/analysis).
-    Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    Missing or stale: one UserError line, or with `notes` a line there and None; unreadable: refused."""
     found = tool_output(results, "analysis", TOOL, "no dashboards: run python -m TracIn.analyze_topk_results", notes, folder)
     if found is None:
         return None
     figures = {p.stem: p for p in sorted(found.glob("*.png"))}
-    return guarded(lambda: Analysis(found, read_json(found / "summary.json", "rerun python -m TracIn.analyze_topk_results"),
-                                    figures), notes)
+    return Analysis(found, read_json(found / "summary.json", "rerun python -m TracIn.analyze_topk_results"), figures)
 
 
 def main(argv=None):

@@ -117,7 +117,7 @@ def clean_and_retrain(args) -> dict:
 
 def load(results, notes: list[str] | None = None, path=None) -> dict | None:
     """clean_and_retrain.json of a run (a TracInResults or its folder; `path`: another --out_dir's), of this TracIn run.
-    Missing, stale or unreadable: one UserError line, or with `notes` a line there and None."""
+    Missing or stale: one UserError line, or with `notes` a line there and None; unreadable: refused."""
     return tool_record(results, "clean_and_retrain/clean_and_retrain.json", "no clean-and-retrain result: run python -m "
                        "TracIn.clean_and_retrain", notes, path, "rerun python -m TracIn.clean_and_retrain")
 

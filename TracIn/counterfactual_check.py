@@ -207,8 +207,8 @@ def check(args) -> dict:
 
 def load(results, notes: list[str] | None = None, folder=None) -> dict[str, dict] | None:
     """The counterfactual checks of a run (a TracInResults or its folder; `folder`: another than run/counterfactual),
-    by --retrain: each counterfactual.json of this TracIn run. None at all, or a stale or unreadable one: one UserError
-    line, or with `notes` a line there and the others returned."""
+    by --retrain: each counterfactual.json of this TracIn run. None at all, or a stale one: one UserError
+    line, or with `notes` a line there and the others returned; an unreadable one: refused."""
     folder = Path(folder) if folder is not None else run_folder_path(results) / "counterfactual"
     paths = sorted(folder.glob("*/counterfactual.json"))
     if not paths:

@@ -54,7 +54,7 @@ from TracIn.core.arguments import DAMPING
 from TracIn.core.factors import choose_subset
 from TracIn.core.methods import METHODS as REGISTRY, TRAK_DIM
 from TracIn.core.results import run_id
-from TracIn.core.run_folder import guarded, record_inputs, run_folder_path, tool_record
+from TracIn.core.run_folder import record_inputs, run_folder_path, tool_record
 from TracIn.core.run import InfluenceRun
 from TracIn.experiments.lds_score import (DAMPINGS, SubsetStore, check_subset_size, choose_damping, records_matrices,
                                           subset_indices)
@@ -276,7 +276,7 @@ def load(results, notes: list[str] | None = None, path=None) -> dict | None:
             raise UserError(f"{where} is not an LDS table of python -m TracIn.lds (methods with lds and ci95); rerun it")
         return result
 
-    return None if result is None else guarded(checked, notes)
+    return None if result is None else checked()
 
 
 def table(result: dict) -> list[str]:

@@ -33,7 +33,7 @@ from lib.files import read_json, read_table, save_csv, save_figure, save_json
 from lib.ownership import Owner
 from lib.training_dynamics import dynamics_of_run
 from TracIn.core.results import load_results, run_id
-from TracIn.core.run_folder import guarded, tool_folder, tool_output
+from TracIn.core.run_folder import tool_folder, tool_output
 from TracIn.detectors import DEFAULT_SCORE, DETECTORS, FRACTIONS, average_precision, detector_scores, recall_at, roc_auc
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,11 @@ class Mislabel:
 
 def load(results, notes: list[str] | None = None, folder=None) -> Mislabel | None:
     """The mislabel table of a run (a TracInResults or its folder; `folder`: another --out_dir than run/mislabel).
-    Missing, stale (another TracIn run) or unreadable: one UserError line, or with `notes` a line there and None."""
+    Missing or stale (another TracIn run): one UserError line, or with `notes` a line there and None; unreadable:
+    refused."""
     found = tool_output(results, "mislabel", TOOL, "no mislabel table: run python -m TracIn.mislabel_detection (it writes "
                                                    "mislabel/mislabel_candidates.csv)", notes, folder)
-    return None if found is None else guarded(lambda: read(found), notes)
+    return None if found is None else read(found)
 
 
 def read(folder: Path) -> Mislabel:

@@ -174,15 +174,9 @@ def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False):
 
 
 def skip(why: str, notes: list[str] | None) -> None:
-    """A reader's answer for a missing or stale output: refuse with one line (notes=None), or note it (returns None)."""
+    """A reader's answer for a missing or stale output: refuse with one line (notes=None), or note it (returns None).
+    An output that is there, current and unreadable is refused whatever `notes` (a corrupt file is not a state to skip)."""
     if notes is None:
         raise UserError(why)
     notes.append(why)
 
-
-def guarded(read, notes: list[str] | None):
-    """read() of a tool's output; its UserError (unreadable, malformed) refused or noted as `skip` says."""
-    try:
-        return read()
-    except UserError as e:
-        return skip(str(e), notes)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from lib.checkpoints import model_difference
-from lib.cli import UserError, guarded, skip
+from lib.cli import UserError, skip
 from lib.data_utils import data_identity, read_false_predictions
 from lib.files import identity_mismatch, read_json
 
@@ -33,14 +33,12 @@ class Evaluation:
 
 def load_evaluation(eval_dir, data_dir, results=None, split: str = "test", notes: list[str] | None = None) -> Evaluation | None:
     """The evaluation in `eval_dir`, checked against `data_dir` as prepared now and, with `results` (a TracInResults),
-    the model that run explains. Missing, unreadable, of other data or of another model: one UserError line, or with
-    `notes` a line there and None."""
+    the model that run explains. Missing, of other data or of another model: one UserError line, or with
+    `notes` a line there and None; unreadable: refused."""
     path = Path(eval_dir) / f"metrics_{split}.json"
     if not path.exists():
         return skip(f"no {path}: run python evaluate.py --split {split}", notes)
-    metrics = guarded(lambda: read_json(path, "rerun python evaluate.py"), notes)
-    if metrics is None:
-        return None
+    metrics = read_json(path, "rerun python evaluate.py")
     if identity_mismatch(metrics, data_identity(data_dir, images=False)):
         return skip(f"{path} skipped: computed on other data (rerun evaluate.py)", notes)
     other = model_difference(results.record.get("model"), metrics.get("model_record")) if results is not None else None
@@ -97,13 +95,12 @@ class GradcamMaps:
 
 def load_gradcam(false_predictions, notes: list[str] | None = None) -> GradcamMaps | None:
     """The maps beside a loaded mispredictions table (load_false_predictions), when made with its model and data.
-    Missing, unreadable or of another model or data: one UserError line, or with `notes` a line there and None."""
+    Missing or of another model or data: one UserError line, or with `notes` a line there and None; unreadable:
+    refused."""
     folder = false_predictions.folder / "gradcam"
     if not (folder / "identity.json").is_file():
         return skip(f"no Grad-CAM maps (python gradCAM_evaluation.py writes {folder}/)", notes)
-    ident = guarded(lambda: read_json(folder / "identity.json", "rerun python gradCAM_evaluation.py"), notes)
-    if ident is None:
-        return None
+    ident = read_json(folder / "identity.json", "rerun python gradCAM_evaluation.py")
     if any(ident.get(k) != false_predictions.record.get(k) for k in ("model_sha256", "data_dir", "manifest_key")):
         return skip(f"Grad-CAM maps in {folder} skipped: made with another model or data than the mispredictions table "
                     "(rerun python gradCAM_evaluation.py)", notes)

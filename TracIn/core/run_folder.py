@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from lib.cli import UserError, guarded, skip  # noqa: F401  (the readers' refuse-or-note)
+from lib.cli import skip
 from lib.files import save_json
 from lib.ownership import OwnedFolder, Owner, claimed, owner_of, read_claims, remove_claimed
 
@@ -167,14 +167,9 @@ def tool_record(results, name: str, missing: str, notes: list[str] | None = None
     if not path.is_file():
         return skip(missing, notes)
 
-    def read():
-        value = read_json(path, fix)
-        why = stale(value, run, path)
-        if why:
-            raise UserError(why)
-        return value
-
-    return guarded(read, notes)
+    value = read_json(path, fix)  # unreadable: refused (lib.cli.skip)
+    why = stale(value, run, path)
+    return skip(why, notes) if why else value
 
 
 def remove_derived(root: Path, run_tool: str) -> None:
