@@ -110,11 +110,11 @@ def test_a_member_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted
     for k in ("arch", "epochs", "batch_size", "learning_rate", "save_checkpoints_every", "data_train_key", "n_train"):
         assert member[k] == saved[k], k
     # killed in its second epoch (the 6th step of 18 training images in batches of 4), then run again
+    ensemble.Owner(ensemble.TOOL).folder(tmp_path / "killed").fill()  # as ensemble.main marks it before its members
     argv = ensemble.member_argv(1, original, tmp_path / "killed", saved["data_dir"], 0, "cpu")
     killed = sh("tests/kill_after.py", "train", "6", *argv)
     assert killed.returncode != 0
     assert ensemble.state(tmp_path / "killed" / "member_1", saved["epochs"]) == "partial"
-    ensemble.Owner(ensemble.TOOL).folder(tmp_path / "killed").fill()
     assert ensemble.main(args + ["--out_dir", str(tmp_path / "killed")]) == 0
     for epoch in (1, 2):
         w = torch.load(tmp_path / "whole" / "member_1" / "checkpoints" / f"finetune_epoch_{epoch}.pth", weights_only=True)
