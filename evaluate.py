@@ -3,8 +3,8 @@
     $ python evaluate.py                                   # best model in models/, test split
     $ python evaluate.py --model models/checkpoints/finetune_epoch_4.pth --split train
 
-The inference loop and the metrics it prints live in model_architecture.py (`predict`,
-`metrics_from_logits`, `evaluate_model`); this file is only the script.
+The inference loop and the metrics it prints live in lib/prediction.py (`predict`,
+`metrics_from_logits`, `evaluate_model`); its reader, `load`, in lib/outputs.py; this file is only the script.
 
 Writes to --out_dir (default models/evaluation): predictions_<split>.csv,
 metrics_<split>.json, confusion_matrix_<split>.csv and confusion_matrix_<split>.png.
