@@ -48,18 +48,28 @@ def clean_owned(folder: Path, tool: str) -> int:
     return before - files_in(folder)
 
 
+def clean_marked(folder: Path, tool: str) -> int:
+    """A folder `tool` marked as its own: cleaned when it is a result (RESULT_TOOLS, or derived from a TracIn run), else
+    left, said (a prepared data set, train.py's checkpoints, an ensemble's members)."""
+    if tool in RESULT_TOOLS or tool == derived_tool(folder):
+        return clean_owned(folder, tool)
+    log.info(f"clean-results: {folder} is {tool}'s folder, not a result; left as it is")
+    return 0
+
+
 def clean_folder(folder: Path) -> int:
     """One output folder (a shared one, never removed itself): its result tools' subfolders, nested TracIn runs
-    (raw/, normalized/), and the files and links claimed in it. Returns how many files went."""
+    (raw/, normalized/), and the files and links claimed in it. A folder a tool marked as its own, passed here, is
+    that tool's folder, not a shared one (`clean_marked`). Returns how many files went."""
     if not folder.is_dir() or folder.is_symlink():
         return 0
+    if owner_of(folder) is not None:
+        return clean_marked(folder, owner_of(folder))
     n = 0
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
         tool = owner_of(sub)
-        if tool in RESULT_TOOLS or tool == derived_tool(sub):
-            n += clean_owned(sub, tool)
-        elif tool is not None:
-            log.info(f"clean-results: {sub} is {tool}'s folder, not a result; left as it is")
+        if tool is not None:
+            n += clean_marked(sub, tool)
         elif (sub / "run.json").is_file():
             n += clean_folder(sub)
     n += remove_dangling_links(folder)

@@ -113,3 +113,12 @@ def test_efficient_tracin_refuses_another_tools_output_folder(prepared, trained,
         et.main(["--data_dir", str(prepared), "--checkpoint_dir", str(trained / "ckpt"), "--output_dir", str(fp),
                  "--top_k", "2", "--num_workers", "0"])
     assert checksums(fp) == before
+
+
+def test_clean_results_pointed_at_a_prepared_or_checkpoint_folder_removes_nothing_of_it(prepared, trained, tmp_path):
+    # every flag aimed at the prepared data and the checkpoints themselves (not a shared folder above them): their
+    # tools claimed every file there, but they are data and models, not results
+    data, ckpt = copy(prepared, tmp_path / "data"), copy(trained / "ckpt", tmp_path / "ckpt")
+    before = checksums(tmp_path)
+    clean(tmp_path, results_dir=data, false_predictions=ckpt, eval_dir=data, checkpoint_dir=data)
+    assert checksums(tmp_path) == before
