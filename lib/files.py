@@ -186,11 +186,16 @@ def load_npz(path: str | os.PathLike, keys=(), fix: str = "rerun the tool that w
 
 def read_table(path: str | os.PathLike, columns: dict[str, str], fix: str):
     """A CSV with the given columns ({name: 'int' | 'float' | 'str'}): a missing column, an empty file or a
-    cell of the wrong type is one UserError naming the file and the column."""
+    cell of the wrong type is one UserError naming the file and the column; so is a file cut short (every table
+    written here ends with a line break; one that does not lost its last rows, and would read as a shorter table)."""
     import pandas as pd
 
     try:
         table = pd.read_csv(path)
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) not in b"\r\n":
+                raise ValueError("it ends mid-row: the file was cut short")
     except (OSError, ValueError) as e:  # EmptyDataError and ParserError are ValueErrors
         raise UserError(f"cannot read {path} as CSV ({first_line(e)}); {fix}") from None
     missing = [c for c in columns if c not in table.columns]

@@ -357,6 +357,15 @@ def test_corrupt_or_truncated_result_files_are_one_line(world, tmp_path):
     fails(report.main, report_args(c, out=tmp_path / "rep"), "loss_last", "abc")
 
 
+def test_a_table_cut_short_is_refused_not_read_as_a_shorter_one(world, tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(world["res"], res, symlinks=True)
+    table = res / "mislabel" / "mislabel_candidates.csv"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # a copy or a disk that stopped mid-row
+    fails(mislabel_detection.load, res, "mislabel_candidates.csv", "cut short")
+    fails(lambda r: mislabel_detection.load(r, notes=[]), res, "cut short")  # corrupt: refused whatever the caller keeps
+
+
 def test_corrupt_cache_and_a_failed_allocation_are_recomputed(world, tmp_path, monkeypatch):
     c = own_copy(world, tmp_path)
     res = c["res"]
