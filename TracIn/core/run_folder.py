@@ -43,13 +43,13 @@ def tool_folder(out: Path, tool: str, inputs: dict, flag: str = "--out_dir", lin
     out = Path(out)
     with Owner(tool).folder(out, flag) as build:
         yield build
-        save_json(build / INPUTS, {"tool": tool, **inputs})
+        save_json(build / INPUTS, {"tool": tool, "folder": out.name, **inputs})
     link_notebook_paths(out, tool, links)
 
 
 def record_inputs(folder: Path, tool: str, inputs: dict) -> None:
     """inputs.json of a folder `tool` marked and fills in place (resumable arms): what makes it a derived folder."""
-    save_json(Path(folder) / INPUTS, {"tool": tool, **inputs})
+    save_json(Path(folder) / INPUTS, {"tool": tool, "folder": Path(folder).name, **inputs})
 
 
 def link_notebook_paths(out: Path, tool: str, links) -> list[str]:
@@ -83,13 +83,16 @@ def read_inputs(folder: Path) -> dict | None:
 
 
 def derived_tool(folder: Path) -> str | None:
-    """The tool whose derived folder `folder` is (its inputs.json names it and a TracIn run, and it marked the folder)."""
+    """The tool whose derived folder `folder` is: its inputs.json names the tool, a TracIn run and this folder's name (a
+    copy of yours under another name, marker and record included, is not the tool's), and the tool marked it."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return None
     inputs = read_inputs(folder)
     tool = inputs.get("tool") if inputs else None
-    return tool if isinstance(tool, str) and "tracin_run" in inputs and owner_of(folder) == tool else None
+    if not (isinstance(tool, str) and "tracin_run" in inputs and inputs.get("folder") == folder.name):
+        return None
+    return tool if owner_of(folder) == tool else None
 
 
 def derived_folders(root: Path) -> dict[Path, str]:

@@ -187,3 +187,21 @@ def test_a_tool_defined_here_is_found_by_its_inputs_cleaned_by_a_new_run_and_ref
         load()
     notes = []
     assert load(notes) is None and len(notes) == 1 and "my_tool" in notes[0] and "another TracIn run" in notes[0]
+
+
+def test_a_copy_of_a_tool_folder_under_another_name_is_yours_and_survives_a_new_run(prepared, trained, tmp_path):
+    """cp -r res/my_tool res/my_tool_backup copies the tool's marker, record and inputs.json; the copy is still yours:
+    a new TracIn run removes the tool's folder, never the backup (a tool deletes only what it can prove it wrote there)."""
+    from TracIn.core.run_folder import derived_folders
+
+    res = tmp_path / "res"
+    shutil.copytree(trained / "res", res)
+    rid = run_id(load_results(res).record)
+    with tool_folder(res / "my_tool", "my_test_tool", {"tracin_run": rid}) as build:
+        (build / "my_table.csv").write_text("a\n1\n")
+    shutil.copytree(res / "my_tool", res / "my_tool_backup")
+    assert list(derived_folders(res).values()) == ["my_test_tool"]
+    tracin_job(TracInConfig(data_dir=str(prepared), checkpoint_dir=str(trained / "ckpt"), output_dir=str(res), top_k=2,
+                            num_workers=0, score_fn="tracin", normalize="none"))
+    assert not (res / "my_tool").exists()
+    assert (res / "my_tool_backup" / "my_table.csv").read_text() == "a\n1\n"
