@@ -38,14 +38,13 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lib.cli import UserError, cli, first_line, fraction, image_side, nonneg_int, positive_int
+from lib.cli import UserError, cli, first_line, fraction, image_side, nonneg_int
 from lib.data_utils import english_class_name, list_split, load_rgb, read_review_csv
 from lib.files import ensure_output_dir, is_relative_to, read_table, save_json
 from lib.ownership import OwnedFolder, Owner
@@ -375,7 +374,6 @@ def place_split(tmp: Path, split: dict, class_names: list[str], staged: dict, ta
                 taken.add(dst)  # so a noisy move into this folder never overwrites it
                 os.replace(staged[src], dst)
                 kept.append((s, name, src, dst))
-    shutil.rmtree(tmp / "staging")
     for s in splits:
         empty = [c for c in class_names if not any(m[0] == s and m[1] == c for m in kept)]
         if empty:
@@ -472,6 +470,7 @@ def prepare(args) -> dict:
         readable, staged, skipped, taken = decode(tmp, class_names, files, args, raw_dir)
         split = stratified_split(readable, args.test_fraction, args.seed, args.val_fraction)
         kept = place_split(tmp, split, class_names, staged, taken)
+        out.discard(tmp / "staging")  # the decoding's scratch folder, its images moved into the splits above
         noisy = add_label_noise(tmp, kept, class_names, args.label_noise, args.noise_kind, args.seed, args.format, taken) \
             if args.label_noise > 0 else []
         if relabel:

@@ -40,7 +40,7 @@ from lib.data_utils import (ImageListDataset, IMAGENET_MEAN, IMAGENET_STD, build
                             make_loader, read_exclusions, split_key)
 from lib.devices import autocast, batch_to_device, model_to_device, set_seed
 from lib.files import atomic_path, ensure_output_dir, file_sha256, git_commit, read_json, save_json
-from lib.ownership import Owner
+from lib.ownership import Owner, remove_claimed
 from lib.prediction import metrics_from_logits, predict
 from lib.training import SAME_SETTINGS, Dist, fit, scheduled_lr
 from lib.training_dynamics import DynamicsRecorder, load_dynamics
@@ -314,13 +314,13 @@ def save_selected(args, module, ckpt_dir: Path, selection: str, epoch: int, lr_t
         raise UserError(f"{path} exists and is not a model train.py wrote; it is left untouched: move it away or pass "
                         "another --models_dir, then continue with --resume")
     save_checkpoint(ckpt, path)
+    OWNER.claim(models_dir, [path.name])  # a file of train.py's in a folder shared with you
     old = Path(str(previous.get("path", "")))
     # the previous best model goes only while it is provably this run's: recorded by this checkpoint folder (not a
-    # copy of another's), in this --models_dir, with the bytes recorded
+    # copy of another's), in this --models_dir, and still the bytes train.py claimed writing there
     if previous.get("path") and previous.get("checkpoint_dir") == str(ckpt_dir.resolve()) and old.is_file() and \
-            old.resolve() != path.resolve() and old.resolve().parent == models_dir.resolve() and \
-            file_sha256(old) == previous.get("sha256"):
-        old.unlink()
+            old.resolve() != path.resolve() and old.resolve().parent == models_dir.resolve():
+        remove_claimed(models_dir, [old.name])
     save_json(ckpt_dir / SELECTED, {**model_record(path, ckpt), "sha256": file_sha256(path), "selected_on": selection,
                                     "accuracy": m["accuracy"], "loss": m["loss"],
                                     "checkpoint_dir": str(ckpt_dir.resolve())})

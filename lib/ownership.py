@@ -127,6 +127,18 @@ class OwnedFolder:
             if build.exists():
                 shutil.rmtree(build)
 
+    def discard(self, part: str | os.PathLike) -> None:
+        """Remove `part`, a file or folder inside the folder this `with` block is building (the owner made that folder
+        a moment ago, so all in it is its own); anything else is refused, untouched."""
+        build, part = getattr(self, "_build", None), Path(part)
+        if build is None or not build.is_dir() or part.is_symlink() or not is_relative_to(part, build) or \
+                part.resolve() == build.resolve():
+            raise UserError(f"{part} is not inside the folder {self.owner} is building; it is left untouched")
+        if part.is_dir():
+            shutil.rmtree(part)
+        elif part.exists():
+            part.unlink()
+
     def fill(self, start_over: bool = False) -> "OwnedFolder":
         """Make and mark the folder to be written in place (resumable writers); start_over: first remove what the owner
         recorded writing there (its files of before; anything else stays, said)."""

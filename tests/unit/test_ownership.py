@@ -63,3 +63,21 @@ def test_claimed_files_in_a_shared_folder_go_only_while_unchanged(tmp_path):
     (tmp_path / "y.csv").write_text("edited")
     assert remove_claimed(tmp_path, ["x.csv", "y.csv"]) == ["x.csv"]
     assert (tmp_path / "y.csv").read_text() == "edited"
+
+
+def test_discard_removes_only_inside_the_folder_being_built(tmp_path):
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    folder = Owner("a_tool").folder(tmp_path / "out")
+    with pytest.raises(UserError, match="not inside the folder a_tool is building"):
+        folder.discard(mine)  # no build yet
+    with folder as build:
+        (build / "scratch").mkdir()
+        (build / "scratch" / "x.bin").write_bytes(b"x")
+        (build / "kept.txt").write_text("kept")
+        folder.discard(build / "scratch")
+        for outside in (mine, build, tmp_path):
+            with pytest.raises(UserError, match="not inside"):
+                folder.discard(outside)
+    assert not (tmp_path / "out" / "scratch").exists() and (tmp_path / "out" / "kept.txt").read_text() == "kept"
+    assert mine.read_text() == "mine"
