@@ -358,7 +358,8 @@ def _remove_recorded(path: str | os.PathLike) -> tuple[int, list[Path]]:
         kept += [d / f for f in files + [s for s in subdirs if (d / s).is_symlink()]
                  if f not in BOOKKEEPING and d / f not in gone]
         left = set(os.listdir(d))
-        if not left - {OWNER_MARKER} or (left == {OWNER_MARKER, CLAIMS} and not read_claims(d)):
+        # only bookkeeping left, claiming nothing that is still there (a claim of a file removed through a record above)
+        if left <= {OWNER_MARKER, CLAIMS} and not any((d / n).exists() or (d / n).is_symlink() for n in read_claims(d)):
             for f in left:
                 (d / f).unlink()
             d.rmdir()
