@@ -171,7 +171,7 @@ class InfluenceRun:
         digest of the factors read, ScoredRun.factors_sha256); results.run_id hashes it."""
         c = self.cfg
         data_id = data_id if data_id is not None else data_identity(c.data_dir)
-        score_key = pick(ScoreArguments, c).key()
+        score_key = c.score_args().key()
         members = {"members": [len(m) for m in self.members]} if len(self.members) > 1 else {}  # one run keeps its id
         return {**data_id, **members, "checkpoint_sha256": self.shas, "lr_weights": self.lrs, "layers": self.layers, "top_k": c.top_k,
                 "batch_size": c.batch_size, "train_subset": c.train_subset, "test_subset": c.test_subset, "seed": c.seed,
